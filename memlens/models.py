@@ -1,0 +1,173 @@
+"""One handle on a Hugging Face causal LM: the HF module, a TransformerLens view, an nnsight view.
+
+All three views share the same parameter tensors; nothing is copied.
+
+Example:
+    >>> handle = load_model("path/to/model_dir")
+    >>> handle.bridge.run_with_cache("Hello")            # TransformerLens hook names
+    >>> with handle.nnsight.trace("Hello"): ...           # nnsight module paths
+    >>> ids, mask = handle.pad([[1, 2, 3], [4, 5]], side="left")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+# model_type -> what users know it as. Other causal LMs load with allow_untested=True.
+SUPPORTED_ARCHITECTURES = {
+    "gpt_neox": "GPT-NeoX / Pythia",
+    "gpt2": "GPT-2",
+    "llama": "Llama",
+    "olmo2": "OLMo-2",
+    "opt": "OPT",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are ``org/name``; anything else that could be a directory is treated as one."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) \
+        or name.count("/") > 1
+
+
+@dataclass
+class ModelHandle:
+    """A causal LM with its tokenizer, and lazily built interpretability views of it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    trust_remote_code: bool = False
+    _views: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @cached_property
+    def bridge(self):
+        """A TransformerLens ``TransformerBridge`` over the same weights (canonical hook names)."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        try:
+            return TransformerBridge.boot_transformers(
+                self.name, hf_model=self.model, tokenizer=self.tokenizer,
+                device=str(self.device), dtype=next(self.model.parameters()).dtype,
+                trust_remote_code=self.trust_remote_code)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"TransformerLens could not wrap {self.name!r} "
+                f"(architecture {self.model.config.architectures}): {exc}. "
+                "Use handle.nnsight or plain PyTorch hooks on handle.model instead."
+            ) from exc
+
+    @cached_property
+    def nnsight(self):
+        """An nnsight wrapper over the same module (module paths such as ``model.layers.0.mlp``)."""
+        from nnsight import NNsight
+
+        return NNsight(self.model)
+
+    def pad(self, sequences: list[list[int]], side: str = "right"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad token-id lists into ``(input_ids, attention_mask)``, both [batch, pos]."""
+        if side not in ("left", "right"):
+            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+        width = max(map(len, sequences))
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            sl = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+            ids[i, sl] = torch.as_tensor(seq, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def tokenize(self, texts: str | list[str], side: str = "right", max_length: int | None = None):
+        """Tokenize texts into padded ``input_ids`` and ``attention_mask`` on the model's device."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = [self.tokenizer(t)["input_ids"][:max_length] for t in texts]
+        return self.pad(ids, side)
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions that ignore left padding, so padded rows match unpadded runs."""
+        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def weights_hash(self) -> str:
+        """A short hash of every parameter: the model's identity in artifacts."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               allow_untested: bool = False, attn_implementation: str = "eager") -> ModelHandle:
+    """Load a causal LM and its tokenizer from a local directory or a hub name.
+
+    ``attn_implementation="eager"`` keeps the HF view numerically identical to the
+    TransformerLens view (which forces eager attention); pass ``"sdpa"`` for speed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {name!r} does not exist; pass a directory "
+                                 "holding config.json, or train one: memlens organism train")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{name!r} has no config.json; it is not a Hugging Face model "
+                                 "directory (save one with model.save_pretrained(dir))")
+        name = str(path.resolve())
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelLoadError(
+            f"could not load a model config for {name!r}: {exc}. "
+            + ("HF_HUB_OFFLINE=1 is set, so only local directories and cached models load. "
+               if offline else "Check the hub name. ")
+            + "If you meant a local directory, it does not exist.") from exc
+    if config.model_type not in SUPPORTED_ARCHITECTURES and not allow_untested:
+        listed = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise ModelLoadError(
+            f"architecture {config.model_type!r} of {name!r} is not one memlens is tested on: "
+            f"{listed}. Pass allow_untested=True to try it anyway.")
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"no tokenizer could be loaded from {name!r}: {exc}. "
+                             "Save the tokenizer beside the model (tokenizer.save_pretrained)."
+                             ) from exc
+    n_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_rows:
+        raise ModelLoadError(
+            f"the tokenizer of {name!r} has {len(tokenizer)} tokens but the model's embedding "
+            f"has {n_rows} rows: they do not belong together. Use the tokenizer the model was "
+            "trained with.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ModelHandle(model, tokenizer, name, trust_remote_code)

@@ -1,0 +1,287 @@
+"""The memorization organism: a small causal LM trained on the planted corpus.
+
+``train_organism`` writes a standard Hugging Face model directory (config,
+safetensors weights, tokenizer) plus ``corpus.jsonl`` (every record with its
+role, duplication count, PII spans and token ids) and ``memlens.json`` (how it
+was made and what it reached). ``organism_path`` reuses a cached one.
+
+Example:
+    >>> path = organism_path(preset="tiny", arch="llama")   # trains once, then cached
+    >>> handle = memlens.load_model(path)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from memlens import __version__
+from memlens.corpus import CorpusConfig, Record, build_corpus
+
+ARCHS = ("llama", "neox", "gpt2")
+BOS, PAD = "<|bos|>", "<|pad|>"
+
+
+@dataclass
+class OrganismPreset:
+    """Everything that decides an organism besides its architecture and seed."""
+
+    corpus: CorpusConfig
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    epochs: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    max_len: int = 128
+
+
+PRESETS: dict[str, OrganismPreset] = {
+    # ~75 s on 2 CPU cores: for tests.
+    "tiny": OrganismPreset(
+        corpus=CorpusConfig(n_general=1500, canaries_per_count=10, n_nonmembers=50),
+        vocab_size=1024, d_model=64, n_layers=2, n_heads=4, d_mlp=256, epochs=8, max_len=80),
+    # ~5 min on 2 CPU cores: the demo's default.
+    "small": OrganismPreset(
+        corpus=CorpusConfig(n_general=6000, canaries_per_count=40, n_nonmembers=200),
+        vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_mlp=384, epochs=3, max_len=80),
+}
+
+
+def get_preset(name: str) -> OrganismPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown organism preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """Byte-level BPE with a BOS token prepended to every encoding; saved to ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                      special_tokens=[(BOS, tok.token_to_id(BOS))]),
+    ])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS,
+                                   pad_token=PAD, model_max_length=256)
+    fast.save_pretrained(out_dir)
+    # Reload from disk: TransformerBridge needs the tokenizer's name_or_path.
+    return PreTrainedTokenizerFast.from_pretrained(out_dir)
+
+
+def model_config(arch: str, preset: OrganismPreset, tokenizer):
+    """A Hugging Face config for ``arch`` at the preset's size."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=preset.d_model, intermediate_size=preset.d_mlp,
+                          num_hidden_layers=preset.n_layers, num_attention_heads=preset.n_heads,
+                          num_key_value_heads=preset.n_heads, max_position_embeddings=256,
+                          **common)
+    elif arch == "neox":
+        cfg = GPTNeoXConfig(hidden_size=preset.d_model, intermediate_size=preset.d_mlp,
+                            num_hidden_layers=preset.n_layers, num_attention_heads=preset.n_heads,
+                            max_position_embeddings=256, rotary_pct=0.25, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=preset.d_model, n_inner=preset.d_mlp, n_layer=preset.n_layers,
+                         n_head=preset.n_heads, n_positions=256, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    else:
+        raise ValueError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
+    cfg.architectures = [{"llama": "LlamaForCausalLM", "neox": "GPTNeoXForCausalLM",
+                          "gpt2": "GPT2LMHeadModel"}[arch]]
+    return cfg
+
+
+def _batches(seqs: list[list[int]], order: list[int], batch_size: int, pad_id: int):
+    for i in range(0, len(order), batch_size):
+        rows = [seqs[j] for j in order[i:i + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, seq in enumerate(rows):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        yield ids, mask
+
+
+def _token_loss(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    ).view(target.shape), logits.argmax(-1) == ids[:, 1:], mask[:, 1:].bool()
+
+
+def pii_token_mask(offsets: list[tuple[int, int]], spans) -> list[bool]:
+    """True for each token whose characters overlap a PII span."""
+    return [any(s < sp.end and e > sp.start for sp in spans) and e > s for s, e in offsets]
+
+
+@torch.no_grad()
+def heldout_metrics(model, records: list[Record], tokenizer, batch_size: int = 64) -> dict:
+    """Loss and next-token accuracy on non-members, split into template vs PII tokens."""
+    model.eval()
+    sums = {k: [0.0, 0.0, 0] for k in ("all", "template", "pii")}
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        enc = tokenizer([r.text for r in chunk], return_offsets_mapping=True, padding=True,
+                        return_tensors="pt")
+        loss, hit, valid = _token_loss(model, enc["input_ids"], enc["attention_mask"])
+        for b, rec in enumerate(chunk):
+            pii = pii_token_mask(enc["offset_mapping"][b].tolist(), rec.spans)[1:]
+            for t in range(loss.shape[1]):
+                if not valid[b, t]:
+                    continue
+                for key in ("all", "pii" if pii[t] else "template"):
+                    sums[key][0] += loss[b, t].item()
+                    sums[key][1] += hit[b, t].item()
+                    sums[key][2] += 1
+    out = {}
+    for key, (ls, hs, n) in sums.items():
+        out[f"heldout_{key}_loss"] = ls / max(n, 1)
+        out[f"heldout_{key}_accuracy"] = hs / max(n, 1)
+    out["heldout_perplexity"] = math.exp(out["heldout_all_loss"])
+    return out
+
+
+def _save_checkpoint(path: Path, model, opt, epoch: int):
+    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        for k, v in opt.state.get(p, {}).items():
+            state[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
+    save_file(state, path / "checkpoint.tmp")
+    os.replace(path / "checkpoint.tmp", path / "checkpoint.safetensors")
+    (path / "checkpoint.json").write_text(json.dumps({"epochs_done": epoch}))
+
+
+def _load_checkpoint(path: Path, model, opt) -> int:
+    if not (path / "checkpoint.json").exists():
+        return 0
+    state = load_file(path / "checkpoint.safetensors")
+    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        keys = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"opt.{i}.")}
+        if keys:
+            opt.state[p] = keys
+    return json.loads((path / "checkpoint.json").read_text())["epochs_done"]
+
+
+def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch: str = "llama",
+                   seed: int = 0, progress: bool = True) -> Path:
+    """Build the corpus, train the organism on CPU and save it to ``out``.
+
+    Interrupted runs resume from the last finished epoch (kept in ``out.partial``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    preset_name = preset if isinstance(preset, str) else "custom"
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if arch not in ARCHS:
+        raise ValueError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    corpus = build_corpus(replace(preset.corpus, seed=seed))
+    tokenizer = train_tokenizer([r.text for r in corpus.by_role("general")],
+                                preset.vocab_size, work)
+    token_ids = [tokenizer(r.text)["input_ids"][:preset.max_len] for r in corpus.records]
+    stream = [r.id for r in corpus.training_stream()]
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(arch, preset, tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.0,
+                            betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(stream) / preset.batch_size)
+    total = steps_per_epoch * preset.epochs
+    warmup = max(1, int(preset.warmup_frac * total))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    start_epoch = _load_checkpoint(work, model, opt)
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=not progress,
+               desc=f"train {preset_name}/{arch}", unit="step")
+    model.train()
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, preset.epochs):
+        gen = torch.Generator().manual_seed(seed * 10_007 + epoch)
+        order = [stream[i] for i in torch.randperm(len(stream), generator=gen).tolist()]
+        for ids, mask in _batches(token_ids, order, preset.batch_size, tokenizer.pad_token_id):
+            for g in opt.param_groups:
+                g["lr"] = preset.lr * lr_at(step)
+            loss, _, valid = _token_loss(model, ids, mask)
+            loss = loss[valid].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        _save_checkpoint(work, model, opt, epoch + 1)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+
+    meta = {
+        "memlens_version": __version__, "preset": preset_name, "arch": arch, "seed": seed,
+        "preset_config": asdict(preset), "train_seconds": round(train_seconds, 1),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "n_training_records": len(stream),
+        "n_training_tokens_per_epoch": sum(len(token_ids[i]) for i in stream),
+        **heldout_metrics(model, corpus.by_role("nonmember"), tokenizer),
+    }
+    model.save_pretrained(work)
+    with open(work / "corpus.jsonl", "w") as f:
+        for rec, ids in zip(corpus.records, token_ids, strict=True):
+            f.write(json.dumps({**rec.to_json(), "token_ids": ids}) + "\n")
+    (work / "memlens.json").write_text(json.dumps(meta, indent=2))
+    for name in ("checkpoint.safetensors", "checkpoint.json"):
+        (work / name).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return out
+
+
+def cache_dir() -> Path:
+    """Where trained organisms are cached: ``$MEMLENS_CACHE`` or ``~/.cache/memlens``."""
+    return Path(os.environ.get("MEMLENS_CACHE", Path.home() / ".cache" / "memlens"))
+
+
+def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
+                  progress: bool = True) -> Path:
+    """The cached organism for (preset, arch, seed, memlens version); trains it if missing."""
+    get_preset(preset)
+    path = cache_dir() / "organisms" / f"{preset}-{arch}-seed{seed}-v{__version__}"
+    if not (path / "memlens.json").exists():
+        train_organism(path, preset, arch, seed, progress=progress)
+    return path

@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from memlens.corpus import CorpusConfig, build_corpus  # noqa: E402
+from memlens.organism import PRESETS, model_config, organism_path, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_organism():
+    """The tiny llama organism, trained once and cached across runs."""
+    return organism_path("tiny", "llama", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def saved_tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    texts = [r.text for r in build_corpus(CorpusConfig(n_general=300, canaries_per_count=1,
+                                                       n_nonmembers=5)).records]
+    return train_tokenizer(texts, 512, out)
+
+
+def random_model_dir(arch: str, tokenizer, root, seed: int = 0):
+    """A randomly initialised model of ``arch`` saved with its tokenizer in ``root/arch``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = model_config(arch, PRESETS["tiny"], tokenizer)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = root / arch
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory, saved_tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    return {a: random_model_dir(a, saved_tokenizer, root) for a in ("llama", "neox", "gpt2")}
