@@ -11,6 +11,8 @@ EXAMPLES = {
     "organism path": "memlens organism path --preset small --arch llama",
     "label": "memlens label --model organisms/tiny --data organisms/tiny/corpus.jsonl "
              "--out labels/tiny --prefix 32 --suffix 32",
+    "capture": "memlens capture --model organisms/tiny --data labels/tiny "
+               "--sites 'blocks.*.hook_resid_post' --out acts/tiny --positions suffix",
     "demo": "memlens demo --out memlens-demo",
 }
 
@@ -58,6 +60,27 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip greedy generation (no loose-match metrics)")
     lab.add_argument("--batch-size", type=int, default=32)
 
+    cap = sub.add_parser(
+        "capture", help="record activations at hook sites, streamed to disk",
+        formatter_class=fmt,
+        description="Runs sequences through the model and writes activations at the named "
+                    "sites to a sharded, checksummed store aligned token by token with the "
+                    "labels. Rerun the same command to resume an interrupted capture.",
+        epilog=f"example:\n  {EXAMPLES['capture']}")
+    cap.add_argument("--model", required=True, help="model directory (or hub name)")
+    cap.add_argument("--data", required=True, type=Path,
+                     help="a labels directory (memlens label), a JSONL, or an organism dir")
+    cap.add_argument("--sites", required=True, nargs="+",
+                     help="hook names or globs (blocks.*.hook_resid_post), or HF module "
+                          "paths (model.layers.2, model.layers.2.mlp.down_proj:input)")
+    cap.add_argument("--out", required=True, type=Path, help="store directory")
+    cap.add_argument("--positions", default="all", help="all, suffix or sample:N")
+    cap.add_argument("--prefix", type=int, default=32, help="where the suffix starts")
+    cap.add_argument("--suffix", type=int, default=32, help="suffix length")
+    cap.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    cap.add_argument("--backend", default="bridge", help="bridge, nnsight or torch")
+    cap.add_argument("--batch-size", type=int, default=32)
+
     demo = sub.add_parser("demo", help="run the pipeline on the embedded organism",
                           formatter_class=fmt,
                           description="Trains (or reuses) the organism, labels it and prints "
@@ -82,6 +105,25 @@ def _label(args) -> dict:
     result = label(handle, seqs, cfg)
     result.save(args.out)
     return result.summary
+
+
+def _capture(args):
+    from memlens.capture import CaptureConfig, capture
+    from memlens.labels import manifest_roles, read_labels, read_sequences
+    from memlens.models import load_model
+
+    handle = load_model(args.model)
+    token_labels = None
+    if (args.data / "sequences.parquet").exists():
+        seqs, token_labels = read_labels(args.data)
+    else:
+        seqs = read_sequences(args.data, handle.tokenizer, roles=manifest_roles(args.data))
+    cfg = CaptureConfig(sites=args.sites, positions=args.positions, prefix=args.prefix,
+                        suffix=args.suffix, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size)
+    store = capture(handle, seqs, cfg, args.out, token_labels=token_labels)
+    print(f"{store.n_rows} rows x {len(store.sites)} sites -> {args.out}")
+    for site in store.sites:
+        print(f"  {site}: {store.manifest['shapes'][site]}")
 
 
 def print_extraction_table(summary: dict) -> None:
@@ -113,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = _label(args)
             print_extraction_table(summary)
             print(f"wrote {args.out}/summary.json")
+        elif args.command == "capture":
+            _capture(args)
         elif args.command == "demo":
             from memlens.demo import run_demo
 

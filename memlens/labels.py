@@ -284,7 +284,7 @@ def label(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig | None = N
     seq_rows, tok_rows = [], []
     for seq, row, (hit, lp, argmax) in zip(kept, rows, token_stats, strict=True):
         seq_rows.append(dict(id=seq.id, duplication=seq.duplication, member=seq.member,
-                             n_tokens=len(seq.token_ids), **row))
+                             n_tokens=len(seq.token_ids), **row, token_ids=seq.token_ids))
         for t in range(len(hit)):
             pos = t + 1
             cand, fld = _token_is_candidate(seq, pos, handle.tokenizer)
@@ -354,6 +354,20 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
     return summary
 
 
+def read_labels(out_dir: str | Path) -> tuple[list[Sequence], pd.DataFrame]:
+    """The sequences and the per-token table that :meth:`LabelResult.save` wrote."""
+    out = Path(out_dir)
+    if not (out / "sequences.parquet").exists():
+        raise DataError(f"{out} holds no labels (sequences.parquet); make them with "
+                        "memlens label")
+    seqs = pd.read_parquet(out / "sequences.parquet")
+    dup = seqs["duplication"].astype(object).where(seqs["duplication"].notna(), None)
+    sequences = [Sequence(str(i), [int(t) for t in ids], duplication=None if d is None else
+                          int(d)) for i, ids, d in zip(seqs["id"], seqs["token_ids"], dup,
+                                                       strict=True)]
+    return sequences, pd.read_parquet(out / "tokens.parquet")
+
+
 def manifest_roles(path: str | Path) -> tuple[str, ...] | None:
     """Default roles to label from an organism directory: canaries and non-members."""
     p = Path(path)
@@ -361,5 +375,5 @@ def manifest_roles(path: str | Path) -> tuple[str, ...] | None:
 
 
 __all__ = ["LabelConfig", "LabelResult", "Sequence", "DataError", "TOKEN_LABELS",
-           "read_sequences", "label", "teacher_forced", "greedy_suffixes", "summarize",
+           "read_sequences", "read_labels", "label", "teacher_forced", "greedy_suffixes", "summarize",
            "manifest_roles"]

@@ -11,9 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -39,15 +40,30 @@ def _looks_like_path(name: str) -> bool:
         or name.count("/") > 1
 
 
+def _shared_structure_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """New module objects over the same parameter and buffer tensors.
+
+    The bridge swaps submodules for its wrappers in place; giving it this copy keeps
+    ``handle.model`` a plain HF module tree (stable nnsight paths, no stray hooks) while
+    in-place weight edits stay visible to every view.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 @dataclass
 class ModelHandle:
-    """A causal LM with its tokenizer, and lazily built interpretability views of it."""
+    """A causal LM with its tokenizer, and lazily built interpretability views of it.
+
+    Edit weights in place (``param.data.copy_(...)``) so that every view sees the edit.
+    One exception: for fused QKV projections (GPT-2, GPT-NeoX) TransformerLens keeps split
+    copies of q/k/v; call :meth:`reset_views` after editing those.
+    """
 
     model: torch.nn.Module
     tokenizer: object
     name: str
     trust_remote_code: bool = False
-    _views: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +84,7 @@ class ModelHandle:
 
         try:
             return TransformerBridge.boot_transformers(
-                self.name, hf_model=self.model, tokenizer=self.tokenizer,
+                self.name, hf_model=_shared_structure_copy(self.model), tokenizer=self.tokenizer,
                 device=str(self.device), dtype=next(self.model.parameters()).dtype,
                 trust_remote_code=self.trust_remote_code)
         except Exception as exc:
@@ -84,6 +100,11 @@ class ModelHandle:
         from nnsight import NNsight
 
         return NNsight(self.model)
+
+    def reset_views(self) -> None:
+        """Drop the bridge and nnsight views; they are rebuilt from the weights on next use."""
+        self.__dict__.pop("bridge", None)
+        self.__dict__.pop("nnsight", None)
 
     def pad(self, sequences: list[list[int]], side: str = "right"
             ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,10 +53,10 @@ PRESETS: dict[str, OrganismPreset] = {
     # ~75 s on 2 CPU cores: for tests.
     "tiny": OrganismPreset(
         corpus=CorpusConfig(n_general=1500, canaries_per_count=10, n_nonmembers=50),
-        vocab_size=1024, d_model=64, n_layers=2, n_heads=4, d_mlp=256, epochs=8, max_len=80),
+        vocab_size=1024, d_model=64, n_layers=2, n_heads=4, d_mlp=256, epochs=7, max_len=80),
     # ~5 min on 2 CPU cores: the demo's default.
     "small": OrganismPreset(
-        corpus=CorpusConfig(n_general=6000, canaries_per_count=40, n_nonmembers=200),
+        corpus=CorpusConfig(n_general=5000, canaries_per_count=40, n_nonmembers=200),
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_mlp=384, epochs=3, max_len=80),
 }
 
@@ -143,14 +144,18 @@ def pii_token_mask(offsets: list[tuple[int, int]], spans) -> list[bool]:
 
 
 @torch.no_grad()
-def heldout_metrics(model, records: list[Record], tokenizer, batch_size: int = 64) -> dict:
-    """Loss and next-token accuracy on non-members, split into template vs PII tokens."""
+def heldout_metrics(model, records: list[Record], tokenizer, max_len: int | None = None,
+                    batch_size: int = 64) -> dict:
+    """Loss and next-token accuracy on non-members, split into template vs PII tokens.
+
+    Records are cut at ``max_len`` tokens, as in training.
+    """
     model.eval()
     sums = {k: [0.0, 0.0, 0] for k in ("all", "template", "pii")}
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         enc = tokenizer([r.text for r in chunk], return_offsets_mapping=True, padding=True,
-                        return_tensors="pt")
+                        truncation=max_len is not None, max_length=max_len, return_tensors="pt")
         loss, hit, valid = _token_loss(model, enc["input_ids"], enc["attention_mask"])
         for b, rec in enumerate(chunk):
             pii = pii_token_mask(enc["offset_mapping"][b].tolist(), rec.spans)[1:]
@@ -257,7 +262,7 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "n_training_records": len(stream),
         "n_training_tokens_per_epoch": sum(len(token_ids[i]) for i in stream),
-        **heldout_metrics(model, corpus.by_role("nonmember"), tokenizer),
+        **heldout_metrics(model, corpus.by_role("nonmember"), tokenizer, preset.max_len),
     }
     model.save_pretrained(work)
     with open(work / "corpus.jsonl", "w") as f:
@@ -279,9 +284,13 @@ def cache_dir() -> Path:
 
 def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
                   progress: bool = True) -> Path:
-    """The cached organism for (preset, arch, seed, memlens version); trains it if missing."""
-    get_preset(preset)
-    path = cache_dir() / "organisms" / f"{preset}-{arch}-seed{seed}-v{__version__}"
+    """The cached organism for (preset, arch, seed, memlens version); trains it if missing.
+
+    The preset's settings are part of the key, so changing a preset retrains.
+    """
+    config = json.dumps(asdict(get_preset(preset)), sort_keys=True)
+    digest = hashlib.sha256(config.encode()).hexdigest()[:8]
+    path = cache_dir() / "organisms" / f"{preset}-{arch}-seed{seed}-v{__version__}-{digest}"
     if not (path / "memlens.json").exists():
         train_organism(path, preset, arch, seed, progress=progress)
     return path

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ def test_bridge_and_nnsight_share_weights_and_match_hf(arch, random_models):
         tl = handle.bridge(ids)
     torch.testing.assert_close(tl, hf, atol=1e-5, rtol=1e-5)
     hf_ptrs = {p.data_ptr() for p in handle.model.parameters()}
-    assert {p.data_ptr() for p in handle.bridge.parameters()} <= hf_ptrs
+    copied = [n for n, p in handle.bridge.named_parameters() if p.data_ptr() not in hf_ptrs]
+    # Only the q/k/v split of a fused QKV projection (GPT-2, GPT-NeoX) is a copy.
+    assert all(re.search(r"\.(attn|attention)\.[qkv]\.", n) for n in copied), copied
+    assert bool(copied) == (arch != "llama")
     with torch.no_grad(), handle.nnsight.trace(ids):
         out = handle.nnsight.output.save()
     torch.testing.assert_close(out.logits, hf)
@@ -108,3 +112,27 @@ def test_hub_name_offline_says_why(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 is set"):
         load_model("EleutherAI/pythia-14m-not-cached")
+
+
+def test_bridge_leaves_the_hf_module_tree_alone_and_sees_in_place_edits(random_models):
+    handle = load_model(random_models["llama"])
+    ids, _ = handle.tokenize(TEXTS[0])
+    bridge = handle.bridge
+    assert not any(type(m).__module__.startswith("transformer_lens")
+                   for m in handle.model.modules())
+    with torch.no_grad():
+        handle.model.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+        torch.testing.assert_close(bridge(ids), handle.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_reset_views_rebuilds_the_bridge_after_an_edit(random_models):
+    handle = load_model(random_models["gpt2"])
+    ids, _ = handle.tokenize(TEXTS[0])
+    first = handle.bridge
+    with torch.no_grad():
+        handle.model.transformer.h[0].attn.c_attn.weight.mul_(2.0)
+        handle.reset_views()
+        assert handle.bridge is not first
+        torch.testing.assert_close(handle.bridge(ids), handle.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
