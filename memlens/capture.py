@@ -18,9 +18,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import random
+import zlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,12 +295,25 @@ def _corpus_hash(seqs: list[Sequence]) -> str:
     return h.hexdigest()[:16]
 
 
+class _Checksum:
+    """CRC-32 of a file's bytes: catches truncation and corruption at disk speed."""
+
+    def __init__(self):
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"crc32:{self.value:08x}"
+
+
 def _file_checksum(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    digest = _Checksum()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _site_dir(site: str) -> str:
@@ -379,13 +394,19 @@ class ActivationStore:
         return arr.to(dtype)
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
+def _write_npy(path: Path, arr: np.ndarray) -> str:
+    """Write ``arr`` as .npy (atomically) and return the checksum of the file's bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    arr = np.ascontiguousarray(arr)
+    digest = _Checksum()
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
+        for chunk in (header.getbuffer(), memoryview(arr.reshape(-1).view(np.uint8))):
+            digest.update(chunk)
+            f.write(chunk)
     os.replace(tmp, path)
+    return digest.hexdigest()
 
 
 def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -410,10 +431,9 @@ def capture(handle: ModelHandle, sequences: list[Sequence], config: CaptureConfi
         "config": {**asdict(config), "sites": sites},
     }
     manifest = _open_manifest(out, identity, sites, config)
-    label_of = {}
     if token_labels is not None:
-        label_of = {(str(i), int(p)): lab for i, p, lab in
-                    token_labels[["id", "position", "label"]].itertuples(index=False)}
+        token_labels = token_labels[["id", "position", "label"]].astype(
+            {"id": str, "position": "int64"})
     chunks = range(0, len(sequences), config.shard_sequences)
     done = {s["name"] for s in manifest["shards"]}
     bar = tqdm(total=len(chunks), initial=len(done), disable=not progress,
@@ -423,7 +443,7 @@ def capture(handle: ModelHandle, sequences: list[Sequence], config: CaptureConfi
         if name in done:
             continue
         shard = _capture_shard(handle, sequences[start:start + config.shard_sequences],
-                               sites, config, out, name, label_of)
+                               sites, config, out, name, token_labels)
         manifest["shapes"].update(shard.pop("shapes"))
         manifest["shards"].append(shard)
         manifest["shards"].sort(key=lambda s: s["name"])
@@ -461,9 +481,9 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     os.replace(tmp, out / "manifest.json")
 
 
-def _capture_shard(handle, seqs, sites, config, out, name, label_of) -> dict:
+def _capture_shard(handle, seqs, sites, config, out, name, token_labels) -> dict:
     buffers: dict[str, list[np.ndarray]] = {s: [] for s in sites}
-    rows = []
+    columns: dict[str, list] = {"id": [], "position": [], "token_id": []}
     for i in range(0, len(seqs), config.batch_size):
         batch = seqs[i:i + config.batch_size]
         toks = [s.token_ids[:config.max_len] for s in batch]
@@ -474,20 +494,27 @@ def _capture_shard(handle, seqs, sites, config, out, name, label_of) -> dict:
         p_idx = torch.tensor([q for p in picks for q in p], dtype=torch.long)
         for s in sites:
             buffers[s].append(_to_numpy(acts[s][b_idx, p_idx], config.dtype))
-        for seq, tok, pick in zip(batch, toks, picks, strict=True):
-            for q in pick:
-                rows.append((seq.id, q, tok[q], label_of.get((seq.id, q), "unlabeled"),
-                             seq.duplication, seq.member))
+        columns["id"] += [seq.id for seq, p in zip(batch, picks, strict=True) for _ in p]
+        columns["position"].append(p_idx.numpy())
+        columns["token_id"].append(ids.cpu()[b_idx, p_idx].numpy())
+    tokens = pd.DataFrame({"id": columns["id"],
+                           "position": np.concatenate(columns["position"]),
+                           "token_id": np.concatenate(columns["token_id"])})
+    meta = pd.DataFrame({"id": [s.id for s in seqs], "duplication": [s.duplication for s in seqs],
+                         "member": [s.member for s in seqs]})
+    tokens = tokens.merge(meta, on="id", how="left", validate="many_to_one")
+    if token_labels is not None:
+        tokens = tokens.merge(token_labels, on=["id", "position"], how="left",
+                              validate="one_to_one")
+    tokens.insert(3, "label", tokens.pop("label").fillna("unlabeled")
+                  if "label" in tokens else "unlabeled")
     checksums, shapes = {}, {}
     for s in sites:
         d = out / _site_dir(s)
         d.mkdir(exist_ok=True)
         arr = np.concatenate(buffers[s])
         shapes[s] = list(arr.shape[1:])
-        _write_npy(d / f"{name}.npy", arr)
-        checksums[f"{_site_dir(s)}/{name}.npy"] = _file_checksum(d / f"{name}.npy")
-    tokens = pd.DataFrame(rows, columns=["id", "position", "token_id", "label", "duplication",
-                                         "member"])
+        checksums[f"{_site_dir(s)}/{name}.npy"] = _write_npy(d / f"{name}.npy", arr)
     (out / "tokens").mkdir(exist_ok=True)
     tok_path = out / "tokens" / f"{name}.parquet"
     tokens.to_parquet(tok_path.with_suffix(".tmp"), index=False)

@@ -119,7 +119,8 @@ def _capture(args):
     else:
         seqs = read_sequences(args.data, handle.tokenizer, roles=manifest_roles(args.data))
     cfg = CaptureConfig(sites=args.sites, positions=args.positions, prefix=args.prefix,
-                        suffix=args.suffix, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size)
+                        suffix=args.suffix, dtype=args.dtype, backend=args.backend,
+                        batch_size=args.batch_size)
     store = capture(handle, seqs, cfg, args.out, token_labels=token_labels)
     print(f"{store.n_rows} rows x {len(store.sites)} sites -> {args.out}")
     for site in store.sites:

@@ -375,5 +375,5 @@ def manifest_roles(path: str | Path) -> tuple[str, ...] | None:
 
 
 __all__ = ["LabelConfig", "LabelResult", "Sequence", "DataError", "TOKEN_LABELS",
-           "read_sequences", "read_labels", "label", "teacher_forced", "greedy_suffixes", "summarize",
-           "manifest_roles"]
+           "read_sequences", "read_labels", "label", "teacher_forced", "greedy_suffixes",
+           "summarize", "manifest_roles"]

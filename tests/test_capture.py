@@ -207,3 +207,33 @@ def test_capture_command_reads_a_labels_directory(tiny_organism, tmp_path, capsy
     assert main(["capture", "--model", str(tiny_organism), "--data", str(tmp_path / "labels"),
                  "--sites", "blocks.0.mlp.post", "--out", str(tmp_path / "x")]) == 2
     assert "did you mean 'blocks.0.mlp.hook_post'" in capsys.readouterr().err
+
+
+def test_forward_stops_after_the_last_site(organism):
+    handle, _ = organism
+    ids, mask = handle.tokenize("Biography. Ann Lee")
+    calls = []
+    hook = handle.model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head"))
+    try:
+        for backend in ("bridge", "torch", "nnsight"):
+            run_sites(handle, ["blocks.0.hook_resid_post"], ids, mask, backend=backend)
+        assert calls == []
+        handle.model(input_ids=ids)
+        assert calls == ["lm_head"]
+    finally:
+        hook.remove()
+
+
+def test_nnsight_module_paths_produce_the_same_store(organism, tmp_path):
+    handle, seqs = organism
+    tl = capture(handle, seqs[:10], CaptureConfig(sites=["blocks.1.hook_resid_post",
+                                                         "blocks.0.mlp.hook_post"]),
+                 tmp_path / "tl", progress=False)
+    nn = capture(handle, seqs[:10], CaptureConfig(
+        sites=["model.layers.1", "model.layers.0.mlp.down_proj:input"], backend="nnsight"),
+        tmp_path / "nn", progress=False)
+    assert nn.tokens.equals(tl.tokens)
+    np.testing.assert_array_equal(nn.array("model.layers.1"),
+                                  tl.array("blocks.1.hook_resid_post"))
+    np.testing.assert_array_equal(nn.array("model.layers.0.mlp.down_proj:input"),
+                                  tl.array("blocks.0.mlp.hook_post"))
