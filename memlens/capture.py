@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from memlens.labels import Sequence
 from memlens.models import ModelHandle
 
-BACKENDS = ("bridge", "nnsight", "torch")
+BACKENDS = ("auto", "bridge", "nnsight", "torch")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMAT_VERSION = 1
 
@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 @dataclass
 class CaptureConfig:
     """What to record, where in each sequence, and how.
+
+    ``backend="auto"`` records hook names through the bridge and HF module paths
+    through plain PyTorch hooks.
 
     ``positions``: ``all`` (every token), ``suffix`` (positions ``prefix`` to
     ``prefix + suffix - 1``, the labeled suffix) or ``sample:N`` (N positions per
@@ -54,7 +57,7 @@ class CaptureConfig:
     prefix: int = 32
     suffix: int = 32
     dtype: str = "float32"
-    backend: str = "bridge"
+    backend: str = "auto"
     batch_size: int = 32
     shard_sequences: int = 512
     max_len: int | None = None
@@ -253,13 +256,24 @@ def _nn_get(model, path: str):
     return obj
 
 
+def _pick_backend(sites: list[str], backend: str) -> str:
+    module_paths = [s for s in sites if not is_hook_name(s)]
+    if backend == "auto":
+        return "torch" if len(module_paths) == len(sites) else "bridge"
+    if backend == "bridge" and module_paths:
+        raise ValueError(f"HF module paths {module_paths} need backend 'torch' or 'nnsight'; "
+                         "the bridge takes hook names such as blocks.0.hook_resid_post")
+    return backend
+
+
 @torch.no_grad()
 def run_sites(handle: ModelHandle, sites: list[str], ids: torch.Tensor, mask: torch.Tensor,
-              backend: str = "bridge") -> dict[str, torch.Tensor]:
+              backend: str = "auto") -> dict[str, torch.Tensor]:
     """Activations at ``sites`` for one padded batch, stopping after the last site.
 
     Left padding is handled: position ids follow the attention mask.
     """
+    backend = _pick_backend(sites, backend)
     pos = handle.position_ids(mask)
     if backend == "nnsight":
         return _run_nnsight(handle, sites, ids, mask, pos)

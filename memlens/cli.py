@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--prefix", type=int, default=32, help="where the suffix starts")
     cap.add_argument("--suffix", type=int, default=32, help="suffix length")
     cap.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    cap.add_argument("--backend", default="bridge", help="bridge, nnsight or torch")
+    cap.add_argument("--backend", default="auto",
+                     help="auto (default: bridge for hook names, torch for module paths), "
+                          "bridge, nnsight or torch")
     cap.add_argument("--batch-size", type=int, default=32)
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded organism",

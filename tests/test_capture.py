@@ -205,6 +205,11 @@ def test_capture_command_reads_a_labels_directory(tiny_organism, tmp_path, capsy
     assert store.sites == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert "memorized" in set(store.tokens["label"])
     assert main(["capture", "--model", str(tiny_organism), "--data", str(tmp_path / "labels"),
+                 "--sites", "model.layers.1", "--out", str(tmp_path / "paths"),
+                 "--positions", "suffix"]) == 0
+    np.testing.assert_array_equal(ActivationStore.open(tmp_path / "paths").array(
+        "model.layers.1"), store.array("blocks.1.hook_resid_post"))
+    assert main(["capture", "--model", str(tiny_organism), "--data", str(tmp_path / "labels"),
                  "--sites", "blocks.0.mlp.post", "--out", str(tmp_path / "x")]) == 2
     assert "did you mean 'blocks.0.mlp.hook_post'" in capsys.readouterr().err
 

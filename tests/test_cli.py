@@ -40,3 +40,10 @@ def test_demo_reuses_the_organism_and_writes_a_summary(tiny_organism, tmp_path, 
     assert summary["organism"]["preset"] == "tiny"
     out = capsys.readouterr().out
     assert "non-member" in out and "100x" in out
+
+
+def test_organism_path_prints_the_cached_directory(tiny_organism, capsys):
+    assert main(["organism", "path", "--preset", "tiny", "--arch", "llama"]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_organism)
+    assert main(["organism", "path", "--preset", "huge"]) == 2
+    assert "unknown organism preset 'huge'" in capsys.readouterr().err
