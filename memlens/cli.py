@@ -13,6 +13,7 @@ EXAMPLES = {
              "--out labels/tiny --prefix 32 --suffix 32",
     "capture": "memlens capture --model organisms/tiny --data labels/tiny "
                "--sites 'blocks.*.hook_resid_post' --out acts/tiny --positions suffix",
+    "probe train": "memlens probe train --config probes/configs/organism.toml",
     "demo": "memlens demo --out memlens-demo",
 }
 
@@ -82,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="auto (default: bridge for hook names, torch for module paths), "
                           "bridge, nnsight or torch")
     cap.add_argument("--batch-size", type=int, default=32)
+
+    probe = sub.add_parser("probe", help="train memorization probes",
+                           description="Linear probes per layer and site on captured "
+                                       "activations.")
+    probe_sub = probe.add_subparsers(dest="probe_command", required=True)
+    pt = probe_sub.add_parser(
+        "train", help="label, capture and sweep probes from a TOML config",
+        formatter_class=fmt,
+        description="Same as python probes/train.py: writes results.json, results.parquet, "
+                    "layer_sweep.html and the best probes to the config's output dir.",
+        epilog=f"example:\n  {EXAMPLES['probe train']}")
+    pt.add_argument("--config", required=True, type=Path, help="TOML, see probes/configs/")
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded organism",
                           formatter_class=fmt,
@@ -160,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}/summary.json")
         elif args.command == "capture":
             _capture(args)
+        elif args.command == "probe":
+            import json
+
+            from memlens.probes import train_from_config
+
+            summary = train_from_config(args.config)
+            print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)},
+                             indent=2))
         elif args.command == "demo":
             from memlens.demo import run_demo
 

@@ -201,7 +201,8 @@ def _sampling_logprob(logits: torch.Tensor, targets: torch.Tensor, k: int, tempe
 @torch.no_grad()
 def teacher_forced(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig,
                    progress: bool = True) -> tuple[list[dict], list[np.ndarray]]:
-    """One forward pass per batch: per-sequence scores and per-token (hit, logprob, argmax)."""
+    """One forward pass per batch: per-sequence scores and, per token, an array of rows
+    (hit, logprob, argmax id, max logprob, entropy) of the prediction of that token."""
     rows, token_stats = [], []
     window = cfg.prefix + cfg.suffix
     for i in tqdm(range(0, len(seqs), cfg.batch_size), disable=not progress,
@@ -210,7 +211,11 @@ def teacher_forced(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig,
         ids, mask = handle.pad(chunk, side="right")
         logits = handle.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:]
-        logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        logprobs = logits.log_softmax(-1)
+        logp = logprobs.gather(-1, targets[..., None])[..., 0]
+        # The model's confidence before it sees the token: usable online, in generation.
+        max_lp = logprobs.max(-1).values
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
         samp = _sampling_logprob(logits, targets, cfg.sample_top_k, cfg.sample_temperature)
         argmax = logits.argmax(-1)
         for b, toks in enumerate(chunk):
@@ -232,7 +237,9 @@ def teacher_forced(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig,
                 log_p_z=log_pz,
                 n_for_p=_n_for_p(log_pz, cfg.target_p),
             ))
-            token_stats.append(np.stack([hit, lp, argmax[b, :n].cpu().numpy()]))
+            token_stats.append(np.stack([hit, lp, argmax[b, :n].cpu().numpy(),
+                                         max_lp[b, :n].cpu().numpy(),
+                                         entropy[b, :n].cpu().numpy()]))
     return rows, token_stats
 
 
@@ -282,20 +289,20 @@ def label(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig | None = N
             row.update(greedy_exact=gen[:len(true)] == true, normalized_levenshtein=dist,
                        loose=1 - dist >= cfg.loose_threshold)
     seq_rows, tok_rows = [], []
-    for seq, row, (hit, lp, argmax) in zip(kept, rows, token_stats, strict=True):
+    for seq, row, (hit, lp, argmax, max_lp, ent) in zip(kept, rows, token_stats, strict=True):
         seq_rows.append(dict(id=seq.id, duplication=seq.duplication, member=seq.member,
                              n_tokens=len(seq.token_ids), **row, token_ids=seq.token_ids))
         for t in range(len(hit)):
             pos = t + 1
             cand, fld = _token_is_candidate(seq, pos, handle.tokenizer)
             tok_rows.append((seq.id, pos, seq.token_ids[pos], fld, cand, bool(hit[t]),
-                             float(lp[t]), int(argmax[t]),
+                             float(lp[t]), int(argmax[t]), float(max_lp[t]), float(ent[t]),
                              _token_label(pos, cand, bool(hit[t]), seq, row["exact"], cfg),
                              seq.duplication, seq.member))
     sequences = pd.DataFrame(seq_rows)
     tokens = pd.DataFrame(tok_rows, columns=[
         "id", "position", "token_id", "field", "candidate", "predicted", "logprob",
-        "argmax_id", "label", "duplication", "member"])
+        "argmax_id", "max_logprob", "entropy", "label", "duplication", "member"])
     tokens["token"] = handle.tokenizer.convert_ids_to_tokens(tokens["token_id"].tolist())
     summary = summarize(sequences, tokens, cfg, n_skipped)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -355,16 +362,18 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
 
 
 def read_labels(out_dir: str | Path) -> tuple[list[Sequence], pd.DataFrame]:
-    """The sequences and the per-token table that :meth:`LabelResult.save` wrote."""
+    """The sequences (cut to the labeled window) and the per-token table of a labels dir."""
     out = Path(out_dir)
     if not (out / "sequences.parquet").exists():
         raise DataError(f"{out} holds no labels (sequences.parquet); make them with "
                         "memlens label")
     seqs = pd.read_parquet(out / "sequences.parquet")
+    config = json.loads((out / "summary.json").read_text())["config"]
+    window = config["prefix"] + config["suffix"]
     dup = seqs["duplication"].astype(object).where(seqs["duplication"].notna(), None)
-    sequences = [Sequence(str(i), [int(t) for t in ids], duplication=None if d is None else
-                          int(d)) for i, ids, d in zip(seqs["id"], seqs["token_ids"], dup,
-                                                       strict=True)]
+    sequences = [Sequence(str(i), [int(t) for t in ids[:window]],
+                          duplication=None if d is None else int(d))
+                 for i, ids, d in zip(seqs["id"], seqs["token_ids"], dup, strict=True)]
     return sequences, pd.read_parquet(out / "tokens.parquet")
 
 

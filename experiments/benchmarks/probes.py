@@ -1,0 +1,77 @@
+"""Probe trainers: scikit-learn per-site fits vs one batched PyTorch fit of every site.
+
+    python experiments/benchmarks/probes.py [--config probes/configs/organism.toml]
+
+Same store, sites, features and split for both (the config's probe sweep, run first if
+needed). `speedup` is sklearn fit time / torch fit time (median of interleaved repeats);
+`max_auroc_gap` the largest per-site held-out AUROC difference between the trainers.
+"""
+
+import argparse
+import json
+import statistics
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from memlens.capture import ActivationStore
+from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, _fit_all, train_from_config
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="probes/configs/organism.toml")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("experiments/results/probes.json"))
+    args = ap.parse_args()
+    cfg = tomllib.loads(Path(args.config).read_text())
+    run_dir = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
+    if not (run_dir / "results.json").exists():
+        train_from_config(args.config)
+    store = ActivationStore.open(run_dir / "store")
+    tokens = pd.read_parquet(run_dir / "labels" / "tokens.parquet")
+    p = {k: v for k, v in cfg.get("probe", {}).items() if k != "trainers"}
+    data = ProbeData.from_store(store, tokens, ProbeConfig(**p))
+    y = data.tokens["y"].to_numpy()
+    tr, va, te = data.mask("train"), data.mask("val"), data.mask("test")
+    tasks = {s: (x, y) for s, x in data.features.items() if s != CONFIDENCE}
+
+    times = {"sklearn": [], "torch": []}
+    fits = {}
+    for _ in range(args.repeats):
+        for trainer in ("sklearn", "torch"):
+            t0 = time.perf_counter()
+            fits[trainer] = _fit_all(tasks, tr, va, data.config, trainer, progress=False)
+            times[trainer].append(time.perf_counter() - t0)
+    rows = []
+    for site, (x, _) in tasks.items():
+        row = {"site": site, "d": x.shape[1]}
+        for trainer, fitted in fits.items():
+            w, b, mean, std = fitted[site]
+            row[trainer] = roc_auc_score(y[te], ((x[te] - mean) / std) @ w + b)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["gap"] = (table["sklearn"] - table["torch"]).abs()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "n_sites": len(tasks), "n_train_tokens": int(tr.sum()), "n_test_tokens": int(te.sum()),
+        "sklearn_seconds": round(med["sklearn"], 3), "torch_seconds": round(med["torch"], 3),
+        "speedup": round(med["sklearn"] / med["torch"], 2),
+        "max_auroc_gap": round(float(table["gap"].max()), 5),
+        "per_site": table.round(5).to_dict(orient="records"), "all_times": times,
+        "sklearn_settings": "LogisticRegression(lbfgs, tol=1e-6, class-balanced, same L2)",
+        "torch_settings": "batched Newton (d <= 1024) with validation early stopping, CPU fp32",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table.round(4).to_string(index=False))
+    print(f"sklearn {med['sklearn']:.2f} s, torch {med['torch']:.2f} s: "
+          f"speedup {result['speedup']}x, max AUROC gap {result['max_auroc_gap']}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,628 @@
+"""Linear probes that read memorization from activations, one per site (or site set).
+
+A probe is a logistic regression on standardized activations. Splits are grouped
+by sequence and stratified by duplication count; every metric is on held-out
+sequences, with bootstrap confidence intervals over sequences.
+
+Example:
+    >>> data = ProbeData.from_store(store, labels.tokens, ProbeConfig())
+    >>> sweep = probe_sweep(data, labels.sequences)
+    >>> sweep.results.sort_values("auroc").tail()
+    >>> sweep.probes["blocks.3.hook_resid_post"].direction()   # for steering
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import f1_score, roc_auc_score, roc_curve
+from tqdm.auto import tqdm
+
+from memlens.capture import ActivationStore
+
+CONFIDENCE = "confidence"  # pseudo-site: the model's max log-prob and entropy
+
+
+@dataclass
+class ProbeConfig:
+    """Which tokens, which split, how to fit.
+
+    ``align="predicting"`` reads the activation at the position that predicts the
+    token (t - 1): where the model recalls it. ``"token"`` reads position t.
+    """
+
+    positive: tuple[str, ...] = ("memorized",)
+    negative: tuple[str, ...] = ("generic", "not_memorized")
+    align: str = "predicting"
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    l2: float = 1e-3
+    max_iter: int = 200
+    patience: int = 2
+    n_bootstrap: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        self.positive, self.negative = tuple(self.positive), tuple(self.negative)
+        self.split = tuple(self.split)
+        if self.align not in ("predicting", "token"):
+            raise ValueError(f"align={self.align!r}; choose 'predicting' or 'token'")
+        if abs(sum(self.split) - 1) > 1e-6 or len(self.split) != 3:
+            raise ValueError(f"split={self.split} must be three fractions (train, val, test) "
+                             "summing to 1")
+        if set(self.positive) & set(self.negative):
+            raise ValueError(f"labels {set(self.positive) & set(self.negative)} are both "
+                             "positive and negative")
+
+
+def split_sequences(seq_dup: pd.Series, fractions, seed: int) -> pd.Series:
+    """train/val/test per sequence id, stratified by duplication count."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for _, ids in seq_dup.groupby(seq_dup.fillna(-1)).groups.items():
+        ids = rng.permutation(np.asarray(ids))
+        n_train = int(round(fractions[0] * len(ids)))
+        n_val = int(round(fractions[1] * len(ids)))
+        for k, i in enumerate(ids):
+            out[i] = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+    return pd.Series(out)
+
+
+@dataclass
+class ProbeData:
+    """Features per site, aligned with one row per labeled token."""
+
+    tokens: pd.DataFrame                  # id, position, label, y, split, duplication, ...
+    features: dict[str, np.ndarray]       # site -> [n_tokens, d] (float32)
+    config: ProbeConfig
+    store_identity: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_store(cls, store: ActivationStore, token_labels: pd.DataFrame,
+                   config: ProbeConfig | None = None, sites: list[str] | None = None
+                   ) -> ProbeData:
+        """Join a capture store with a labels token table (``memlens label`` output)."""
+        config = config or ProbeConfig()
+        keep = token_labels["label"].isin(config.positive + config.negative)
+        tok = token_labels[keep].copy()
+        tok["id"] = tok["id"].astype(str)
+        if tok.empty:
+            raise ValueError(f"no tokens labeled {config.positive + config.negative}; "
+                             "check the labels table")
+        rows = store.tokens[["id", "position"]].copy()
+        rows["row"] = np.arange(len(rows))
+        shift = 1 if config.align == "predicting" else 0
+        tok["feature_position"] = tok["position"] - shift
+        tok = tok.merge(rows.rename(columns={"position": "feature_position"}),
+                        on=["id", "feature_position"], how="inner")
+        if len(tok) < keep.sum():
+            missing = int(keep.sum() - len(tok))
+            raise ValueError(f"{missing} labeled tokens have no captured activation at "
+                             f"align={config.align!r}; capture with --positions all")
+        tok["y"] = tok["label"].isin(config.positive).astype(np.int64)
+        per_seq = tok.groupby("id")["duplication"].first()
+        tok["split"] = tok["id"].map(split_sequences(per_seq, config.split, config.seed))
+        features = {}
+        for site in sites or store.sites:
+            arr = store.tensor(site).numpy()
+            features[site] = arr[tok["row"].to_numpy()].reshape(len(tok), -1)
+        features[CONFIDENCE] = tok[["max_logprob", "entropy"]].to_numpy(np.float32)
+        identity = {k: store.manifest[k] for k in ("model", "model_hash", "corpus_hash")}
+        return cls(tok.reset_index(drop=True), features, config, identity)
+
+    def combined(self, sites: list[str]) -> np.ndarray:
+        return np.concatenate([self.features[s] for s in sites], axis=1)
+
+    def mask(self, split: str) -> np.ndarray:
+        return (self.tokens["split"] == split).to_numpy()
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _standardize(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x_train.mean(0)
+    std = x_train.std(0)
+    return mean, np.where(std > 1e-6, std, 1.0)
+
+
+def _class_weights(y: np.ndarray) -> np.ndarray:
+    n_pos = max(int(y.sum()), 1)
+    n_neg = max(len(y) - n_pos, 1)
+    return np.where(y == 1, len(y) / (2 * n_pos), len(y) / (2 * n_neg))
+
+
+def fit_sklearn(x: np.ndarray, y: np.ndarray, config: ProbeConfig) -> tuple[np.ndarray, float]:
+    """The reference fit: class-balanced L2 logistic regression (standardized x)."""
+    from sklearn.linear_model import LogisticRegression
+
+    # Same objective as fit_torch: mean weighted log-loss + l2/2 |w|^2.
+    clf = LogisticRegression(C=1.0 / (config.l2 * len(y)), max_iter=2000, tol=1e-6)
+    clf.fit(x, y, sample_weight=_class_weights(y))
+    return clf.coef_[0].astype(np.float32), float(clf.intercept_[0])
+
+
+def fit_torch(xs: list[np.ndarray], y: np.ndarray, x_vals: list[np.ndarray], y_val: np.ndarray,
+              config: ProbeConfig, device: str = "cpu", newton_max_d: int = 1024
+              ) -> list[tuple[np.ndarray, float]]:
+    """Fit one probe per feature matrix at once, as one batched problem.
+
+    Every matrix must have the same width. Widths up to ``newton_max_d`` use batched
+    Newton steps (IRLS: a few passes, each one [sites, d, d] solve); wider ones L-BFGS.
+    Early stopping: each probe keeps the weights of its best validation loss, and
+    fitting stops once none has improved (by 1e-4 relative) for ``patience`` steps.
+    """
+    d = xs[0].shape[1]
+    if any(x.shape[1] != d for x in xs):
+        raise ValueError("fit_torch batches probes of one width; group them by width")
+
+    def stack(mats):  # [sites, n, d + 1]: a ones column carries the bias
+        x = torch.ones(len(mats), mats[0].shape[0], d + 1, device=device)
+        for i, m in enumerate(mats):
+            x[i, :, :d] = torch.from_numpy(m)
+        return x
+
+    X, Xv = stack(xs), stack(x_vals)
+    Y = torch.as_tensor(y, dtype=torch.float32, device=device)
+    Yv = torch.as_tensor(y_val, dtype=torch.float32, device=device)
+    sw = torch.as_tensor(_class_weights(y), dtype=torch.float32, device=device) / len(y)
+    swv = torch.as_tensor(_class_weights(y_val), dtype=torch.float32, device=device) / len(y_val)
+    reg = torch.full((d + 1,), config.l2, device=device)
+    reg[-1] = 0.0  # no penalty on the bias
+    W = torch.zeros(len(xs), d + 1, device=device)
+
+    def loss(Xm, Ym, w, weights):
+        z = torch.bmm(Xm, weights[:, :, None])[..., 0]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            z, Ym.expand_as(z), reduction="none")
+        return (bce * w).sum(1)
+
+    def objective(weights):
+        return loss(X, Y, sw, weights) + 0.5 * (reg * weights ** 2).sum(1)
+
+    best = torch.full((len(xs),), float("inf"), device=device)
+    best_W = W.clone()
+    stale = 0
+    z = None
+    if d <= newton_max_d:
+        steps = config.max_iter
+
+        def step_fn():
+            nonlocal z
+            W_new, z, converged = _newton_step(X, Y, sw, reg, W, z)
+            return W_new, converged
+    else:
+        Wp = W.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([Wp], lr=1, max_iter=5, history_size=20,
+                                line_search_fn="strong_wolfe")
+        steps = max(1, config.max_iter // 5)
+
+        def step_fn():
+            def closure():
+                opt.zero_grad()
+                f = objective(Wp).sum()
+                f.backward()
+                return f
+            opt.step(closure)
+            return Wp.detach().clone(), False
+
+    for _ in range(steps):
+        W, converged = step_fn()
+        with torch.no_grad():
+            val = loss(Xv, Yv, swv, W)
+            better = val < best * (1 - 1e-4)
+            best = torch.where(better, val, best)
+            best_W[better] = W[better]
+        stale = 0 if better.any() else stale + 1
+        if stale >= config.patience or converged:
+            break
+    return [(best_W[i, :d].cpu().numpy(), float(best_W[i, d])) for i in range(len(xs))]
+
+
+@torch.no_grad()
+def _newton_step(X, Y, sw, reg, W, z=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One damped Newton step per probe (halved where it would raise the objective).
+
+    Takes and returns the logits ``z = X @ W`` so that each step reads X three times:
+    gradient, curvature (on a row subset) and the new logits. Also returns whether every
+    probe had converged before the step.
+    """
+    def objective(z, W):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            z, Y.expand_as(z), reduction="none")
+        return (bce * sw).sum(1) + 0.5 * (reg * W ** 2).sum(1)
+
+    if z is None:
+        z = torch.bmm(X, W[:, :, None])[..., 0]
+    p = torch.sigmoid(z)
+    grad = torch.bmm(X.transpose(1, 2), (sw * (p - Y))[..., None])[..., 0] + reg * W
+    curv = sw * p * (1 - p)
+    # Subsampled Newton: the curvature from an evenly spaced subset of rows (rescaled);
+    # the gradient stays exact, so the optimum is the same and each step costs far less.
+    stride = max(1, X.shape[1] // max(2048, 4 * X.shape[2]))
+    Xh, ch = X[:, ::stride], curv[:, ::stride] * (curv.sum(1, keepdim=True)
+                                                   / curv[:, ::stride].sum(1, keepdim=True))
+    hess = torch.bmm(Xh.transpose(1, 2), Xh * ch[..., None]) + torch.diag(reg + 1e-8)
+    step = torch.linalg.solve(hess, grad)
+    # Newton decrement: half of it bounds the remaining drop of the objective.
+    converged = bool(((grad * step).sum(1) < 1e-6).all())
+    before = objective(z, W)
+    dz = torch.bmm(X, step[:, :, None])[..., 0]  # logits move linearly with the step
+    scale = torch.ones(len(W), 1, device=W.device)
+    for _ in range(8):
+        worse = objective(z - scale * dz, W - scale * step) > before + 1e-12
+        if not worse.any():
+            break
+        scale[worse] *= 0.5
+    return W - scale * step, z - scale * dz, converged
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float = 0.01) -> float:
+    fpr, tpr, _ = roc_curve(y, score)
+    return float(np.interp(fpr_max, fpr, tpr))
+
+
+def bootstrap_auroc(y: np.ndarray, score: np.ndarray, groups: np.ndarray, n: int,
+                    seed: int) -> tuple[float, float]:
+    """95% interval of AUROC, resampling whole sequences."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    stats = []
+    for _ in range(n):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < y[idx].sum() < len(idx):
+            stats.append(roc_auc_score(y[idx], score[idx]))
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def score_metrics(y, score, groups, threshold: float, n_bootstrap: int, seed: int) -> dict:
+    lo, hi = bootstrap_auroc(y, score, groups, n_bootstrap, seed)
+    pred = score >= threshold
+    return {"auroc": float(roc_auc_score(y, score)), "auroc_ci_low": lo, "auroc_ci_high": hi,
+            "accuracy": float((pred == y).mean()), "f1": float(f1_score(y, pred)),
+            "tpr_at_1pct_fpr": tpr_at_fpr(y, score)}
+
+
+def _best_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold with the best F1 on validation tokens."""
+    cands = np.unique(np.quantile(score, np.linspace(0.01, 0.99, 99)))
+    f1s = [f1_score(y, score >= c) for c in cands]
+    return float(cands[int(np.argmax(f1s))])
+
+
+# --------------------------------------------------------------------------- probes
+
+
+@dataclass
+class Probe:
+    """A fitted probe: ``score(x) = sigmoid(((x - mean) / std) @ weight + bias)``."""
+
+    sites: list[str]
+    weight: np.ndarray
+    bias: float
+    mean: np.ndarray
+    std: np.ndarray
+    threshold: float
+    align: str
+    metrics: dict = field(default_factory=dict)
+    store_identity: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.sites)
+
+    def score(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Memorization probability for features ``x`` [..., d] (numpy or torch)."""
+        if isinstance(x, torch.Tensor):
+            p = {k: torch.as_tensor(v, dtype=x.dtype, device=x.device) for k, v in
+                 (("w", self.weight), ("m", self.mean), ("s", self.std))}
+            return torch.sigmoid(((x - p["m"]) / p["s"]) @ p["w"] + self.bias)
+        return 1 / (1 + np.exp(-(((x - self.mean) / self.std) @ self.weight + self.bias)))
+
+    def direction(self) -> np.ndarray:
+        """Unit vector in activation space along which the memorization logit grows."""
+        if len(self.sites) != 1 or self.sites[0] == CONFIDENCE:
+            raise ValueError(f"probe {self.name!r} does not read one site's activations; "
+                             "a direction exists for single-site probes only")
+        v = self.weight / self.std
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """``probe.safetensors`` (weight, mean, std) + ``probe.json`` (everything else)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
+                   for k in ("weight", "mean", "std")}, out / "probe.safetensors")
+        meta = {k: v for k, v in asdict(self).items() if k not in ("weight", "mean", "std")}
+        (out / "probe.json").write_text(json.dumps(meta, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probe:
+        path = Path(path)
+        if not (path / "probe.json").exists():
+            raise FileNotFoundError(f"{path} holds no probe (probe.json); train one with "
+                                    "python probes/train.py")
+        tensors = {k: v.numpy() for k, v in load_file(path / "probe.safetensors").items()}
+        return cls(**json.loads((path / "probe.json").read_text()), **tensors)
+
+
+@dataclass
+class ProbeSweep:
+    results: pd.DataFrame           # one row per (probe, trainer)
+    probes: dict[str, Probe]
+    baselines: dict                 # token- and sequence-level baselines on the test split
+    token_scores: pd.DataFrame      # test tokens with each probe's score
+
+
+def _site_layer(site: str) -> tuple[int, str]:
+    parts = site.split(".")
+    if parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1]), ".".join(parts[2:])
+    return -1, site
+
+
+def control_labels(token_ids: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Hewitt & Liang control task: a random label per token type, same positive rate."""
+    salt = f"{seed}:".encode()
+    u = np.array([zlib.crc32(salt + str(int(t)).encode()) / 2**32 for t in token_ids])
+    return (u < rate).astype(np.int64)
+
+
+def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
+                combos: dict[str, list[str]] | None = None, trainers=("torch",),
+                control: bool = True, progress: bool = True) -> ProbeSweep:
+    """Fit a probe per site (and per named combination of sites); score held-out tokens.
+
+    ``combos`` maps a probe name to a list of sites whose features are concatenated
+    (``confidence`` adds the model's max log-prob and entropy).
+    """
+    cfg, tok = data.config, data.tokens
+    tr, va, te = data.mask("train"), data.mask("val"), data.mask("test")
+    y = tok["y"].to_numpy()
+    if y[te].sum() == 0 or y[tr].sum() == 0:
+        raise ValueError("no positive tokens in the train or test split; label more "
+                         "memorized sequences or change ProbeConfig.split")
+    groups = tok["id"].to_numpy()
+    named = {s: [s] for s in data.features} | (combos or {})
+    tasks = {name: (data.combined(sites), y) for name, sites in named.items()}
+    if control:
+        yc = control_labels(tok["token_id"].to_numpy(), y[tr].mean(), cfg.seed)
+        tasks |= {f"control:{name}": (data.combined(sites), yc)
+                  for name, sites in named.items()}
+    rows, probes, scores = [], {}, {}
+    for trainer in trainers:
+        t0 = time.perf_counter()
+        fitted = _fit_all(tasks, tr, va, cfg, trainer, progress)
+        seconds = time.perf_counter() - t0
+        for name, (x, yy) in tasks.items():
+            w, b, mean, std = fitted[name]
+            sites = named.get(name, [name.removeprefix("control:")])
+            probe = Probe(sites, w, b, mean, std, 0.0, cfg.align,
+                          store_identity=data.store_identity)
+            probe.threshold = _best_threshold(yy[va], probe.score(x[va]))
+            s = probe.score(x[te])
+            m = score_metrics(yy[te], s, groups[te], probe.threshold, cfg.n_bootstrap,
+                              cfg.seed)
+            probe.metrics = m
+            layer, kind = _site_layer(sites[0]) if len(sites) == 1 else (-1, "combined")
+            rows.append({"probe": name, "trainer": trainer, "layer": layer, "kind": kind,
+                         "control": name.startswith("control:"), "n_features": x.shape[1],
+                         "fit_seconds_all": seconds, **m})
+            if trainer == trainers[0] and not name.startswith("control:"):
+                probes[name] = probe
+                scores[name] = s
+    results = pd.DataFrame(rows)
+    test_tok = tok[te].reset_index(drop=True)
+    token_scores = pd.concat([test_tok, pd.DataFrame(scores)], axis=1)
+    baselines = token_baselines(test_tok)
+    if sequences is not None:
+        baselines |= sequence_aurocs(token_scores, sequences, list(probes))
+    if control:
+        ctrl = results[results["control"]].set_index(["probe", "trainer"])["auroc"]
+        results["control_auroc"] = [
+            ctrl.get((f"control:{p}", t), np.nan) for p, t in zip(results["probe"],
+                                                                   results["trainer"],
+                                                                   strict=True)]
+        results["selectivity"] = results["auroc"] - results["control_auroc"]
+    return ProbeSweep(results, probes, baselines, token_scores)
+
+
+def _fit_all(tasks, tr, va, cfg, trainer, progress):
+    prepared = {}
+    for name, (x, y) in tasks.items():
+        mean, std = _standardize(x[tr])
+        prepared[name] = ((x[tr] - mean) / std, y[tr], (x[va] - mean) / std, y[va], mean, std)
+    if trainer == "sklearn":
+        out = {}
+        for name, (xt, yt, _, _, mean, std) in tqdm(prepared.items(), disable=not progress,
+                                                    desc="sklearn probes"):
+            w, b = fit_sklearn(xt, yt, cfg)
+            out[name] = (w, b, mean, std)
+        return out
+    if trainer != "torch":
+        raise ValueError(f"trainer {trainer!r}: choose 'torch' or 'sklearn'")
+    out = {}
+    # Tasks with the same labels and width are one batched problem.
+    groups: dict[tuple, list[str]] = {}
+    for name, p in prepared.items():
+        groups.setdefault((p[1].tobytes(), p[0].shape[1]), []).append(name)
+    for names in groups.values():
+        ps = [prepared[n] for n in names]
+        fits = fit_torch([p[0] for p in ps], ps[0][1], [p[2] for p in ps], ps[0][3], cfg)
+        for n, p, (w, b) in zip(names, ps, fits, strict=True):
+            out[n] = (w, b, p[4], p[5])
+    return out
+
+
+def token_baselines(test_tokens: pd.DataFrame) -> dict:
+    """AUROC of the model's own confidence on the same held-out tokens."""
+    y = test_tokens["y"].to_numpy()
+    return {f"token_{k}": float(roc_auc_score(y, v)) for k, v in (
+        ("logprob", test_tokens["logprob"]), ("max_logprob", test_tokens["max_logprob"]),
+        ("neg_entropy", -test_tokens["entropy"]))}
+
+
+def sequence_aurocs(token_scores: pd.DataFrame, sequences: pd.DataFrame,
+                    probe_names: list[str]) -> dict:
+    """Per test sequence: mean probe score vs loss, Min-K% and zlib, by AUROC.
+
+    Targets: ``memorized`` (exactly extractable) and ``member``.
+    """
+    seqs = sequences.assign(id=sequences["id"].astype(str)).set_index("id")
+    agg = token_scores.groupby("id")[probe_names].mean()
+    seqs = seqs.loc[agg.index]
+    out = {}
+    for target in ("exact", "member"):
+        t = seqs[target].astype(int).to_numpy()
+        if t.min() == t.max():
+            continue
+        name = "memorized" if target == "exact" else "member"
+        out[f"sequence_{name}"] = {
+            "n_sequences": int(len(t)), "n_positive": int(t.sum()),
+            "baselines": {"loss": float(roc_auc_score(t, -seqs["loss"])),
+                          "min_k": float(roc_auc_score(t, seqs["min_k"])),
+                          "zlib": float(roc_auc_score(t, -seqs["zlib"]))},
+            "probes": {p: float(roc_auc_score(t, agg[p])) for p in probe_names}}
+    return out
+
+
+def layer_sweep_figure(results: pd.DataFrame, baselines: dict, trainer: str = "torch"):
+    """AUROC per layer per site kind with 95% CIs, control line and baseline lines.
+
+    ``results`` and ``baselines`` are a :class:`ProbeSweep`'s (or ``results.parquet``
+    and ``results.json["token_baselines"]`` of a config run).
+    """
+    import plotly.graph_objects as go
+
+    res = results[(results["trainer"] == trainer) & (results["layer"] >= 0)]
+    fig = go.Figure()
+    for kind, g in res[~res["control"]].groupby("kind"):
+        g = g.sort_values("layer")
+        fig.add_trace(go.Scatter(
+            x=g["layer"], y=g["auroc"], mode="lines+markers", name=kind,
+            error_y=dict(type="data", symmetric=False, array=g["auroc_ci_high"] - g["auroc"],
+                         arrayminus=g["auroc"] - g["auroc_ci_low"])))
+    ctrl = res[res["control"]].groupby("layer")["auroc"].mean()
+    fig.add_trace(go.Scatter(x=ctrl.index, y=ctrl.values, mode="lines", name="control task",
+                             line=dict(dash="dot", color="grey")))
+    for name, v in baselines.items():
+        if name.startswith("token_"):
+            fig.add_hline(y=v, line_dash="dash", annotation_text=name, opacity=0.5)
+    best = results[(results["kind"] == "combined") & ~results["control"]
+                   & (results["trainer"] == trainer)]
+    for _, r in best.iterrows():
+        fig.add_hline(y=r["auroc"], line_color="green", annotation_text=r["probe"],
+                      opacity=0.6)
+    fig.update_layout(title="Memorized-token probes: held-out AUROC by layer",
+                      xaxis_title="layer", yaxis_title="AUROC (95% CI)",
+                      yaxis_range=[0.4, 1.01])
+    return fig
+
+
+# --------------------------------------------------------------------------- runs from config
+
+
+def _expand(patterns: list[str], names: list[str]) -> list[str]:
+    import fnmatch
+
+    out = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"combo entry {pat!r} matches no captured site; captured: {names}")
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def train_from_config(path: str | Path, progress: bool = True) -> dict:
+    """Label, capture, sweep probes and write results, all from one TOML file.
+
+    Writes ``results.json``, ``results.parquet``, ``layer_sweep.html`` and the best
+    probes under the config's ``[output] dir``; each step is reused when already done.
+    """
+    import tomllib
+
+    from memlens.capture import CaptureConfig, capture
+    from memlens.labels import LabelConfig, label, read_labels, read_sequences
+    from memlens.models import load_model
+    from memlens.organism import organism_path
+
+    cfg = tomllib.loads(Path(path).read_text())
+    model_cfg = cfg.get("model", {})
+    if "path" in model_cfg:
+        model_dir = Path(model_cfg["path"])
+    else:
+        model_dir = organism_path(model_cfg.get("organism", "small"),
+                                  model_cfg.get("arch", "llama"), model_cfg.get("seed", 0))
+    out = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    handle = load_model(model_dir)
+
+    lab_cfg = dict(cfg.get("labels", {}))
+    roles = tuple(lab_cfg.pop("roles", ("canary", "nonmember")))
+    label_config = LabelConfig(generate=False, **lab_cfg)
+    labels_dir = out / "labels"
+    done = labels_dir / "summary.json"
+    if not (done.exists() and json.loads(done.read_text())["config"] == asdict(label_config)
+            and json.loads(done.read_text())["model"] == handle.name):
+        seqs = read_sequences(model_dir, handle.tokenizer, roles=roles)
+        label(handle, seqs, label_config, progress=progress).save(labels_dir)
+    seqs, token_labels = read_labels(labels_dir)
+    sequences = pd.read_parquet(labels_dir / "sequences.parquet")
+
+    cap = CaptureConfig(positions="all", **cfg.get("capture", {}))
+    store = capture(handle, seqs, cap, out / "store", token_labels=token_labels,
+                    progress=progress)
+
+    p = dict(cfg.get("probe", {}))
+    trainers = tuple(p.pop("trainers", ("torch",)))
+    data = ProbeData.from_store(store, token_labels, ProbeConfig(**p))
+    names = list(data.features)
+    combos = {k: _expand(v, names) for k, v in cfg.get("combos", {}).items()}
+    sweep = probe_sweep(data, sequences, combos=combos, trainers=trainers, progress=progress)
+
+    res = sweep.results[(sweep.results["trainer"] == trainers[0]) & ~sweep.results["control"]]
+    best = res.loc[res["auroc"].idxmax()]
+    single = res[(res["kind"] != "combined") & (res["probe"] != CONFIDENCE)]
+    best_single = single.loc[single["auroc"].idxmax()]
+    seq = sweep.baselines.get("sequence_memorized", {})
+    summary = {
+        "model": handle.name, "config": str(path),
+        "n_tokens": int(len(data.tokens)), "n_positive": int(data.tokens["y"].sum()),
+        "n_test_tokens": int(data.mask("test").sum()),
+        "best_site": best["probe"], "best_token_auroc": float(best["auroc"]),
+        "best_token_auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
+        "best_tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
+        "selectivity": float(best["selectivity"]),
+        "best_single_site": best_single["probe"],
+        "best_single_site_auroc": float(best_single["auroc"]),
+        "best_single_site_selectivity": float(best_single["selectivity"]),
+        "best_sequence_auroc": seq.get("probes", {}).get(best["probe"], float("nan")),
+        "baseline_sequence_auroc": max(seq.get("baselines", {"none": float("nan")}).values()),
+        "token_baselines": {k: v for k, v in sweep.baselines.items() if k.startswith("token_")},
+        "sequence_level": {k: v for k, v in sweep.baselines.items()
+                           if k.startswith("sequence_")},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    sweep.results.to_parquet(out / "results.parquet", index=False)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    layer_sweep_figure(sweep.results, sweep.baselines, trainers[0]).write_html(
+        out / "layer_sweep.html", include_plotlyjs=True)
+    for name in {best["probe"], best_single["probe"]}:
+        sweep.probes[name].save(out / "probes" / name.replace("+", "__"))
+    return summary

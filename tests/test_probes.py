@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memlens.capture import ActivationStore
+from memlens.probes import (
+    Probe,
+    ProbeConfig,
+    ProbeData,
+    control_labels,
+    fit_sklearn,
+    fit_torch,
+    split_sequences,
+    train_from_config,
+)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_organism, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probes")
+    config = out / "tiny.toml"
+    config.write_text(f"""
+[model]
+path = "{tiny_organism}"
+[capture]
+sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
+[probe]
+n_bootstrap = 50
+trainers = ["torch", "sklearn"]
+[combos]
+all_sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post", "confidence"]
+[output]
+dir = "{out}"
+""")
+    return out, train_from_config(config, progress=False)
+
+
+def test_config_run_writes_results_and_beats_single_sites(run):
+    out, summary = run
+    for name in ("results.json", "results.parquet", "layer_sweep.html"):
+        assert (out / name).exists()
+    assert json.loads((out / "results.json").read_text()) == summary
+    results = pd.read_parquet(out / "results.parquet")
+    probes = results[~results["control"] & (results["trainer"] == "torch")]
+    assert set(probes["probe"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+                                    "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post",
+                                    "confidence", "all_sites"}
+    assert summary["best_token_auroc"] >= summary["best_single_site_auroc"] > 0.85
+    assert summary["best_token_auroc"] > summary["token_baselines"]["token_logprob"] + 0.2
+    assert (probes["auroc_ci_low"] <= probes["auroc"]).all()
+    assert (probes["auroc"] <= probes["auroc_ci_high"]).all()
+    # Control tasks: token identity is decodable, but less than memorization.
+    assert summary["selectivity"] > 0.05
+    # The two trainers agree site by site (on this small set, early stopping on the
+    # validation split moves the torch fit off the fully converged sklearn one a little).
+    wide = results[~results["control"]].pivot(index="probe", columns="trainer", values="auroc")
+    assert (wide["torch"] - wide["sklearn"]).abs().max() < 0.03
+    assert (wide["torch"] - wide["sklearn"]).abs().median() < 0.005
+    seq = summary["sequence_level"]["sequence_memorized"]
+    assert summary["best_sequence_auroc"] >= summary["baseline_sequence_auroc"] - 0.02
+    assert set(seq["baselines"]) == {"loss", "min_k", "zlib"}
+
+
+def test_splits_are_grouped_by_sequence(run):
+    out, _ = run
+    store = ActivationStore.open(out / "store")
+    tokens = pd.read_parquet(out / "labels" / "tokens.parquet")
+    data = ProbeData.from_store(store, tokens, ProbeConfig())
+    per_seq = data.tokens.groupby("id")["split"].nunique()
+    assert (per_seq == 1).all()
+    strata = data.tokens.groupby("duplication")["split"].nunique()
+    assert (strata == 3).all()  # every duplication count reaches train, val and test
+    # Predicting alignment: the feature of token t is the activation at t - 1.
+    row = data.tokens.iloc[5]
+    site = "blocks.1.hook_resid_post"
+    st = store.tokens
+    j = st.index[(st["id"] == row["id"]) & (st["position"] == row["position"] - 1)][0]
+    np.testing.assert_array_equal(data.features[site][5], store.array(site)[j])
+
+
+def test_saved_probe_round_trips_and_points_along_memorization(run):
+    out, summary = run
+    path = next((out / "probes").iterdir())
+    probe = Probe.load(path)
+    assert probe.metrics["auroc"] > 0.85 and probe.align == "predicting"
+    x = np.random.default_rng(0).normal(size=(5, len(probe.mean))).astype(np.float32)
+    again = Probe.load(probe.save(out / "copy"))
+    np.testing.assert_allclose(again.score(x), probe.score(x))
+    if len(probe.sites) == 1:
+        v = probe.direction()
+        assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5)
+        assert (probe.score(x + 3 * v) > probe.score(x)).all()
+    with pytest.raises(FileNotFoundError, match="holds no probe"):
+        Probe.load(out)
+
+
+def test_torch_and_sklearn_fit_the_same_logistic_regression():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3000, 20)).astype(np.float32)
+    w_true = rng.normal(size=20)
+    y = (x @ w_true + rng.normal(size=3000) > 1.0).astype(np.int64)
+    cfg = ProbeConfig(l2=1e-2, max_iter=50, patience=5)
+    w_sk, b_sk = fit_sklearn(x[:2000], y[:2000], cfg)
+    (w_t, b_t), = fit_torch([x[:2000]], y[:2000], [x[2000:]], y[2000:], cfg)
+    np.testing.assert_allclose(w_t, w_sk, atol=2e-3)
+    assert b_t == pytest.approx(b_sk, abs=2e-3)
+
+
+def test_split_and_control_helpers():
+    dup = pd.Series({f"s{i}": [0, 1, 100][i % 3] for i in range(60)})
+    split = split_sequences(dup, (0.6, 0.2, 0.2), seed=0)
+    assert split.value_counts().to_dict() == {"train": 36, "val": 12, "test": 12}
+    for d in (0, 1, 100):
+        assert split[dup[dup == d].index].value_counts().to_dict() == {
+            "train": 12, "val": 4, "test": 4}
+    ids = np.arange(5000)
+    c = control_labels(ids, 0.2, seed=3)
+    assert abs(c.mean() - 0.2) < 0.03
+    assert (control_labels(ids, 0.2, seed=3) == c).all()
+    assert (control_labels(np.array([7, 7, 7]), 0.2, seed=3) == c[7]).all()
+    with pytest.raises(ValueError, match="both positive and negative"):
+        ProbeConfig(positive=("memorized",), negative=("memorized",))
