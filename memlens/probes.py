@@ -272,28 +272,34 @@ def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float = 0.01) -> float
     return float(np.interp(fpr_max, fpr, tpr))
 
 
-def bootstrap_auroc(y: np.ndarray, score: np.ndarray, groups: np.ndarray, n: int,
-                    seed: int) -> tuple[float, float]:
-    """95% interval of AUROC, resampling whole sequences."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    stats = []
-    for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        if 0 < y[idx].sum() < len(idx):
-            stats.append(roc_auc_score(y[idx], score[idx]))
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+def _point_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    pred = score >= threshold
+    tp = float((pred & (y == 1)).sum())
+    f1 = 2 * tp / max(pred.sum() + y.sum(), 1)
+    return {"auroc": float(roc_auc_score(y, score)), "accuracy": float((pred == y).mean()),
+            "f1": float(f1), "tpr_at_1pct_fpr": tpr_at_fpr(y, score)}
 
 
 def score_metrics(y, score, groups, threshold: float, n_bootstrap: int, seed: int) -> dict:
-    lo, hi = bootstrap_auroc(y, score, groups, n_bootstrap, seed)
-    pred = score >= threshold
-    return {"auroc": float(roc_auc_score(y, score)), "auroc_ci_low": lo, "auroc_ci_high": hi,
-            "accuracy": float((pred == y).mean()), "f1": float(f1_score(y, pred)),
-            "tpr_at_1pct_fpr": tpr_at_fpr(y, score)}
+    """AUROC, accuracy, F1 and TPR at 1% FPR, each with a 95% interval from resampling
+    whole sequences (``n_bootstrap`` times)."""
+    point = _point_metrics(y, score, threshold)
+    if n_bootstrap <= 0:
+        return point | {f"{k}_ci_{e}": float("nan") for k in point for e in ("low", "high")}
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    draws = []
+    for _ in range(n_bootstrap):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < y[idx].sum() < len(idx):
+            draws.append(_point_metrics(y[idx], score[idx], threshold))
+    out = dict(point)
+    for k in point:
+        vals = [d[k] for d in draws]
+        out[f"{k}_ci_low"] = float(np.percentile(vals, 2.5))
+        out[f"{k}_ci_high"] = float(np.percentile(vals, 97.5))
+    return out
 
 
 def _best_threshold(y: np.ndarray, score: np.ndarray) -> float:

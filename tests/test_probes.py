@@ -122,3 +122,12 @@ def test_split_and_control_helpers():
     assert (control_labels(np.array([7, 7, 7]), 0.2, seed=3) == c[7]).all()
     with pytest.raises(ValueError, match="both positive and negative"):
         ProbeConfig(positive=("memorized",), negative=("memorized",))
+
+
+def test_every_metric_has_a_bootstrap_interval(run):
+    out, _ = run
+    results = pd.read_parquet(out / "results.parquet")
+    for m in ("auroc", "accuracy", "f1", "tpr_at_1pct_fpr"):
+        assert (results[f"{m}_ci_low"] <= results[m] + 1e-9).all(), m
+        assert (results[m] <= results[f"{m}_ci_high"] + 1e-9).all(), m
+        assert (results[f"{m}_ci_high"] > results[f"{m}_ci_low"]).any(), m
