@@ -525,16 +525,20 @@ def layer_sweep_figure(results: pd.DataFrame, baselines: dict, trainer: str = "t
     ctrl = res[res["control"]].groupby("layer")["auroc"].mean()
     fig.add_trace(go.Scatter(x=ctrl.index, y=ctrl.values, mode="lines", name="control task",
                              line=dict(dash="dot", color="grey")))
+    span = [res["layer"].min(), res["layer"].max()]
+    # Probes on several sites and the model's own confidence: flat lines, named in the legend.
+    combos = results[(results["kind"] == "combined") & ~results["control"]
+                     & (results["trainer"] == trainer)]
+    for _, r in combos.iterrows():
+        fig.add_trace(go.Scatter(x=span, y=[r["auroc"]] * 2, mode="lines",
+                                 name=f"{r['probe']} ({r['auroc']:.3f})",
+                                 line=dict(width=1.5)))
     for name, v in baselines.items():
         if name.startswith("token_"):
-            fig.add_hline(y=v, line_dash="dash", annotation_text=name, opacity=0.5)
-    best = results[(results["kind"] == "combined") & ~results["control"]
-                   & (results["trainer"] == trainer)]
-    for _, r in best.iterrows():
-        fig.add_hline(y=r["auroc"], line_color="green", annotation_text=r["probe"],
-                      opacity=0.6)
+            fig.add_trace(go.Scatter(x=span, y=[v] * 2, mode="lines", name=f"{name} ({v:.3f})",
+                                     line=dict(dash="dash", width=1, color="black")))
     fig.update_layout(title="Memorized-token probes: held-out AUROC by layer",
-                      xaxis_title="layer", yaxis_title="AUROC (95% CI)",
+                      xaxis=dict(title="layer", dtick=1), yaxis_title="AUROC (95% CI)",
                       yaxis_range=[0.4, 1.01])
     return fig
 
