@@ -48,6 +48,7 @@ class ProbeConfig:
     patience: int = 2
     n_bootstrap: int = 200
     seed: int = 0
+    device: str = "cpu"  # where the batched torch trainer runs ("cuda" on a GPU)
 
     def __post_init__(self):
         self.positive, self.negative = tuple(self.positive), tuple(self.negative)
@@ -468,7 +469,8 @@ def _fit_all(tasks, tr, va, cfg, trainer, progress):
         groups.setdefault((p[1].tobytes(), p[0].shape[1]), []).append(name)
     for names in groups.values():
         ps = [prepared[n] for n in names]
-        fits = fit_torch([p[0] for p in ps], ps[0][1], [p[2] for p in ps], ps[0][3], cfg)
+        fits = fit_torch([p[0] for p in ps], ps[0][1], [p[2] for p in ps], ps[0][3], cfg,
+                         device=cfg.device)
         for n, p, (w, b) in zip(names, ps, fits, strict=True):
             out[n] = (w, b, p[4], p[5])
     return out
