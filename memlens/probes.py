@@ -180,10 +180,7 @@ def fit_torch(xs: list[np.ndarray], y: np.ndarray, x_vals: list[np.ndarray], y_v
     W = torch.zeros(len(xs), d + 1, device=device)
 
     def loss(Xm, Ym, w, weights):
-        z = torch.bmm(Xm, weights[:, :, None])[..., 0]
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(
-            z, Ym.expand_as(z), reduction="none")
-        return (bce * w).sum(1)
+        return _weighted_bce(torch.bmm(Xm, weights[:, :, None])[..., 0], Ym, w)
 
     def objective(weights):
         return loss(X, Y, sw, weights) + 0.5 * (reg * weights ** 2).sum(1)
@@ -227,6 +224,13 @@ def fit_torch(xs: list[np.ndarray], y: np.ndarray, x_vals: list[np.ndarray], y_v
     return [(best_W[i, :d].cpu().numpy(), float(best_W[i, d])) for i in range(len(xs))]
 
 
+def _weighted_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-probe weighted log-loss of logits ``z`` [probes, n]."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        z, y.expand_as(z), reduction="none")
+    return (bce * w).sum(1)
+
+
 @torch.no_grad()
 def _newton_step(X, Y, sw, reg, W, z=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One damped Newton step per probe (halved where it would raise the objective).
@@ -236,9 +240,7 @@ def _newton_step(X, Y, sw, reg, W, z=None) -> tuple[torch.Tensor, torch.Tensor, 
     probe had converged before the step.
     """
     def objective(z, W):
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(
-            z, Y.expand_as(z), reduction="none")
-        return (bce * sw).sum(1) + 0.5 * (reg * W ** 2).sum(1)
+        return _weighted_bce(z, Y, sw) + 0.5 * (reg * W ** 2).sum(1)
 
     if z is None:
         z = torch.bmm(X, W[:, :, None])[..., 0]
