@@ -14,6 +14,10 @@ EXAMPLES = {
     "capture": "memlens capture --model organisms/tiny --data labels/tiny "
                "--sites 'blocks.*.hook_resid_post' --out acts/tiny --positions suffix",
     "probe train": "memlens probe train --config probes/configs/organism.toml",
+    "kfac collect": "memlens kfac collect --model organisms/tiny --data organisms/tiny "
+                    "--out kfac/tiny.safetensors",
+    "kfac edit": "memlens kfac edit --model organisms/tiny --factors kfac/tiny.safetensors "
+                 "--rho 0.9 --out organisms/tiny-edited",
     "demo": "memlens demo --out memlens-demo",
 }
 
@@ -96,6 +100,49 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"example:\n  {EXAMPLES['probe train']}")
     pt.add_argument("--config", required=True, type=Path, help="TOML, see probes/configs/")
 
+    kfac = sub.add_parser("kfac", help="K-FAC curvature factors and memorization edits",
+                          description="Curvature (K-FAC) factors of linear layers, and edits "
+                                      "that remove low-curvature weight components.")
+    kfac_sub = kfac.add_subparsers(dest="kfac_command", required=True)
+    kc = kfac_sub.add_parser(
+        "collect", help="accumulate A and G factors over a token stream", formatter_class=fmt,
+        description="Writes one safetensors file with A = E[a a^T] and G = E[g g^T] per layer. "
+                    "Rerun the same command to resume an interrupted collection.",
+        epilog=f"example:\n  {EXAMPLES['kfac collect']}")
+    kc.add_argument("--model", required=True, help="model directory (or hub name)")
+    kc.add_argument("--data", required=True, type=Path,
+                    help="JSONL of sequences, or an organism dir (its general records)")
+    kc.add_argument("--out", required=True, type=Path, help="factor file (.safetensors)")
+    kc.add_argument("--roles", nargs="*", default=None,
+                    help="keep only these roles (default for an organism: general)")
+    kc.add_argument("--layers", nargs="+", default=["mlp"],
+                    help="mlp (default), attn, or module-name globs")
+    kc.add_argument("--mode", default="true", help="true (sampled labels) or empirical (gold)")
+    kc.add_argument("--max-tokens", type=int, default=None)
+    kc.add_argument("--max-len", type=int, default=None, help="cut sequences to this length")
+    kc.add_argument("--batch-size", type=int, default=16)
+    kc.add_argument("--seed", type=int, default=0)
+    ke = kfac_sub.add_parser(
+        "edit", help="remove low-curvature components and save the edited model",
+        formatter_class=fmt,
+        description="The published keep-mass edit (--rho), or a KL-budgeted edit "
+                    "(--kl-budget), optionally aimed at the sequences in --memorized.",
+        epilog=f"example:\n  {EXAMPLES['kfac edit']}")
+    ke.add_argument("--model", required=True, help="model directory (or hub name)")
+    ke.add_argument("--factors", required=True, type=Path, help="from `memlens kfac collect`")
+    ke.add_argument("--out", required=True, type=Path, help="edited model directory")
+    how = ke.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rho", nargs="+",
+                     help="keep-mass for every layer (0.9), or per layer glob "
+                          "('model.layers.3.*=0.6'); layers not named are left alone")
+    how.add_argument("--kl-budget", type=float,
+                     help="remove components until their predicted KL reaches this (nats)")
+    ke.add_argument("--memorized", type=Path, default=None,
+                    help="with --kl-budget: JSONL or organism dir of sequences to stop "
+                         "reciting (those the model extracts exactly are used)")
+    ke.add_argument("--prefix", type=int, default=32, help="prefix length for --memorized")
+    ke.add_argument("--suffix", type=int, default=32, help="suffix length for --memorized")
+
     demo = sub.add_parser("demo", help="run the pipeline on the embedded organism",
                           formatter_class=fmt,
                           description="Trains (or reuses) the organism, labels it and prints "
@@ -142,6 +189,95 @@ def _capture(args):
         print(f"  {site}: {store.manifest['shapes'][site]}")
 
 
+def _parse_rho(values: list[str]) -> float | dict[str, float]:
+    if len(values) == 1 and "=" not in values[0]:
+        return _float(values[0], "--rho")
+    out = {}
+    for v in values:
+        pattern, sep, number = v.rpartition("=")
+        if not sep or not pattern:
+            raise ValueError(f"--rho {v!r}: give one number, or GLOB=NUMBER per layer group")
+        out[pattern] = _float(number, "--rho")
+    return out
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a number") from None
+
+
+def _kfac(args) -> None:
+    from memlens.curvature import KFACConfig, collect_factors
+    from memlens.labels import manifest_roles, read_sequences
+    from memlens.models import load_model
+
+    handle = load_model(args.model)
+    if args.kfac_command == "collect":
+        is_organism = args.data.is_dir() or manifest_roles(args.data) is not None
+        roles = tuple(args.roles) if args.roles else (("general",) if is_organism else None)
+        seqs = read_sequences(args.data, handle.tokenizer, roles=roles)
+        cfg = KFACConfig(layers=tuple(args.layers), mode=args.mode, max_tokens=args.max_tokens,
+                         max_len=args.max_len, batch_size=args.batch_size, seed=args.seed)
+        factors = collect_factors(handle, [s.token_ids for s in seqs], cfg, out=args.out)
+        print(f"{factors.tokens} tokens, {len(factors.layers)} layers -> {args.out}")
+        return
+    _kfac_edit(handle, args)
+
+
+def _kfac_edit(handle, args) -> None:
+    from memlens.curvature import (
+        Factors,
+        apply_weights,
+        budget_weights,
+        eigenbasis,
+        kfac_weights,
+        memorization_gradient,
+    )
+    from memlens.edits import exact_extraction
+    from memlens.labels import LabelConfig, manifest_roles, read_sequences
+
+    rho = _parse_rho(args.rho) if args.rho else None
+    if rho is not None:  # fail on a bad rho before the slow steps
+        for r in rho.values() if isinstance(rho, dict) else [rho]:
+            if not 0 <= r <= 1:
+                raise ValueError(f"keep-mass rho must lie in [0, 1], got {r}")
+    if args.memorized is not None and args.kl_budget is None:
+        raise ValueError("--memorized works with --kl-budget; drop it or use --kl-budget")
+    factors = Factors.load(args.factors)
+    if factors.meta.get("model_hash") not in (None, handle.weights_hash()):
+        print("memlens: warning: the factors were collected on other weights "
+              f"({factors.meta.get('model')})", file=sys.stderr)
+    basis = eigenbasis(factors)
+    meta = {"factors": str(args.factors)}
+    if rho is not None:
+        weights = kfac_weights(handle, basis, rho)
+        meta["rho"] = rho
+    else:
+        grads = None
+        if args.memorized is not None:
+            seqs = read_sequences(args.memorized, handle.tokenizer,
+                                  roles=manifest_roles(args.memorized) and ("canary",))
+            cfg = LabelConfig(prefix=args.prefix, suffix=args.suffix)
+            recited = [s for s, hit in zip(seqs, exact_extraction(handle, seqs, cfg),
+                                           strict=True) if hit]
+            if not recited:
+                raise ValueError(f"the model recites none of the {len(seqs)} sequences in "
+                                 f"{args.memorized}; nothing to aim the edit at")
+            print(f"aiming at {len(recited)} of {len(seqs)} sequences the model recites")
+            grads = memorization_gradient(
+                handle, [s.token_ids[:args.prefix + args.suffix] for s in recited],
+                factors.layers, start=args.prefix)
+            meta["memorized"] = {"path": str(args.memorized), "n_recited": len(recited)}
+        weights = budget_weights(handle, basis, args.kl_budget, grads)
+        meta["kl_budget"] = args.kl_budget
+    edit = apply_weights(handle, weights)
+    edit.save(args.out, metadata=meta)
+    edit.restore()
+    print(f"edited {len(weights)} layers -> {args.out}")
+
+
 def print_extraction_table(summary: dict) -> None:
     exact = summary["exact_extraction_rate_by_duplication"]
     loose = summary.get("loose_extraction_rate_by_duplication", {})
@@ -181,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = train_from_config(args.config)
             print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)},
                              indent=2))
+        elif args.command == "kfac":
+            _kfac(args)
         elif args.command == "demo":
             from memlens.demo import run_demo
 
             run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed)
-    except (ModelLoadError, DataError, ValueError, FileNotFoundError) as exc:
+    except (ModelLoadError, DataError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"memlens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

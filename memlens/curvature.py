@@ -1,0 +1,561 @@
+"""K-FAC curvature of linear layers: factors, eigenbasis, and keep-mass weight edits.
+
+For a linear layer ``y = W [a; 1]`` K-FAC approximates the Fisher of ``W`` by ``G (x) A`` with
+``A = E[a a^T]`` (layer inputs) and ``G = E[g g^T]`` (loss gradients at the layer output),
+averaged over tokens. In the joint eigenbasis, component (i, j) of ``C = U_G^T W U_A`` has
+curvature ``l_i * m_j``. Memorized text loads on low-curvature components; the edit keeps
+the highest-curvature components that hold a fraction ``rho`` of the curvature mass.
+
+Example:
+    >>> factors = collect_factors(handle, [s.token_ids for s in general], KFACConfig())
+    >>> basis = eigenbasis(factors)
+    >>> with kfac_edit(handle, basis, rho=0.8):
+    ...     edit_metrics(handle, canaries, heldout)   # recites less
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from memlens.edits import WeightEdit, linear_modules, linear_weight
+from memlens.models import ModelHandle
+
+MODES = ("true", "empirical")
+_MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
+_ATTN = re.compile(r"(attn|attention)")
+
+
+@dataclass
+class KFACConfig:
+    """What to collect and how.
+
+    layers: ``"mlp"`` (every MLP projection), ``"attn"`` (attention projections), or
+        module-name globs such as ``"model.layers.3.mlp.*"``.
+    mode: ``"true"`` samples labels from the model's own softmax (the Fisher);
+        ``"empirical"`` uses the gold next tokens.
+    max_tokens: stop after this many tokens (whole batches); None reads everything.
+    """
+
+    layers: tuple[str, ...] = ("mlp",)
+    mode: str = "true"
+    max_tokens: int | None = None
+    batch_size: int = 16
+    max_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}: 'true' samples labels "
+                             "from the model (true Fisher), 'empirical' uses the gold tokens")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def find_layers(model: torch.nn.Module, layers: tuple[str, ...] | str = ("mlp",)) -> list[str]:
+    """Names of the linear layers selected by ``layers`` (see :class:`KFACConfig`)."""
+    layers = (layers,) if isinstance(layers, str) else layers
+    candidates = {n: m for n, m in linear_modules(model).items()
+                  if not n.endswith("lm_head") and "embed" not in n}
+    names = []
+    for name in candidates:
+        kind = "mlp" if _MLP.search(name) else "attn" if _ATTN.search(name) else None
+        if any(pat == kind or fnmatch(name, pat) for pat in layers):
+            names.append(name)
+    if not names:
+        example = next(iter(candidates), "model.layers.0.mlp.up_proj")
+        raise ValueError(f"no linear layer matches {list(layers)}; use 'mlp', 'attn' or a "
+                         f"module-name glob such as {example!r}")
+    return names
+
+
+@dataclass
+class Factors:
+    """K-FAC factors per layer: ``A[name]`` [in(+1), in(+1)], ``G[name]`` [out, out] (means)."""
+
+    A: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    tokens: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.A)
+
+    def save(self, path: str | Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = dict(extra or {})
+        tensors.update({f"{n}.A": a.contiguous() for n, a in self.A.items()})
+        tensors.update({f"{n}.G": g.contiguous() for n, g in self.G.items()})
+        meta = {**self.meta, "tokens": self.tokens, "layers": self.layers}
+        save_file(tensors, str(path), metadata={"memlens": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Factors:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no factor file at {path}; create one with "
+                                    "`memlens kfac collect --model DIR --data ... --out FILE`")
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("memlens", "{}"))
+        if "layers" not in meta:
+            raise ValueError(f"{path} is not a memlens factor file (no 'memlens' metadata)")
+        tensors = load_file(str(path))
+        return cls({n: tensors[f"{n}.A"] for n in meta["layers"]},
+                   {n: tensors[f"{n}.G"] for n in meta["layers"]}, meta.pop("tokens"), meta)
+
+
+def _sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    probs = logits.float().softmax(-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+
+def _objective(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, mode: str,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Summed over kept positions: next-token loss (gold or sampled labels), or the gold
+    token's log-odds ``z_y - logsumexp_{k != y} z_k`` for ``mode="margin"`` (which, unlike
+    the loss, does not vanish on text the model predicts with certainty)."""
+    logits = logits[:, :-1][keep].float()
+    gold = ids[:, 1:][keep]
+    if mode == "margin":
+        z_gold = logits.gather(-1, gold[:, None])[:, 0]
+        return (z_gold - logits.scatter(-1, gold[:, None], float("-inf")).logsumexp(-1)).sum()
+    with torch.no_grad():
+        labels = gold if mode == "empirical" else _sample_labels(logits, generator)
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+@contextmanager
+def _grad_enabled(model: torch.nn.Module) -> Iterator[None]:
+    """Gradients on, every parameter tracked, training mode off; all undone afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mode: str,
+               batch_size: int = 16, start: int = 1, generator: torch.Generator | None = None,
+               first_batch: int = 0, progress: bool = False, desc: str = "K-FAC"
+               ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """Per batch, each layer's fp32 input rows ``[n, in(+1)]`` and output-gradient rows
+    ``[n, out]`` at the positions that predict a next token at index >= ``start``.
+
+    Layers fed the same input (gate and up projections) get the same input-row tensor.
+    Only activation gradients are computed, never parameter gradients.
+    """
+    modules = linear_modules(handle.model)
+    state: dict = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            a = args[0]
+            key = (a.data_ptr(), module.bias is not None)
+            if key not in state["inputs"]:
+                rows = a.detach().reshape(-1, a.shape[-1])[state["keep"]].float()
+                if module.bias is not None:
+                    rows = torch.cat([rows, rows.new_ones(len(rows), 1)], dim=1)
+                state["inputs"][key] = rows
+            state["rows"][name] = state["inputs"][key]
+            state["outputs"].append((name, output))
+        return fn
+
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
+    batches = list(range(0, len(seqs), batch_size))
+    try:
+        with _grad_enabled(handle.model):
+            for b in tqdm(range(first_batch, len(batches)), disable=not progress, desc=desc,
+                          unit="batch", initial=first_batch, total=len(batches)):
+                i = batches[b]
+                ids, mask = handle.pad(seqs[i:i + batch_size], side="right")
+                keep = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
+                keep[:, :max(start - 1, 0)] = False
+                state.update(keep=torch.cat([keep, torch.zeros_like(keep[:, :1])], 1).reshape(-1),
+                             inputs={}, rows={}, outputs=[])
+                logits = handle.model(input_ids=ids, attention_mask=mask).logits
+                objective = _objective(logits, ids, keep, mode, generator)
+                grads = torch.autograd.grad(objective, [o for _, o in state["outputs"]])
+                yield b, {name: (state["rows"][name],
+                                 g.reshape(-1, g.shape[-1])[state["keep"]].float())
+                          for (name, _), g in zip(state["outputs"], grads, strict=True)}
+                state.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        state.clear()
+
+
+def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
+                    cfg: KFACConfig | None = None, out: str | Path | None = None,
+                    progress: bool = True, checkpoint_every: int = 50) -> Factors:
+    """Accumulate K-FAC factors over a token stream (fp32 sums, divided by the token count).
+
+    Positions whose next token is padding or absent are dropped, as in the published code.
+    With ``out``, the result is saved there and a partial sum is checkpointed every
+    ``checkpoint_every`` batches to ``OUT.partial``; an interrupted run resumes from it.
+    """
+    cfg = cfg or KFACConfig()
+    names = find_layers(handle.model, cfg.layers)
+    modules = linear_modules(handle.model)
+    dev = handle.device
+    dims = {n: linear_weight(modules[n]).shape for n in names}
+    A = {n: torch.zeros(d[1], d[1], device=dev) for n, d in dims.items()}
+    G = {n: torch.zeros(d[0], d[0], device=dev) for n, d in dims.items()}
+    seqs = [list(s[:cfg.max_len]) for s in token_ids if len(s[:cfg.max_len]) >= 2]
+    if not seqs:
+        raise ValueError("collect_factors needs sequences of at least two tokens")
+    meta = {"model": handle.name, "model_hash": handle.weights_hash(), "config": asdict(cfg),
+            "n_sequences": len(seqs)}
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+    first, tokens = 0, 0
+    partial = Path(f"{out}.partial") if out is not None else None
+    if partial is not None and partial.is_file():
+        saved = Factors.load(partial)
+        if {k: saved.meta.get(k) for k in ("model_hash", "config")} == \
+                {k: meta[k] for k in ("model_hash", "config")}:
+            A = {n: saved.A[n].to(dev) for n in names}
+            G = {n: saved.G[n].to(dev) for n in names}
+            first, tokens = saved.meta["next_batch"], saved.tokens
+            generator.set_state(load_file(str(partial))["rng_state"])
+    t0 = time.perf_counter()
+    rows = layer_rows(handle, seqs, names, cfg.mode, cfg.batch_size, generator=generator,
+                      first_batch=first, progress=progress, desc="K-FAC factors")
+    for b, batch in rows:
+        outer: dict[int, torch.Tensor] = {}
+        for name, (a, g) in batch.items():
+            if id(a) not in outer:  # shared input: one product for gate and up
+                outer[id(a)] = a.T @ a
+            A[name] += outer[id(a)]
+            G[name] += g.T @ g
+        tokens += len(g)
+        if partial is not None and (b + 1) % checkpoint_every == 0:
+            Factors(A, G, tokens, {**meta, "next_batch": b + 1}).save(
+                partial, extra={"rng_state": generator.get_state()})
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            rows.close()
+            break
+    if tokens == 0:
+        raise ValueError("no token had a next token to predict; check the sequences")
+    meta["seconds"] = round(time.perf_counter() - t0, 2)
+    factors = Factors({n: a / tokens for n, a in A.items()},
+                      {n: g / tokens for n, g in G.items()}, tokens, meta)
+    if out is not None:
+        factors.save(out)
+        partial.unlink(missing_ok=True)
+    return factors
+
+
+def memorization_gradient(handle: ModelHandle, seqs: list[list[int]], layers: list[str],
+                          start: int = 32, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Gradient of the summed gold-token log-odds over predictions of tokens at index >=
+    ``start`` (the suffix of memorized sequences), per layer as [out, in(+1)]: which weights
+    hold up the recitation."""
+    modules = linear_modules(handle.model)
+    params = [(n, p) for n in layers for p in (modules[n].weight, modules[n].bias)
+              if p is not None]
+    sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
+    with _grad_enabled(handle.model):
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = handle.pad(seqs[i:i + batch_size], side="right")
+            keep = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
+            keep[:, :max(start - 1, 0)] = False
+            logits = handle.model(input_ids=ids, attention_mask=mask).logits
+            objective = _objective(logits, ids, keep, "margin", None)
+            for total, g in zip(sums, torch.autograd.grad(objective, [p for _, p in params]),
+                                strict=True):
+                total += g.float()
+    grads = {id(p): g for (_, p), g in zip(params, sums, strict=True)}
+    return {n: linear_weight(modules[n], grads) for n in layers}
+
+
+@dataclass
+class LayerBasis:
+    """Eigenbasis of one layer's factors: ``G = U_G diag(eig_G) U_G^T`` and
+    ``A = U_A diag(eig_A) U_A^T``, eigenvalues in descending order (clamped at 0)."""
+
+    eig_G: torch.Tensor
+    U_G: torch.Tensor
+    eig_A: torch.Tensor
+    U_A: torch.Tensor
+
+    def project(self, W: torch.Tensor) -> torch.Tensor:
+        """``C = U_G^T W U_A``: the weight in component coordinates [out, in]."""
+        return self.U_G.T @ W @ self.U_A
+
+    def unproject(self, C: torch.Tensor) -> torch.Tensor:
+        return self.U_G @ C @ self.U_A.T
+
+    @property
+    def curvature(self) -> torch.Tensor:
+        """``eig_G[i] * eig_A[j]`` for every component, [out, in]."""
+        return self.eig_G[:, None] * self.eig_A[None, :]
+
+    def keep_mask(self, rho: float) -> torch.Tensor:
+        """Boolean [out, in]: the highest-curvature components holding ``rho`` of the mass.
+
+        ``rho = 1`` keeps every component, those of zero curvature included (no edit).
+        """
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"keep-mass rho must lie in [0, 1], got {rho}")
+        if rho == 1.0:
+            return torch.ones_like(self.curvature, dtype=torch.bool)
+        flat = self.curvature.flatten()
+        order = flat.argsort(descending=True)
+        cum = flat[order].cumsum(0)
+        n_keep = int(torch.searchsorted(cum, rho * cum[-1]).item()) + 1 if rho > 0 else 0
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[order[:min(n_keep, len(flat))]] = True
+        return mask.view_as(self.curvature)
+
+    def mass_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fraction of components kept, fraction of curvature mass kept), highest first."""
+        flat = self.curvature.flatten().sort(descending=True).values
+        cum = flat.cumsum(0) / flat.sum().clamp_min(1e-30)
+        frac = torch.arange(1, len(flat) + 1, dtype=cum.dtype) / len(flat)
+        return frac, cum
+
+
+def _eig_desc(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh(M.double().cpu())
+    return vals.flip(0).clamp_min(0).float(), vecs.flip(1).float()
+
+
+def eigenbasis(factors: Factors, layers: list[str] | None = None) -> dict[str, LayerBasis]:
+    """Eigendecompose each layer's factors (in float64, on CPU)."""
+    out = {}
+    for name in layers or factors.layers:
+        if name not in factors.A:
+            raise KeyError(f"no factors for layer {name!r}; the file has {factors.layers}")
+        out[name] = LayerBasis(*_eig_desc(factors.G[name]), *_eig_desc(factors.A[name]))
+    return out
+
+
+def _rho_for(rho: float | dict[str, float], name: str) -> float | None:
+    if isinstance(rho, dict):
+        return next((v for pat, v in rho.items() if pat == name or fnmatch(name, pat)), None)
+    return rho
+
+
+def kfac_weights(handle: ModelHandle, basis: dict[str, LayerBasis],
+                 rho: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """Edited [out, in(+1)] weights: keep-mass ``rho`` (one value, or per layer name/glob)."""
+    modules = linear_modules(handle.model)
+    out = {}
+    for name, b in basis.items():
+        r = _rho_for(rho, name)
+        if r is None:
+            continue
+        W = linear_weight(modules[name]).cpu()
+        out[name] = b.unproject(b.project(W) * b.keep_mask(r))
+    if not out:
+        raise ValueError(f"rho {rho!r} selects none of the layers {list(basis)}")
+    return out
+
+
+def apply_weights(handle: ModelHandle, weights: dict[str, torch.Tensor],
+                  edit: WeightEdit | None = None) -> WeightEdit:
+    """Set linear layers from [out, in(+1)] matrices; returns the (reversible) edit."""
+    edit = edit or WeightEdit(handle)
+    for name, W in weights.items():
+        edit.set_linear(name, W.to(handle.device))
+    return edit
+
+
+def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget: float,
+                   memorized_grad: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Remove components across all layers until their predicted KL on clean text reaches
+    ``kl_budget`` (nats per token).
+
+    Zeroing component (i, j) costs about ``0.5 * eig_G[i] * eig_A[j] * C_ij**2`` (the K-FAC
+    quadratic model of the KL to the unedited model). Without ``memorized_grad`` the cheapest
+    components go first. With it (from :func:`memorization_gradient`), only components that
+    hold up recitation (``C_ij * D_ij > 0``, D the gradient in the basis) are removed, in order
+    of recitation log-odds per unit of cost, so layers and projections are chosen by the data.
+    """
+    if kl_budget < 0:
+        raise ValueError(f"kl_budget is a KL in nats per token and must be >= 0, got {kl_budget}")
+    modules = linear_modules(handle.model)
+    coords, costs, ranks = {}, [], []
+    for name, b in basis.items():
+        C = b.project(linear_weight(modules[name]).cpu())
+        cost = 0.5 * b.curvature * C ** 2
+        coords[name] = C
+        costs.append(cost.flatten())
+        if memorized_grad is not None:
+            if name not in memorized_grad:
+                raise KeyError(f"memorized_grad has no layer {name!r}; compute it for the "
+                               "same layers as the factors")
+            support = C * b.project(memorized_grad[name].cpu())
+            ranks.append(torch.where(support > 0, -support / cost.clamp_min(1e-30),
+                                     torch.inf).flatten())
+        else:
+            ranks.append(cost.flatten())
+    cost, rank = torch.cat(costs), torch.cat(ranks)
+    order = rank.argsort()
+    order = order[rank[order].isfinite()]
+    n_remove = int(torch.searchsorted(cost[order].cumsum(0), kl_budget))
+    keep = torch.ones_like(cost, dtype=torch.bool)
+    keep[order[:n_remove]] = False
+    out, offset = {}, 0
+    for name, C in coords.items():
+        out[name] = basis[name].unproject(C * keep[offset:offset + C.numel()].view_as(C))
+        offset += C.numel()
+    return out
+
+
+@contextmanager
+def kfac_edit(handle: ModelHandle, basis: dict[str, LayerBasis], rho=None,
+              kl_budget: float | None = None,
+              memorized_grad: dict[str, torch.Tensor] | None = None) -> Iterator[WeightEdit]:
+    """Apply an edit inside a ``with`` block; the original weights come back after.
+
+    Give ``rho`` for the published keep-mass edit (a float, or per layer name/glob), or
+    ``kl_budget`` (and optionally ``memorized_grad``) for :func:`budget_weights`.
+    """
+    if (rho is None) == (kl_budget is None):
+        raise ValueError("give exactly one of rho (keep-mass edit) or kl_budget")
+    weights = (kfac_weights(handle, basis, rho) if rho is not None
+               else budget_weights(handle, basis, kl_budget, memorized_grad))
+    with apply_weights(handle, weights) as edit:
+        yield edit
+
+
+def svd_weights(handle: ModelHandle, layers: list[str], rho: float) -> dict[str, torch.Tensor]:
+    """Baseline: keep the largest singular components of W holding ``rho`` of sum(sigma^2)."""
+    modules = linear_modules(handle.model)
+    out = {}
+    for name in layers:
+        W = linear_weight(modules[name]).cpu().double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        cum = (S ** 2).cumsum(0)
+        k = len(S) if rho >= 1 else int(torch.searchsorted(cum, rho * cum[-1]).item()) + 1
+        out[name] = ((U[:, :k] * S[:k]) @ Vh[:k]).float()
+    return out
+
+
+def component_loading(handle: ModelHandle, basis: dict[str, LayerBasis],
+                      seqs: list[list[int]], start: int = 1, n_bins: int = 10,
+                      batch_size: int = 16) -> pd.DataFrame:
+    """How tokens load on components, binned by curvature rank (bin 0 = highest curvature).
+
+    Per token, the gradient of the gold token's log-odds at the layer output and the layer
+    input are projected on the eigenbases; the token's loading on component (i, j) is
+    ``(U_G^T g)_i^2 (U_A^T a)_j^2``, normalized to sum 1 per token. Returns one row per
+    (layer, bin) with the mean loading; compare memorized with clean text.
+    """
+    sums = {n: 0 for n in basis}
+    n_tokens = 0
+    for _, batch in layer_rows(handle, seqs, list(basis), "margin", batch_size, start=start):
+        for name, (a, g) in batch.items():
+            pa = (a @ basis[name].U_A) ** 2
+            pg = (g @ basis[name].U_G) ** 2
+            pa = pa / pa.sum(1, keepdim=True).clamp_min(1e-30)
+            pg = pg / pg.sum(1, keepdim=True).clamp_min(1e-30)
+            sums[name] = sums[name] + pg.T @ pa
+        n_tokens += len(a)
+    if n_tokens == 0:
+        raise ValueError(f"no token at position >= {start} in {len(seqs)} sequences")
+    rows = []
+    for name, b in basis.items():
+        order = b.curvature.flatten().argsort(descending=True)
+        loading = (sums[name].flatten() / n_tokens)[order]
+        for i, chunk in enumerate(loading.tensor_split(n_bins)):
+            rows.append(dict(layer=name, bin=i, loading=float(chunk.sum())))
+    return pd.DataFrame(rows)
+
+
+def spectrum_figure(basis: dict[str, LayerBasis]) -> go.Figure:
+    """Eigenvalues of A and G per layer (log scale), highest first."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("A = E[a a^T] (inputs)",
+                                                        "G = E[g g^T] (output gradients)"))
+    for k, (name, b) in enumerate(basis.items()):
+        color = _color(k)
+        for col, vals in ((1, b.eig_A), (2, b.eig_G)):
+            fig.add_scatter(x=list(range(1, len(vals) + 1)), y=vals.clamp_min(1e-12).tolist(),
+                            name=name, legendgroup=name, showlegend=col == 1, mode="lines",
+                            line_color=color, row=1, col=col)
+    fig.update_yaxes(type="log", title_text="eigenvalue")
+    fig.update_xaxes(type="log", title_text="rank")
+    fig.update_layout(title="K-FAC factor spectra", height=420)
+    return fig
+
+
+def mass_curve_figure(basis: dict[str, LayerBasis], n_points: int = 400) -> go.Figure:
+    """Cumulative curvature mass against the fraction of components kept, highest first."""
+    fig = go.Figure()
+    for k, (name, b) in enumerate(basis.items()):
+        frac, cum = b.mass_curve()
+        idx = torch.unique(torch.logspace(0, torch.log10(torch.tensor(float(len(frac)))).item(),
+                                          n_points).long().clamp(1, len(frac)) - 1)
+        fig.add_scatter(x=frac[idx].tolist(), y=cum[idx].tolist(), name=name, mode="lines",
+                        line_color=_color(k))
+    fig.update_layout(title="Curvature mass kept vs components kept",
+                      xaxis=dict(title="fraction of components (highest curvature first)",
+                                 type="log"),
+                      yaxis=dict(title="fraction of curvature mass", range=[0, 1.02]))
+    return fig
+
+
+def loading_figure(loadings: dict[str, pd.DataFrame]) -> go.Figure:
+    """Mean loading per curvature bin for groups of tokens, e.g. memorized vs clean."""
+    fig = go.Figure()
+    for k, (group, df) in enumerate(loadings.items()):
+        mean = df.groupby("bin")["loading"].mean()
+        fig.add_bar(x=[int(b) for b in mean.index], y=mean.tolist(), name=group,
+                    marker_color=_color(k))
+    fig.update_layout(title="Where tokens load: components binned by curvature",
+                      xaxis=dict(title="curvature bin (0 = highest curvature)", dtick=1),
+                      yaxis_title="mean loading (averaged over layers)", barmode="group")
+    return fig
+
+
+def pareto_figure(points: pd.DataFrame, x: str = "perplexity",
+                  y: str = "exact_100", baseline_x: float | None = None) -> go.Figure:
+    """Extraction against perplexity, one line per method (``points`` has a 'method' column)."""
+    fig = go.Figure()
+    for k, (method, df) in enumerate(points.groupby("method", sort=False)):
+        df = df.sort_values(x)
+        fig.add_scatter(x=df[x], y=df[y], name=str(method), mode="lines+markers",
+                        line_color=_color(k),
+                        text=[f"{p}" for p in df.get("param", [""] * len(df))],
+                        hovertemplate="%{text}<br>perplexity %{x:.3f}<br>extraction %{y:.3f}")
+    if baseline_x is not None:
+        fig.add_vline(x=baseline_x, line_dash="dot", annotation_text="unedited")
+        fig.add_vline(x=baseline_x * 1.1, line_dash="dash", annotation_text="+10%")
+    fig.update_layout(title="Memorization removal: extraction vs clean perplexity",
+                      xaxis_title="perplexity on held-out clean text",
+                      yaxis=dict(title="exact extraction rate", range=[-0.02, 1.02]))
+    return fig
+
+
+def _color(k: int) -> str:
+    from plotly.colors import qualitative
+
+    return qualitative.Plotly[k % len(qualitative.Plotly)]
