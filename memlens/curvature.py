@@ -123,9 +123,13 @@ class Factors:
                    {n: tensors[f"{n}.G"] for n in meta["layers"]}, meta.pop("tokens"), meta)
 
 
-def _sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    probs = logits.float().softmax(-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+def _sample_labels(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One label per row from softmax(logits), by inverse CDF (one uniform draw per row;
+    ``torch.multinomial`` draws one exponential per vocabulary entry and is far slower)."""
+    cdf = logits.detach().float().softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device)
+    u = u * cdf[..., -1:]
+    return torch.searchsorted(cdf, u)[..., 0].clamp_max(cdf.shape[-1] - 1)
 
 
 def _objective(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, mode: str,
@@ -133,14 +137,16 @@ def _objective(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, mode
     """Summed over kept positions: next-token loss (gold or sampled labels), or the gold
     token's log-odds ``z_y - logsumexp_{k != y} z_k`` for ``mode="margin"`` (which, unlike
     the loss, does not vanish on text the model predicts with certainty)."""
-    logits = logits[:, :-1][keep].float()
-    gold = ids[:, 1:][keep]
+    logits = logits[:, :-1]
+    gold = ids[:, 1:]
     if mode == "margin":
+        logits, gold = logits[keep].float(), gold[keep]
         z_gold = logits.gather(-1, gold[:, None])[:, 0]
         return (z_gold - logits.scatter(-1, gold[:, None], float("-inf")).logsumexp(-1)).sum()
-    with torch.no_grad():
-        labels = gold if mode == "empirical" else _sample_labels(logits, generator)
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    labels = gold if mode == "empirical" else _sample_labels(logits, generator)
+    labels = labels.masked_fill(~keep, -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels.reshape(-1), reduction="sum")
 
 
 @contextmanager
@@ -252,7 +258,7 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
             if id(a) not in outer:  # shared input: one product for gate and up
                 outer[id(a)] = a.T @ a
             A[name] += outer[id(a)]
-            G[name] += g.T @ g
+            G[name].addmm_(g.T, g)
         tokens += len(g)
         if partial is not None and (b + 1) % checkpoint_every == 0:
             Factors(A, G, tokens, {**meta, "next_batch": b + 1}).save(

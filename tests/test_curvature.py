@@ -89,6 +89,14 @@ def test_factors_equal_an_explicit_per_token_computation(arch, mode, random_mode
         assert all(factors.A[n][-1, -1] == 1 for n in names)
 
 
+def test_sampled_labels_follow_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).log_softmax(-1).expand(40_000, 4)
+    labels = _sample_labels(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(labels, minlength=4) / len(labels)
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.01)
+    assert freq[3] == 0
+
+
 def test_factors_round_trip_and_resume_after_interrupt(random_models, tmp_path):
     handle = load_model(random_models["gpt2"])
     seqs = SEQS * 4
