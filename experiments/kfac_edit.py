@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from memlens.curvature import (
     spectrum_figure,
     svd_weights,
 )
-from memlens.edits import edit_metrics, exact_extraction
+from memlens.edits import edit_metrics, exact_extraction, mlp_output_layers
 from memlens.labels import LabelConfig
 
 RHOS = [0.98, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8, 0.7]
@@ -71,11 +72,9 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path) -> dict:
     factors = collect_factors(handle, general, KFACConfig(max_tokens=tokens), progress=False)
     basis = eigenbasis(factors)
     layers = factors.layers
-    d_model = handle.config.hidden_size
-    outputs = [n for n in layers if basis[n].U_G.shape[0] == d_model]
-    blocks = sorted({int(n.split("layers.")[-1].split(".")[0]) if "layers." in n
-                     else int(n.split(".h.")[-1].split(".")[0]) for n in layers})
-    last_two = [n for n in layers if any(f".{b}." in n for b in blocks[-2:])]
+    outputs = mlp_output_layers(handle.model)
+    last_two = [n for n in layers
+                if int(re.search(r"\.(\d+)\.", n).group(1)) >= handle.n_layers - 2]
     recited = [s for s, hit in zip(aim_half, exact_extraction(handle, aim_half, cfg),
                                    strict=True) if hit]
     grads = memorization_gradient(handle, [s.token_ids[:cfg.prefix + cfg.suffix]

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,12 +30,10 @@ from plotly.subplots import make_subplots
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from memlens.edits import WeightEdit, linear_modules, linear_weight
+from memlens.edits import WeightEdit, find_layers, linear_modules, linear_weight
 from memlens.models import ModelHandle
 
 MODES = ("true", "empirical")
-_MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
-_ATTN = re.compile(r"(attn|attention)")
 
 
 @dataclass
@@ -64,23 +61,6 @@ class KFACConfig:
                              "from the model (true Fisher), 'empirical' uses the gold tokens")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-
-def find_layers(model: torch.nn.Module, layers: tuple[str, ...] | str = ("mlp",)) -> list[str]:
-    """Names of the linear layers selected by ``layers`` (see :class:`KFACConfig`)."""
-    layers = (layers,) if isinstance(layers, str) else layers
-    candidates = {n: m for n, m in linear_modules(model).items()
-                  if not n.endswith("lm_head") and "embed" not in n}
-    names = []
-    for name in candidates:
-        kind = "mlp" if _MLP.search(name) else "attn" if _ATTN.search(name) else None
-        if any(pat == kind or fnmatch(name, pat) for pat in layers):
-            names.append(name)
-    if not names:
-        example = next(iter(candidates), "model.layers.0.mlp.up_proj")
-        raise ValueError(f"no linear layer matches {list(layers)}; use 'mlp', 'attn' or a "
-                         f"module-name glob such as {example!r}")
-    return names
 
 
 @dataclass

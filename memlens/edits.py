@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -23,10 +25,39 @@ from transformers.pytorch_utils import Conv1D
 from memlens.labels import LabelConfig, Sequence, greedy_suffixes
 from memlens.models import ModelHandle
 
+_MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
+_ATTN = re.compile(r"(attn|attention)")
+
 
 def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every ``nn.Linear`` and HF ``Conv1D`` (GPT-2) in the model, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
+def find_layers(model: torch.nn.Module, layers: tuple[str, ...] | str = ("mlp",)) -> list[str]:
+    """Names of linear layers in the blocks: ``"mlp"`` (every MLP projection), ``"attn"``
+    (attention projections) or module-name globs such as ``"model.layers.3.mlp.*"``."""
+    layers = (layers,) if isinstance(layers, str) else layers
+    candidates = {n: m for n, m in linear_modules(model).items()
+                  if not n.endswith("lm_head") and "embed" not in n}
+    names = []
+    for name in candidates:
+        kind = "mlp" if _MLP.search(name) else "attn" if _ATTN.search(name) else None
+        if any(pat == kind or fnmatch(name, pat) for pat in layers):
+            names.append(name)
+    if not names:
+        example = next(iter(candidates), "model.layers.0.mlp.up_proj")
+        raise ValueError(f"no linear layer matches {list(layers)}; use 'mlp', 'attn' or a "
+                         f"module-name glob such as {example!r}")
+    return names
+
+
+def mlp_output_layers(model: torch.nn.Module) -> list[str]:
+    """Per block, the MLP projection back to the residual stream (down_proj, c_proj, fc2...):
+    its input holds the MLP neurons."""
+    d_model = model.config.hidden_size
+    return [n for n in find_layers(model, "mlp")
+            if linear_weight(linear_modules(model)[n]).shape[0] == d_model]
 
 
 def linear_weight(module: torch.nn.Module, values: dict[int, torch.Tensor] | None = None
