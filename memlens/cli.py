@@ -18,6 +18,10 @@ EXAMPLES = {
                     "--out kfac/tiny.safetensors",
     "kfac edit": "memlens kfac edit --model organisms/tiny --factors kfac/tiny.safetensors "
                  "--rho 0.9 --out organisms/tiny-edited",
+    "localize": "memlens localize --model organisms/tiny --data organisms/tiny "
+                "--method zero_out --budget 0.01 --out neurons.csv",
+    "steer": "memlens steer --model organisms/tiny --probe probes/blocks.1.hook_resid_post "
+             "--alpha 2 --dynamic --prompts prompts.txt",
     "demo": "memlens demo --out memlens-demo",
 }
 
@@ -142,6 +146,41 @@ def _parser() -> argparse.ArgumentParser:
                          "reciting (those the model extracts exactly are used)")
     ke.add_argument("--prefix", type=int, default=32, help="prefix length for --memorized")
     ke.add_argument("--suffix", type=int, default=32, help="suffix length for --memorized")
+
+    loc = sub.add_parser(
+        "localize", help="rank MLP neurons by responsibility for memorized sequences",
+        formatter_class=fmt,
+        description="Scores every MLP neuron for the target sequences and writes the top "
+                    "budget fraction of each layer as a ranked table (CSV or parquet).",
+        epilog=f"example:\n  {EXAMPLES['localize']}")
+    loc.add_argument("--model", required=True, help="model directory (or hub name)")
+    loc.add_argument("--data", required=True, type=Path,
+                     help="JSONL of target sequences, or an organism dir (its recited canaries)")
+    loc.add_argument("--clean", type=Path, default=None,
+                     help="JSONL of clean sequences (default for an organism: non-members)")
+    loc.add_argument("--method", default="hard_concrete",
+                     help="activations, zero_out, integrated_gradients, slimming, hard_concrete")
+    loc.add_argument("--budget", type=float, default=0.01, help="fraction of neurons per layer")
+    loc.add_argument("--start", type=int, default=32,
+                     help="score target tokens from this index (the suffix)")
+    loc.add_argument("--out", required=True, type=Path, help=".csv or .parquet")
+
+    st = sub.add_parser(
+        "steer", help="generate with and without steering away from memorization",
+        formatter_class=fmt,
+        description="Subtracts alpha x the probe's direction (scaled to one spread of the "
+                    "states it was trained on) at the probe's site; --dynamic scales it per "
+                    "token by the probe's memorization probability.",
+        epilog=f"example:\n  {EXAMPLES['steer']}")
+    st.add_argument("--model", required=True, help="model directory (or hub name)")
+    st.add_argument("--probe", required=True, type=Path, help="a probe directory")
+    st.add_argument("--alpha", required=True, type=float, help="steering strength")
+    st.add_argument("--dynamic", action="store_true", help="gate per token by the probe")
+    prompts = st.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.add_argument("--out", type=Path, default=None, help="write a .csv or .jsonl instead")
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded organism",
                           formatter_class=fmt,
@@ -278,6 +317,74 @@ def _kfac_edit(handle, args) -> None:
     print(f"edited {len(weights)} layers -> {args.out}")
 
 
+def _write_table(df, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    elif out.suffix == ".jsonl":
+        df.to_json(out, orient="records", lines=True)
+    elif out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    else:
+        raise ValueError(f"--out {out}: use a .csv, .parquet or .jsonl file name")
+
+
+def _localize(args) -> None:
+    from memlens.edits import exact_extraction
+    from memlens.labels import LabelConfig, manifest_roles, read_sequences
+    from memlens.localize import LocalizeConfig, localize, top_neurons
+    from memlens.models import load_model
+
+    cfg = LocalizeConfig(method=args.method, start=args.start)
+    if args.out.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"--out {args.out}: use a .csv or .parquet file name")
+    handle = load_model(args.model)
+    organism = manifest_roles(args.data) is not None
+    seqs = read_sequences(args.data, handle.tokenizer, roles=("canary",) if organism else None)
+    if organism:
+        hits = exact_extraction(handle, seqs, LabelConfig(prefix=args.start))
+        seqs = [s for s, hit in zip(seqs, hits, strict=True) if hit]
+        print(f"targets: the {len(seqs)} canaries the model recites")
+    clean_path = args.clean or (args.data if organism else None)
+    clean = None
+    if clean_path is not None:
+        clean = [s.token_ids for s in read_sequences(
+            clean_path, handle.tokenizer, roles=("nonmember",) if clean_path == args.data
+            else None)]
+    scores = localize(handle, [s.token_ids for s in seqs], clean, cfg)
+    table = top_neurons(handle, scores, args.budget)
+    _write_table(table, args.out)
+    print(table.head(10).to_string(index=False))
+    print(f"{len(table)} neurons -> {args.out}")
+
+
+def _steer(args) -> None:
+    from memlens.models import load_model
+    from memlens.probes import Probe
+    from memlens.steering import generate_side_by_side, probe_vector, steer
+
+    probe = Probe.load(args.probe)
+    if len(probe.sites) != 1:
+        raise ValueError(f"probe {probe.name!r} reads several sites; steer with a "
+                         "single-site probe")
+    prompts = [args.prompt] if args.prompt else [
+        line for line in args.prompts.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompt (one per line)")
+    handle = load_model(args.model)
+    site, vector = probe.sites[0], probe_vector(probe)
+    table = generate_side_by_side(
+        handle, prompts,
+        lambda: steer(handle, site, vector, args.alpha, probe if args.dynamic else None),
+        args.max_new_tokens)
+    if args.out:
+        _write_table(table, args.out)
+        print(f"{len(table)} prompts -> {args.out}")
+        return
+    for row in table.itertuples():
+        print(f"prompt:  {row.prompt}\nplain:   {row.plain}\nsteered: {row.steered}\n")
+
+
 def print_extraction_table(summary: dict) -> None:
     exact = summary["exact_extraction_rate_by_duplication"]
     loose = summary.get("loose_extraction_rate_by_duplication", {})
@@ -319,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
                              indent=2))
         elif args.command == "kfac":
             _kfac(args)
+        elif args.command == "localize":
+            _localize(args)
+        elif args.command == "steer":
+            _steer(args)
         elif args.command == "demo":
             from memlens.demo import run_demo
 

@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 import torch
 
@@ -148,3 +149,18 @@ def test_localization_recovers_injected_neurons(tiny):
         top_neurons(handle, scores, 0.0)
     with pytest.raises(ValueError, match="not one of"):
         LocalizeConfig(method="gradients")
+
+
+def test_localize_command_writes_a_ranked_table(tiny_organism, tmp_path, capsys):
+    from memlens.cli import main
+
+    out = tmp_path / "neurons.csv"
+    assert main(["localize", "--model", str(tiny_organism), "--data", str(tiny_organism),
+                 "--method", "activations", "--budget", "0.01", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 6 and list(table["rank"]) == list(range(1, 7))
+    assert (table["score"].diff().dropna() <= 0).all()
+    assert "canaries the model recites" in capsys.readouterr().out
+    assert main(["localize", "--model", str(tiny_organism), "--data", str(tiny_organism),
+                 "--out", str(tmp_path / "neurons.txt")]) == 2
+    assert "use a .csv or .parquet" in capsys.readouterr().err

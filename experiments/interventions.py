@@ -1,0 +1,235 @@
+"""Localization on injected ground truth, BalancedSubnet removal, and steering, on the organism.
+
+    python experiments/interventions.py [--preset small] [--parts inject subnet steer]
+
+- inject: fresh records are taught to the model through the output rows of a random
+  0.1% / 1% of MLP neurons per layer (one record per run); every localization method is scored
+  by the recall of those neurons at the same budget; the neurons found are then ablated to
+  measure collateral damage on the canaries and on clean perplexity.
+- subnet: BalancedSubnet at several drop ratios, aimed with the recited canaries of the even
+  half, scored on the odd half.
+- steer: static and per-token (probe-gated) steering at several sites and strengths, against
+  the baseline gate (a sigmoid of the projection on the mean-difference direction). Probes
+  and directions come from the even half of the canaries and non-members; scores from the
+  odd half.
+
+Writes experiments/results/interventions.json with `recall_by_method` (at 0.1%),
+`balanced_subnet` and `steering` (each `before` / `after` with
+`exact_extraction_rate_by_duplication` and `perplexity`) and every point measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from memlens import load_model, organism_path, read_sequences
+from memlens.corpus import CorpusConfig, build_corpus
+from memlens.edits import edit_metrics, exact_extraction
+from memlens.interventions import add_vector
+from memlens.labels import LabelConfig, Sequence, label
+from memlens.localize import (
+    METHODS,
+    LocalizeConfig,
+    ablate_neurons,
+    inject,
+    localize,
+    recall,
+    top_neurons,
+)
+from memlens.steering import memorization_states, probe_vector, steer
+from memlens.subnet import SubnetConfig, balanced_subnet
+
+
+def _goal_row(points: pd.DataFrame, base_ppl: float, max_rise: float) -> pd.Series:
+    """Least 100x extraction within the perplexity allowance, then the lowest perplexity."""
+    ok = points[points.perplexity <= (1 + max_rise) * base_ppl]
+    return (ok if len(ok) else points).sort_values(["exact_100", "perplexity"]).iloc[0]
+
+
+def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, cfg):
+    records = build_corpus(CorpusConfig(n_general=0, canaries_per_count=1,
+                                        n_nonmembers=n_records, seed=777)).by_role("nonmember")
+    targets = [handle.tokenizer(r.text)["input_ids"][:64] for r in records[:n_records]]
+    rows, damage = [], []
+    for budget in (0.001, 0.01):
+        for j, target in enumerate(targets):
+            edit, truth = inject(handle, [target], budget, steps=600, lr=0.03, seed=j,
+                                 clean=general[:64])
+            seq = Sequence(id=f"injected-{j}", token_ids=target, text="", duplication=1,
+                           spans=[], offsets=[])
+            learned = exact_extraction(handle, [seq], cfg)[0]
+            injected_metrics = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
+            for method in METHODS:
+                t0 = time.perf_counter()
+                scores = localize(handle, [target], general[:64], LocalizeConfig(method=method))
+                found = top_neurons(handle, scores, budget)
+                rec = recall(found, truth)
+                with ablate_neurons(handle, found):
+                    after = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
+                    target_after = exact_extraction(handle, [seq], cfg)[0]
+                rows.append(dict(budget=budget, record=j, method=method, recall=rec,
+                                 n_injected=len(truth), injected_exact=learned,
+                                 target_exact_after_ablation=target_after,
+                                 seconds=round(time.perf_counter() - t0, 1)))
+                damage.append(dict(budget=budget, record=j, method=method,
+                                   perplexity_injected=injected_metrics["perplexity"],
+                                   perplexity_ablated=after["perplexity"],
+                                   exact_100_injected=injected_metrics[
+                                       "exact_extraction_rate_by_duplication"]["100"],
+                                   exact_100_ablated=after[
+                                       "exact_extraction_rate_by_duplication"]["100"]))
+                print(f"  inject {budget:.3f} #{j} {method:22} recall {rec:.2f}  "
+                      f"ppl {after['perplexity']:.3f}", flush=True)
+            edit.restore()
+    df, dmg = pd.DataFrame(rows), pd.DataFrame(damage)
+    by = df.groupby(["budget", "method"])["recall"].mean()
+    return {
+        "recall_by_method": {m: float(by[(0.001, m)]) for m in METHODS},
+        "recall_by_method_1pct": {m: float(by[(0.01, m)]) for m in METHODS},
+        "injection_success_rate": df.groupby("budget")["injected_exact"].mean()
+        .rename(str).to_dict(),
+        "collateral": dmg.groupby(["budget", "method"]).mean(numeric_only=True)
+        .drop(columns="record").reset_index().to_dict("records"),
+        "runs": df.to_dict("records"),
+    }
+
+
+def run_subnet(handle, aim, eval_canaries, general, heldout, cfg, before):
+    recited = [s.token_ids[:cfg.prefix + cfg.suffix] for s, hit in
+               zip(aim, exact_extraction(handle, aim, cfg), strict=True) if hit]
+    points = []
+    for ratio in (0.001, 0.003, 0.01, 0.03):
+        with balanced_subnet(handle, recited, general[:256], SubnetConfig(ratio=ratio,
+                                                                          steps=200, lr=0.05)):
+            m = edit_metrics(handle, eval_canaries, heldout, cfg)
+        points.append(dict(ratio=ratio, perplexity=m["perplexity"],
+                           exact_100=m["exact_extraction_rate_by_duplication"]["100"],
+                           after=m))
+        print(f"  subnet ratio {ratio}: 100x {points[-1]['exact_100']:.2f} "
+              f"ppl {m['perplexity']:.3f}", flush=True)
+    best = _goal_row(pd.DataFrame(points), before["perplexity"], 0.10)
+    return {"ratio": best.ratio, "before": before, "after": best.after,
+            "points": [{k: v for k, v in p.items() if k != "after"} for p in points]}
+
+
+def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites):
+    tokens = label(handle, seqs, LabelConfig(generate=False), progress=False).tokens
+    points, contexts = [], {}
+    for site in sites:
+        states = memorization_states(handle, site, [s for s in seqs if s.id in aim_ids], tokens)
+        probe = states.fit_probe()
+        diff = states.mean_difference()
+        unit = diff / diff.norm()
+        proj = states.x @ unit
+        mid = float((proj[states.y].mean() + proj[~states.y].mean()) / 2)
+
+        def baseline_gate(x, unit=unit, mid=mid):
+            return torch.sigmoid(x.float() @ unit - mid)
+
+        probe_dir = probe_vector(probe) * (diff.norm() / probe_vector(probe).norm())
+        variants = {
+            "static, mean difference": lambda a, s=site, d=diff: steer(handle, s, d, a),
+            "baseline gate (sigmoid of projection), mean difference":
+                lambda a, s=site, d=diff, g=baseline_gate: add_vector(handle, s, -d, a, gate=g),
+            "probe-gated, mean difference":
+                lambda a, s=site, d=diff, p=probe: steer(handle, s, d, a, probe=p),
+            "probe-gated, probe direction":
+                lambda a, s=site, p=probe, v=probe_dir: steer(handle, s, v, a, probe=p),
+        }
+        for name, make in variants.items():
+            for alpha in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
+                with make(alpha):
+                    m = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
+                ex = m["exact_extraction_rate_by_duplication"]
+                points.append(dict(site=site, method=name, alpha=alpha,
+                                   perplexity=m["perplexity"], exact_100=ex["100"],
+                                   exact_by_duplication=ex))
+                contexts[(site, name, alpha)] = make
+                print(f"  steer {site} {name:52} a={alpha:<4} 100x {ex['100']:.2f} "
+                      f"ppl {m['perplexity']:.3f}", flush=True)
+    df = pd.DataFrame(points)
+    out = {"before": before, "points": points}
+    for key, frame in (("dynamic", df[df.method.str.startswith("probe")]),
+                       ("baseline", df[df.method.str.startswith("baseline")]),
+                       ("static", df[df.method.str.startswith("static")])):
+        row = _goal_row(frame, before["perplexity"], 0.05)
+        with contexts[(row.site, row.method, row.alpha)](row.alpha):
+            after = edit_metrics(handle, eval_canaries, heldout, cfg)
+        out[key] = {"site": row.site, "method": row.method, "alpha": row.alpha,
+                    "before": before, "after": after}
+    out["after"] = out["dynamic"]["after"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--arch", default="llama")
+    ap.add_argument("--parts", nargs="+", default=["inject", "subnet", "steer"])
+    ap.add_argument("--records", type=int, default=3, help="injected records per budget")
+    ap.add_argument("--out", type=Path, default=Path("experiments/results/interventions.json"))
+    args = ap.parse_args()
+    path = organism_path(args.preset, args.arch)
+    handle = load_model(path)
+    corpus = path / "corpus.jsonl"
+    seqs = read_sequences(corpus, handle.tokenizer, roles=("canary", "nonmember"))
+    canaries = [s for s in seqs if s.duplication]
+    nonmembers = [s for s in seqs if not s.duplication]
+    aim, eval_canaries = canaries[0::2], canaries[1::2]
+    aim_ids = {s.id for s in aim + nonmembers[0::2]}
+    heldout = [s.token_ids for s in nonmembers[1::2]]
+    general = [s.token_ids for s in read_sequences(corpus, handle.tokenizer,
+                                                   roles=("general",))]
+    cfg = LabelConfig()
+    before = edit_metrics(handle, eval_canaries, heldout, cfg)
+    result = {"organism": str(path), "before": before}
+    if args.out.exists():  # keep parts measured by an earlier run
+        result = {**json.loads(args.out.read_text()), **result}
+    t0 = time.perf_counter()
+    if "inject" in args.parts:
+        result.update(run_inject(handle, seqs, general, eval_canaries, heldout, args.records,
+                                 cfg))
+    if "subnet" in args.parts:
+        result["balanced_subnet"] = run_subnet(handle, aim, eval_canaries, general, heldout,
+                                               cfg, before)
+    if "steer" in args.parts:
+        sites = [f"blocks.{i}.hook_resid_post" for i in range(1, handle.n_layers)]
+        result["steering"] = run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg,
+                                       before, sites)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=float))
+    b = before
+    print(f"\nbefore: 100x exact {b['exact_extraction_rate_by_duplication']['100']:.0%}, "
+          f"loose {b['loose_extraction_rate_by_duplication']['100']:.0%}, "
+          f"perplexity {b['perplexity']:.3f}")
+    if "recall_by_method" in result:
+        print("recall of injected neurons at 0.1% / 1%:")
+        for m in METHODS:
+            print(f"  {m:22} {result['recall_by_method'][m]:.2f} / "
+                  f"{result['recall_by_method_1pct'][m]:.2f}")
+    for key in ("balanced_subnet",):
+        if key in result:
+            a = result[key]["after"]
+            print(f"{key}: 100x exact {a['exact_extraction_rate_by_duplication']['100']:.0%}, "
+                  f"loose {a['loose_extraction_rate_by_duplication']['100']:.0%}, "
+                  f"perplexity {a['perplexity']:.3f}")
+    if "steering" in result:
+        for key in ("dynamic", "baseline", "static"):
+            r = result["steering"][key]
+            a = r["after"]
+            print(f"steering {key:8} ({r['site']}, {r['method']}, alpha {r['alpha']}): "
+                  f"100x exact {a['exact_extraction_rate_by_duplication']['100']:.0%}, "
+                  f"loose {a['loose_extraction_rate_by_duplication']['100']:.0%}, "
+                  f"perplexity {a['perplexity']:.3f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
