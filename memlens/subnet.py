@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from memlens.curvature import _objective
 from memlens.edits import WeightEdit, find_layers
+from memlens.localize import flush_denormals
 from memlens.models import ModelHandle
 
 
@@ -57,6 +58,7 @@ def _loss(handle, params, ids, mask, start, mode):
     return _objective(logits, ids, keep, mode, None) / keep.sum().clamp(min=1)
 
 
+@flush_denormals()
 def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list[list[int]],
                     cfg: SubnetConfig | None = None, progress: bool = False) -> WeightEdit:
     """Learn the drop mask and apply it as a reversible :class:`WeightEdit` (use it as a
