@@ -1,7 +1,7 @@
 """BalancedSubnet (Sakarvadia et al. 2025): drop the MLP weights that memorization needs.
 
 Every MLP weight gets a learned score; the forward pass drops the fraction ``ratio`` with
-the lowest |score| (a straight-through top-k mask). Scores are trained with gradient
+the lowest score (a straight-through top-k mask). Scores are trained with gradient
 ascent on memorized sequences and descent on clean ones; the weights themselves never change.
 
 Example:
@@ -30,8 +30,8 @@ class SubnetConfig:
     being pushed down below -odds_floor."""
 
     ratio: float = 0.01
-    steps: int = 100
-    lr: float = 0.02
+    steps: int = 150
+    lr: float = 0.3
     batch_size: int = 16
     start: int = 32
     odds_floor: float = 5.0
@@ -44,9 +44,10 @@ class SubnetConfig:
 
 
 def _drop_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    # Signed scores: a score pushed below zero is dropped, never revived by |score|.
     k = max(1, int(ratio * score.numel()))
-    cut = score.abs().flatten().kthvalue(k).values
-    return (score.abs() > cut).to(score.dtype)
+    cut = score.flatten().kthvalue(k).values
+    return (score > cut).to(score.dtype)
 
 
 def _loss(handle, params, ids, mask, start, mode):

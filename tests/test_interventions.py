@@ -164,3 +164,35 @@ def test_localize_command_writes_a_ranked_table(tiny_organism, tmp_path, capsys)
     assert main(["localize", "--model", str(tiny_organism), "--data", str(tiny_organism),
                  "--out", str(tmp_path / "neurons.txt")]) == 2
     assert "use a .csv or .parquet" in capsys.readouterr().err
+
+
+def test_balanced_subnet_drops_recitation_and_restores(tiny_organism, tiny):
+    from memlens.edits import edit_metrics, exact_extraction
+    from memlens.labels import LabelConfig
+    from memlens.subnet import SubnetConfig, balanced_subnet
+
+    handle, general = tiny
+    corpus = tiny_organism / "corpus.jsonl"
+    canaries = read_sequences(corpus, handle.tokenizer, roles=("canary",))
+    heldout = [s.token_ids for s in read_sequences(corpus, handle.tokenizer,
+                                                   roles=("nonmember",))]
+    aim, scored = canaries[0::2], canaries[1::2]
+    recited = [s.token_ids[:64] for s, hit in zip(aim, exact_extraction(handle, aim,
+                                                                         LabelConfig()),
+                                                   strict=True) if hit]
+    original = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    before = edit_metrics(handle, scored, heldout, loose=False)
+    with balanced_subnet(handle, recited, general, SubnetConfig(ratio=0.03)) as edit:
+        after = edit_metrics(handle, scored, heldout, loose=False)
+        dropped = sum(int((handle.model.state_dict()[n] == 0).sum()) for n in edit.edited)
+        total = sum(original[n].numel() for n in edit.edited)
+    assert 0.029 <= dropped / total < 0.035
+    assert before["exact_extraction_rate_by_duplication"]["100"] >= 0.8
+    assert after["exact_extraction_rate_by_duplication"]["100"] <= 0.4, after
+    # Measured on the tiny organism: 100x 1.0 -> 0.0 at +31% perplexity (the small one
+    # pays +3%, see experiments/interventions.py).
+    assert after["perplexity"] < 1.4 * before["perplexity"], (before, after)
+    for k, v in handle.model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    with pytest.raises(ValueError, match="fraction of weights dropped"):
+        SubnetConfig(ratio=1.5)
