@@ -64,14 +64,14 @@ def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, 
             seq = Sequence(id=f"injected-{j}", token_ids=target, text="", duplication=1,
                            spans=[], offsets=[])
             learned = exact_extraction(handle, [seq], cfg)[0]
-            injected_metrics = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
+            injected_metrics = edit_metrics(handle, eval_canaries, heldout, cfg)
             for method in METHODS:
                 t0 = time.perf_counter()
                 scores = localize(handle, [target], general[:64], LocalizeConfig(method=method))
                 found = top_neurons(handle, scores, budget)
                 rec = recall(found, truth)
                 with ablate_neurons(handle, found):
-                    after = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
+                    after = edit_metrics(handle, eval_canaries, heldout, cfg)
                     target_after = exact_extraction(handle, [seq], cfg)[0]
                 rows.append(dict(budget=budget, record=j, method=method, recall=rec,
                                  n_injected=len(truth), injected_exact=learned,
@@ -83,7 +83,11 @@ def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, 
                                    exact_100_injected=injected_metrics[
                                        "exact_extraction_rate_by_duplication"]["100"],
                                    exact_100_ablated=after[
-                                       "exact_extraction_rate_by_duplication"]["100"]))
+                                       "exact_extraction_rate_by_duplication"]["100"],
+                                   loose_100_injected=injected_metrics[
+                                       "loose_extraction_rate_by_duplication"]["100"],
+                                   loose_100_ablated=after[
+                                       "loose_extraction_rate_by_duplication"]["100"]))
                 print(f"  inject {budget:.3f} #{j} {method:22} recall {rec:.2f}  "
                       f"ppl {after['perplexity']:.3f}", flush=True)
             edit.restore()
