@@ -104,7 +104,7 @@ def _mean_abs(handle, sites, seqs, cfg, start) -> torch.Tensor:
     for ids, mask in _batches(handle, seqs, cfg.batch_size):
         keep = mask.bool().clone()
         keep[:, :max(start - 1, 0)] = False  # the positions that predict scored tokens
-        keep[:, -1] &= False
+        keep[:, -1] = False
         acts = run_sites(handle, sites, ids, mask, backend="torch")
         total = total + torch.stack([acts[s][keep].abs().float().sum(0) for s in sites])
         n += int(keep.sum())
