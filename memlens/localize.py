@@ -102,9 +102,10 @@ def _mean_abs(handle, sites, seqs, cfg, start) -> torch.Tensor:
 
     total, n = 0, 0
     for ids, mask in _batches(handle, seqs, cfg.batch_size):
-        keep = mask.bool().clone()
-        keep[:, :max(start - 1, 0)] = False  # the positions that predict scored tokens
-        keep[:, -1] = False
+        # The positions that predict scored tokens: a next token exists, index >= start.
+        keep = torch.zeros_like(mask, dtype=torch.bool)
+        keep[:, :-1] = mask[:, 1:].bool() & mask[:, :-1].bool()
+        keep[:, :max(start - 1, 0)] = False
         acts = run_sites(handle, sites, ids, mask, backend="torch")
         total = total + torch.stack([acts[s][keep].abs().float().sum(0) for s in sites])
         n += int(keep.sum())
