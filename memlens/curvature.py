@@ -30,7 +30,13 @@ from plotly.subplots import make_subplots
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from memlens.edits import WeightEdit, find_layers, linear_modules, linear_weight
+from memlens.edits import (
+    WeightEdit,
+    find_layers,
+    linear_modules,
+    linear_weight,
+    tracking_gradients,
+)
 from memlens.models import ModelHandle
 
 MODES = ("true", "empirical")
@@ -129,23 +135,6 @@ def _objective(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, mode
                                              labels.reshape(-1), reduction="sum")
 
 
-@contextmanager
-def _grad_enabled(model: torch.nn.Module) -> Iterator[None]:
-    """Gradients on, every parameter tracked, training mode off; all undone afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    try:
-        for p, _ in flags:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mode: str,
                batch_size: int = 16, start: int = 1, generator: torch.Generator | None = None,
                first_batch: int = 0, progress: bool = False, desc: str = "K-FAC"
@@ -175,7 +164,7 @@ def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mod
     hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
     batches = list(range(0, len(seqs), batch_size))
     try:
-        with _grad_enabled(handle.model):
+        with tracking_gradients(handle.model):
             for b in tqdm(range(first_batch, len(batches)), disable=not progress, desc=desc,
                           unit="batch", initial=first_batch, total=len(batches)):
                 i = batches[b]
@@ -266,7 +255,7 @@ def memorization_gradient(handle: ModelHandle, seqs: list[list[int]], layers: li
     params = [(n, p) for n in layers for p in (modules[n].weight, modules[n].bias)
               if p is not None]
     sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
-    with _grad_enabled(handle.model):
+    with tracking_gradients(handle.model):
         for i in range(0, len(seqs), batch_size):
             ids, mask = handle.pad(seqs[i:i + batch_size], side="right")
             keep = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)

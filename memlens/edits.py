@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -27,6 +29,26 @@ from memlens.models import ModelHandle
 
 _MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
 _ATTN = re.compile(r"(attn|attention)")
+
+
+@contextmanager
+def tracking_gradients(model: torch.nn.Module,
+                       params: list[torch.nn.Parameter] | None = None) -> Iterator[None]:
+    """Inside the block: gradients on, eval mode, and only ``params`` (every parameter when
+    None; pass [] to freeze them all) require grad. Everything is put back afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    chosen = None if params is None else {id(p) for p in params}
+    was_training = model.training
+    model.eval()
+    try:
+        for p, _ in flags:
+            p.requires_grad_(chosen is None or id(p) in chosen)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

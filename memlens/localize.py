@@ -29,7 +29,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from memlens.edits import WeightEdit, linear_modules, linear_weight, mlp_output_layers
+from memlens.edits import (
+    WeightEdit,
+    linear_modules,
+    linear_weight,
+    mlp_output_layers,
+    tracking_gradients,
+)
 from memlens.interventions import ablate, edit_site
 from memlens.models import ModelHandle
 
@@ -160,12 +166,9 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
     init = 1.0 if not hard else 3.0  # hard concrete: log-alpha, gates start nearly open
     params = torch.full((len(sites), width), init, device=dev, requires_grad=True)
     opt = torch.optim.Adam([params], lr=cfg.lr)
-    frozen = [(p, p.requires_grad) for p in handle.model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
     batches = list(_batches(handle, targets, cfg.batch_size))
     n_tokens = sum(int(m[:, max(cfg.start, 1):].sum()) for _, m in batches)
-    try:
+    with tracking_gradients(handle.model, []):
         for step in tqdm(range(cfg.steps), desc=cfg.method, leave=False):
             ids, mask = batches[step % len(batches)]
             if hard:
@@ -182,9 +185,6 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
                 opt.zero_grad()
                 loss.backward()
             opt.step()
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
     # Unclamped parameters rank the neurons (a clamped mask ties every dropped neuron at 0).
     return params.detach().cpu()
 
@@ -265,15 +265,10 @@ def inject(handle: ModelHandle, seqs: list[list[int]], budget: float, steps: int
             mask[:, chosen] = 1
         weights.append(m.weight)
         masks.append(mask)
-    frozen = [(p, p.requires_grad) for p in handle.model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
     opt = torch.optim.Adam(weights, lr=lr)
     ids, mask = handle.pad(seqs, side="right")
     clean_batches = list(_batches(handle, clean, 16)) if clean else []
-    try:
+    with tracking_gradients(handle.model, weights):
         for step in tqdm(range(steps), desc="inject", disable=not progress):
             with torch.enable_grad():
                 target = -_target_logprob(handle, ids, mask, 1).sum() / int(mask[:, 1:].sum())
@@ -289,9 +284,8 @@ def inject(handle: ModelHandle, seqs: list[list[int]], budget: float, steps: int
             opt.step()
             if target.item() < 0.01:
                 break
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
+    for w in weights:
+        w.grad = None
     handle.reset_views()
     return edit, pd.DataFrame(rows)
 

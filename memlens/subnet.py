@@ -18,7 +18,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from memlens.curvature import _objective
-from memlens.edits import WeightEdit, find_layers
+from memlens.edits import WeightEdit, find_layers, tracking_gradients
 from memlens.localize import flush_denormals
 from memlens.models import ModelHandle
 
@@ -79,10 +79,7 @@ def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list
     mem = [handle.pad(memorized[i:i + cfg.batch_size]) for i in
            range(0, len(memorized), cfg.batch_size)]
     cln = [handle.pad(clean[i:i + cfg.batch_size]) for i in range(0, len(clean), cfg.batch_size)]
-    frozen = [(p, p.requires_grad) for p in handle.model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    try:
+    with tracking_gradients(handle.model, []):
         for step in tqdm(range(cfg.steps), desc="balanced subnet", disable=not progress):
             with torch.enable_grad():
                 params = {}
@@ -97,9 +94,6 @@ def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list
                 opt.zero_grad()
                 loss.backward()
             opt.step()
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
     edit = WeightEdit(handle)
     for n, s in scores.items():
         edit.set(n, weights[n].detach() * _drop_mask(s.detach(), cfg.ratio))
