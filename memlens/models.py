@@ -82,6 +82,13 @@ class ModelHandle:
         """A TransformerLens ``TransformerBridge`` over the same weights (canonical hook names)."""
         from transformer_lens.model_bridge import TransformerBridge
 
+        cfg = self.model.config
+        if cfg.model_type == "opt" and not getattr(cfg, "do_layer_norm_before", True):
+            # It builds, then fails inside OPT attention on the first forward pass.
+            raise ModelLoadError(
+                f"TransformerLens' bridge does not run Post-LN OPT ({self.name!r} has "
+                "do_layer_norm_before=False). Use handle.nnsight, or module paths such as "
+                "'model.decoder.layers.0.final_layer_norm' as sites (plain PyTorch hooks).")
         try:
             return TransformerBridge.boot_transformers(
                 self.name, hf_model=_shared_structure_copy(self.model), tokenizer=self.tokenizer,

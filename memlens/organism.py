@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from memlens import __version__
 from memlens.corpus import CorpusConfig, Record, build_corpus
 
-ARCHS = ("llama", "neox", "gpt2")
+# "opt" is Pre-LN (LayerNorm before attention and MLP), "opt-postln" the same decoder with
+# LayerNorm after each residual add (HF OPT with do_layer_norm_before=False).
+ARCHS = ("llama", "neox", "gpt2", "opt", "opt-postln")
 BOS, PAD = "<|bos|>", "<|pad|>"
 
 
@@ -58,6 +60,11 @@ PRESETS: dict[str, OrganismPreset] = {
     "small": OrganismPreset(
         corpus=CorpusConfig(n_general=5000, canaries_per_count=40, n_nonmembers=200),
         vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_mlp=384, epochs=3, max_len=80),
+    # The tiny corpus on six layers, so early/middle/late thirds hold two blocks each:
+    # for the LayerNorm study, which trains several of these.
+    "tiny-deep": OrganismPreset(
+        corpus=CorpusConfig(n_general=1500, canaries_per_count=10, n_nonmembers=50),
+        vocab_size=1024, d_model=64, n_layers=6, n_heads=4, d_mlp=256, epochs=7, max_len=80),
 }
 
 
@@ -93,7 +100,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
 
 def model_config(arch: str, preset: OrganismPreset, tokenizer):
     """A Hugging Face config for ``arch`` at the preset's size."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -111,10 +118,17 @@ def model_config(arch: str, preset: OrganismPreset, tokenizer):
         cfg = GPT2Config(n_embd=preset.d_model, n_inner=preset.d_mlp, n_layer=preset.n_layers,
                          n_head=preset.n_heads, n_positions=256, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    elif arch in ("opt", "opt-postln"):
+        cfg = OPTConfig(hidden_size=preset.d_model, ffn_dim=preset.d_mlp,
+                        num_hidden_layers=preset.n_layers, num_attention_heads=preset.n_heads,
+                        word_embed_proj_dim=preset.d_model, max_position_embeddings=256,
+                        do_layer_norm_before=arch == "opt", dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0, layerdrop=0.0, **common)
     else:
         raise ValueError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
     cfg.architectures = [{"llama": "LlamaForCausalLM", "neox": "GPTNeoXForCausalLM",
-                          "gpt2": "GPT2LMHeadModel"}[arch]]
+                          "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
+                          "opt-postln": "OPTForCausalLM"}[arch]]
     return cfg
 
 
@@ -156,7 +170,9 @@ def heldout_metrics(model, records: list[Record], tokenizer, max_len: int | None
         chunk = records[i:i + batch_size]
         enc = tokenizer([r.text for r in chunk], return_offsets_mapping=True, padding=True,
                         truncation=max_len is not None, max_length=max_len, return_tensors="pt")
-        loss, hit, valid = _token_loss(model, enc["input_ids"], enc["attention_mask"])
+        device = next(model.parameters()).device
+        loss, hit, valid = _token_loss(model, enc["input_ids"].to(device),
+                                       enc["attention_mask"].to(device))
         for b, rec in enumerate(chunk):
             pii = pii_token_mask(enc["offset_mapping"][b].tolist(), rec.spans)[1:]
             for t in range(loss.shape[1]):
@@ -190,19 +206,27 @@ def _load_checkpoint(path: Path, model, opt) -> int:
     state = load_file(path / "checkpoint.safetensors")
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     for i, p in enumerate(model.parameters()):
-        keys = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"opt.{i}.")}
+        # Adam keeps its step count on the CPU; moments live with the parameter.
+        keys = {k.split(".", 2)[2]: v if k.endswith(".step") else v.to(p.device)
+                for k, v in state.items() if k.startswith(f"opt.{i}.")}
         if keys:
             opt.state[p] = keys
     return json.loads((path / "checkpoint.json").read_text())["epochs_done"]
 
 
 def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch: str = "llama",
-                   seed: int = 0, progress: bool = True) -> Path:
-    """Build the corpus, train the organism on CPU and save it to ``out``.
+                   seed: int = 0, progress: bool = True,
+                   norm_free_layers: tuple[int, ...] = (), device: str = "cpu") -> Path:
+    """Build the corpus, train the organism (on CPU unless ``device`` says otherwise) and
+    save it to ``out``.
 
-    Interrupted runs resume from the last finished epoch (kept in ``out.partial``).
+    ``norm_free_layers``: blocks whose normalization layers train without parameters (gain
+    held at 1, bias at 0, the normalization kept). Interrupted runs resume from the last
+    finished epoch (kept in ``out.partial``).
     """
     from transformers import AutoModelForCausalLM
+
+    from memlens.layernorm import freeze_norm_params
 
     preset_name = preset if isinstance(preset, str) else "custom"
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -220,9 +244,11 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
     stream = [r.id for r in corpus.training_stream()]
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(arch, preset, tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.0,
-                            betas=(0.9, 0.98))
+    model = AutoModelForCausalLM.from_config(model_config(arch, preset, tokenizer)).to(device)
+    norm_free_layers = tuple(sorted(set(norm_free_layers)))
+    freeze_norm_params(model, norm_free_layers)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=preset.lr,
+                            weight_decay=0.0, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(stream) / preset.batch_size)
     total = steps_per_epoch * preset.epochs
     warmup = max(1, int(preset.warmup_frac * total))
@@ -241,6 +267,7 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
         gen = torch.Generator().manual_seed(seed * 10_007 + epoch)
         order = [stream[i] for i in torch.randperm(len(stream), generator=gen).tolist()]
         for ids, mask in _batches(token_ids, order, preset.batch_size, tokenizer.pad_token_id):
+            ids, mask = ids.to(device), mask.to(device)
             for g in opt.param_groups:
                 g["lr"] = preset.lr * lr_at(step)
             loss, _, valid = _token_loss(model, ids, mask)
@@ -258,13 +285,14 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
 
     meta = {
         "memlens_version": __version__, "preset": preset_name, "arch": arch, "seed": seed,
-        "preset_config": asdict(preset), "train_seconds": round(train_seconds, 1),
+        "preset_config": asdict(preset), "norm_free_layers": list(norm_free_layers),
+        "train_seconds": round(train_seconds, 1),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "n_training_records": len(stream),
         "n_training_tokens_per_epoch": sum(len(token_ids[i]) for i in stream),
         **heldout_metrics(model, corpus.by_role("nonmember"), tokenizer, preset.max_len),
     }
-    model.save_pretrained(work)
+    model.cpu().save_pretrained(work)
     with open(work / "corpus.jsonl", "w") as f:
         for rec, ids in zip(corpus.records, token_ids, strict=True):
             f.write(json.dumps({**rec.to_json(), "token_ids": ids}) + "\n")
@@ -283,14 +311,19 @@ def cache_dir() -> Path:
 
 
 def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, norm_free_layers: tuple[int, ...] = (),
+                  device: str = "cpu") -> Path:
     """The cached organism for (preset, arch, seed, memlens version); trains it if missing.
 
     The preset's settings are part of the key, so changing a preset retrains.
     """
     config = json.dumps(asdict(get_preset(preset)), sort_keys=True)
     digest = hashlib.sha256(config.encode()).hexdigest()[:8]
-    path = cache_dir() / "organisms" / f"{preset}-{arch}-seed{seed}-v{__version__}-{digest}"
+    norm_free_layers = tuple(sorted(set(norm_free_layers)))
+    variant = "-nonorm" + "_".join(map(str, norm_free_layers)) if norm_free_layers else ""
+    path = (cache_dir() / "organisms"
+            / f"{preset}-{arch}{variant}-seed{seed}-v{__version__}-{digest}")
     if not (path / "memlens.json").exists():
-        train_organism(path, preset, arch, seed, progress=progress)
+        train_organism(path, preset, arch, seed, progress=progress,
+                       norm_free_layers=norm_free_layers, device=device)
     return path
