@@ -26,6 +26,10 @@ EXAMPLES = {
 }
 
 
+def _examples(*names: str) -> str:
+    return "examples:\n" + "\n".join(f"  {EXAMPLES[n]}" for n in names)
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -35,15 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     org = sub.add_parser("organism", help="train or find the memorization organism",
+                         formatter_class=fmt,
                          description="The organism: a small causal LM trained on a synthetic "
-                                     "PII corpus with planted, duplicated canary records.")
+                                     "PII corpus with planted, duplicated canary records. "
+                                     "Out: a Hugging Face model directory with corpus.jsonl "
+                                     "(the ground truth) and memlens.json.",
+                         epilog=_examples("organism train", "organism path"))
     org_sub = org.add_subparsers(dest="organism_command", required=True)
-    for name, help_ in (("train", "train an organism into --out (a Hugging Face model dir)"),
-                        ("path", "print the cached organism's directory, training it if needed")):
+    for name, help_ in (("train", "train an organism into --out (a Hugging Face model dir: "
+                                  "config, safetensors, tokenizer, corpus.jsonl, memlens.json)"),
+                        ("path", "print the cached organism's directory (under "
+                                 "~/.cache/memlens or $MEMLENS_CACHE), training it if needed")):
         o = org_sub.add_parser(name, help=help_, description=help_, formatter_class=fmt,
                                epilog=f"example:\n  {EXAMPLES['organism ' + name]}")
-        o.add_argument("--preset", default="small", help="tiny (~75 s) or small (~5 min)")
-        o.add_argument("--arch", default="llama", help="llama, neox or gpt2")
+        o.add_argument("--preset", default="small",
+                       help="tiny (~75 s), small (~5 min, default) or tiny-deep (6 blocks)")
+        o.add_argument("--arch", default="llama",
+                       help="llama (default), neox, gpt2, opt (Pre-LN) or opt-postln (Post-LN)")
         o.add_argument("--seed", type=int, default=0)
         if name == "train":
             o.add_argument("--out", required=True, type=Path,
@@ -92,9 +104,12 @@ def _parser() -> argparse.ArgumentParser:
                           "bridge, nnsight or torch")
     cap.add_argument("--batch-size", type=int, default=32)
 
-    probe = sub.add_parser("probe", help="train memorization probes",
+    probe = sub.add_parser("probe", help="train memorization probes", formatter_class=fmt,
                            description="Linear probes per layer and site on captured "
-                                       "activations.")
+                                       "activations. In: a TOML config (model, data, sites). "
+                                       "Out: metrics per site, a layer-sweep figure, the best "
+                                       "probes (safetensors + JSON).",
+                           epilog=_examples("probe train"))
     probe_sub = probe.add_subparsers(dest="probe_command", required=True)
     pt = probe_sub.add_parser(
         "train", help="label, capture and sweep probes from a TOML config",
@@ -105,8 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", required=True, type=Path, help="TOML, see probes/configs/")
 
     kfac = sub.add_parser("kfac", help="K-FAC curvature factors and memorization edits",
+                          formatter_class=fmt,
                           description="Curvature (K-FAC) factors of linear layers, and edits "
-                                      "that remove low-curvature weight components.")
+                                      "that remove low-curvature weight components. collect: "
+                                      "model + text in, a factor file out; edit: model + "
+                                      "factors in, an edited model directory out.",
+                          epilog=_examples("kfac collect", "kfac edit"))
     kfac_sub = kfac.add_subparsers(dest="kfac_command", required=True)
     kc = kfac_sub.add_parser(
         "collect", help="accumulate A and G factors over a token stream", formatter_class=fmt,
@@ -182,15 +201,22 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--out", type=Path, default=None, help="write a .csv or .jsonl instead")
 
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded organism",
+    demo = sub.add_parser("demo", help="run the whole pipeline on the organism; write a report",
                           formatter_class=fmt,
-                          description="Trains (or reuses) the organism, labels it and prints "
-                                      "extraction by duplication count.",
+                          description="Trains (or reuses) the organism, then labels, captures "
+                                      "and probes, edits with K-FAC, localizes and ablates "
+                                      "neurons, steers, and attributes to LayerNorm. Out: "
+                                      "OUT/report.html (one interactive page, works offline) "
+                                      "and OUT/summary.json (each step's headline numbers). "
+                                      "Steps are cached in OUT/steps: a second run takes "
+                                      "seconds.",
                           epilog=f"example:\n  {EXAMPLES['demo']}")
-    demo.add_argument("--out", type=Path, default=Path("memlens-demo"))
-    demo.add_argument("--preset", default="small")
-    demo.add_argument("--arch", default="llama")
+    demo.add_argument("--out", type=Path, default=Path("memlens-demo"),
+                      help="output directory (default memlens-demo)")
+    demo.add_argument("--preset", default="small", help="organism preset (default small)")
+    demo.add_argument("--arch", default="llama", help="organism architecture (default llama)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--fresh", action="store_true", help="rerun every step, ignore the cache")
     return p
 
 
@@ -433,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from memlens.demo import run_demo
 
-            run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed)
+            run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed,
+                     fresh=args.fresh)
     except (ModelLoadError, DataError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"memlens: error: {exc}", file=sys.stderr)
         return 2

@@ -1,36 +1,452 @@
-"""``memlens demo``: the pipeline on the embedded organism, end to end."""
+"""``memlens demo``: the whole pipeline on the embedded organism, into one report.
+
+Steps, in order: labels, probes, kfac, interventions (localization and ablation), steering,
+layernorm. Each writes its headline numbers and its part of the report to
+``OUT/steps/NAME.json``, keyed by the organism's weights and the step's settings; a second run
+reuses every step whose key still matches and only rebuilds the page. The canaries are split
+in two: probes, directions and edits come from the even half, every before/after score from
+the odd half (and perplexity from the odd half of the non-members).
+
+Example:
+    >>> summary = run_demo("memlens-demo")    # OUT/report.html, OUT/summary.json
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
-from memlens.cli import print_extraction_table
-from memlens.labels import LabelConfig, label, read_sequences
-from memlens.models import load_model
+import pandas as pd
+import plotly.graph_objects as go
+
+from memlens import __version__
+from memlens.labels import LabelConfig, Sequence, label, read_sequences
+from memlens.models import ModelHandle, load_model
 from memlens.organism import organism_path
+from memlens.report import Report, Section, labeled_sequence, token_view
+
+STEPS = ("labels", "probes", "kfac", "interventions", "steering", "layernorm")
+
+
+@dataclass
+class DemoConfig:
+    """The organism and each step's settings (all part of the step cache keys)."""
+
+    preset: str = "small"
+    arch: str = "llama"
+    seed: int = 0
+    probe_sites: str = "blocks.*.hook_resid_post"
+    kfac_tokens: int = 30_000
+    kfac_budget: float = 0.003        # predicted KL of the aimed K-FAC edit
+    localize_method: str = "zero_out"
+    localize_budget: float = 0.01     # fraction of each layer's MLP neurons ablated
+    localize_targets: int = 16        # recited canaries the neurons are scored for
+    steer_site: str = "blocks.1.hook_resid_post"
+    steer_alpha: float = 4.0
+    attribution_tokens: int = 200
+
+
+class Demo:
+    """Shared state of one demo run: the organism, the data split, cached artifacts."""
+
+    def __init__(self, out: Path, config: DemoConfig, progress: bool = True):
+        self.out, self.config, self.progress = out, config, progress
+        self.path = organism_path(config.preset, config.arch, config.seed, progress=progress)
+        self.organism = json.loads((self.path / "memlens.json").read_text())
+        self.cfg = LabelConfig()
+
+    @cached_property
+    def handle(self) -> ModelHandle:
+        return load_model(self.path)
+
+    @cached_property
+    def weights_key(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(self.path.glob("*.safetensors")):
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+    @cached_property
+    def seqs(self) -> list[Sequence]:
+        return read_sequences(self.path / "corpus.jsonl", self.handle.tokenizer,
+                              roles=("canary", "nonmember"))
+
+    @property
+    def canaries(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.duplication]
+
+    @property
+    def aim(self) -> list[Sequence]:
+        return self.canaries[0::2]
+
+    @property
+    def evaluation(self) -> list[Sequence]:
+        return self.canaries[1::2]
+
+    @property
+    def heldout(self) -> list[list[int]]:
+        return [s.token_ids for s in self.seqs if not s.duplication][1::2]
+
+    @property
+    def aim_nonmembers(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.duplication][0::2]
+
+    @cached_property
+    def tokens(self) -> pd.DataFrame:
+        """The labels step's per-token table."""
+        return pd.read_parquet(self.out / "labels" / "tokens.parquet")
+
+    @cached_property
+    def before(self) -> dict:
+        return json.loads((self.out / "steps" / "labels.json").read_text())["summary"]["before"]
+
+    def recited(self, seqs: list[Sequence]) -> list[Sequence]:
+        from memlens.edits import exact_extraction
+
+        return [s for s, hit in zip(seqs, exact_extraction(self.handle, seqs, self.cfg),
+                                    strict=True) if hit]
+
+    def after(self, loose: bool = True) -> dict:
+        from memlens.edits import edit_metrics
+
+        return edit_metrics(self.handle, self.evaluation, self.heldout, self.cfg, loose=loose)
+
+    def key(self, step: str) -> str:
+        blob = json.dumps({"memlens": __version__, "weights": self.weights_key, "step": step,
+                           "config": asdict(self.config)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _by_duplication_figure(series: dict[str, dict[str, float]], title: str) -> go.Figure:
+    fig = go.Figure()
+    for name, rates in series.items():
+        keys = sorted(rates, key=int)
+        fig.add_bar(x=["non-member" if k == "0" else f"{k}x" for k in keys],
+                    y=[rates[k] for k in keys], name=name,
+                    hovertemplate=f"{name}<br>%{{x}}: %{{y:.0%}}<extra></extra>")
+    fig.update_layout(title=title, barmode="group", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.05], height=380, xaxis_title="duplication")
+    return fig
+
+
+def _before_after(before: dict, after: dict, what: str) -> tuple[go.Figure, dict]:
+    """Extraction by duplication and perplexity, before vs after an intervention."""
+    fig = _by_duplication_figure({
+        "exact, before": before["exact_extraction_rate_by_duplication"],
+        "exact, after": after["exact_extraction_rate_by_duplication"],
+        **({"loose, after": after["loose_extraction_rate_by_duplication"]}
+           if "loose_extraction_rate_by_duplication" in after else {})},
+        f"{what}: extraction of held-out canaries, perplexity {before['perplexity']:.3f} -> "
+        f"{after['perplexity']:.3f}")
+    headline = {
+        "exact_100x_before": before["exact_extraction_rate_by_duplication"]["100"],
+        "exact_100x_after": after["exact_extraction_rate_by_duplication"]["100"],
+        "loose_100x_after": after.get("loose_extraction_rate_by_duplication", {}).get("100"),
+        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+        "perplexity_change": after["perplexity"] / before["perplexity"] - 1}
+    return fig, headline
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def step_labels(d: Demo, sec: Section) -> dict:
+    result = label(d.handle, d.seqs, d.cfg, progress=d.progress)
+    result.save(d.out / "labels")
+    s = result.summary
+    sec.figure(_by_duplication_figure(
+        {"exact (greedy reproduces the suffix)": s["exact_extraction_rate_by_duplication"],
+         "loose (75% similar)": s["loose_extraction_rate_by_duplication"]},
+        "Extraction by duplication count (32-token prefix, 32-token suffix)"))
+    sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
+               for k, v in s["membership_auroc"].items()])
+    return {"exact_extraction_rate_by_duplication": s["exact_extraction_rate_by_duplication"],
+            "loose_extraction_rate_by_duplication": s["loose_extraction_rate_by_duplication"],
+            "membership_auroc": s["membership_auroc"],
+            "token_label_counts": s["token_label_counts"],
+            "before": d.after()}
+
+
+def _token_rows(d: Demo, seqs: list[Sequence], probe) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from memlens.capture import run_sites
+
+    site = probe.sites[0]
+    out = []
+    for seq in seqs:
+        ids = seq.token_ids[:d.cfg.prefix + d.cfg.suffix]
+        x, mask = d.handle.pad([ids])
+        with torch.no_grad():
+            acts = run_sites(d.handle, [site], x, mask, backend="torch")[site][0].float()
+        # The state that predicts token t sits at t - 1.
+        scores = np.concatenate([[np.nan], probe.score(acts.cpu().numpy())[:-1]])
+        kind = f"{seq.duplication}x canary" if seq.duplication else "non-member"
+        out.append(labeled_sequence(d.tokens, d.handle.tokenizer, seq.id, ids, scores,
+                                    title=f"{kind} {seq.id}"))
+    return out
+
+
+def step_probes(d: Demo, sec: Section) -> dict:
+    from memlens.capture import CaptureConfig, capture
+    from memlens.probes import ProbeData, layer_sweep_figure, probe_sweep
+
+    labels_seqs = pd.read_parquet(d.out / "labels" / "sequences.parquet")
+    store = capture(d.handle, d.seqs, CaptureConfig(sites=[d.config.probe_sites]),
+                    d.out / "activations", token_labels=d.tokens, progress=d.progress)
+    data = ProbeData.from_store(store, d.tokens)
+    sweep = probe_sweep(data, labels_seqs, progress=d.progress)
+    res = sweep.results[~sweep.results["control"]].sort_values("auroc", ascending=False)
+    # The best probe on activations (not the output-confidence baseline probe).
+    best = res[res["probe"].isin(store.sites)].iloc[0]
+    probe = sweep.probes[best["probe"]]
+    probe.save(d.out / "probes" / best["probe"])
+    sec.figure(layer_sweep_figure(sweep.results, sweep.baselines))
+    sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "f1",
+                   "tpr_at_1pct_fpr", "control_auroc", "selectivity"]])
+    # Token view: recited and non-recited canaries and non-members from the held-out half.
+    by_dup = {k: [s for s in d.evaluation if s.duplication == k] for k in (100, 10, 1)}
+    shown = by_dup[100][:2] + by_dup[10][:1] + by_dup[1][:1] + d.aim_nonmembers[-2:]
+    sec.html(token_view(_token_rows(d, shown, probe), view_id="token-view"))
+    baselines = {k: v for k, v in sweep.baselines.items() if isinstance(v, float)}
+    confidence = res[~res["probe"].isin(store.sites)]
+    return {"best_probe": best["probe"], "auroc": float(best["auroc"]),
+            "other_probes_auroc": dict(zip(confidence["probe"],
+                                           confidence["auroc"].astype(float), strict=True)),
+            "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
+            "selectivity": float(best["selectivity"]),
+            "tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
+            "token_baselines": baselines}
+
+
+def step_kfac(d: Demo, sec: Section) -> dict:
+    from memlens.curvature import (
+        KFACConfig,
+        apply_weights,
+        budget_weights,
+        collect_factors,
+        component_loading,
+        eigenbasis,
+        loading_figure,
+        memorization_gradient,
+    )
+
+    general = [s.token_ids for s in read_sequences(d.path / "corpus.jsonl",
+                                                   d.handle.tokenizer, roles=("general",))]
+    factors = collect_factors(d.handle, general, KFACConfig(max_tokens=d.config.kfac_tokens),
+                              progress=d.progress)
+    basis = eigenbasis(factors)
+    recited = d.recited(d.aim)
+    grads = memorization_gradient(d.handle, [s.token_ids[:d.cfg.prefix + d.cfg.suffix]
+                                             for s in recited], factors.layers,
+                                  start=d.cfg.prefix)
+    with apply_weights(d.handle, budget_weights(d.handle, basis, d.config.kfac_budget, grads)):
+        after = d.after()
+    fig, headline = _before_after(d.before, after, "K-FAC edit")
+    sec.figure(fig)
+    memorized = [s.token_ids for s in d.evaluation if s.duplication == 100]
+    sec.figure(loading_figure({
+        "memorized (100x canaries)": component_loading(d.handle, basis, memorized,
+                                                       d.cfg.prefix),
+        "clean (non-members)": component_loading(d.handle, basis, d.heldout, d.cfg.prefix)}))
+    return {**headline, "kl_budget": d.config.kfac_budget, "factor_tokens": factors.tokens,
+            "layers": len(factors.layers), "aimed_with_recited": len(recited)}
+
+
+def step_interventions(d: Demo, sec: Section) -> dict:
+    from memlens.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
+
+    targets = [s.token_ids[:d.cfg.prefix + d.cfg.suffix]
+               for s in d.recited(d.aim)][:d.config.localize_targets]
+    scores = localize(d.handle, targets, [s.token_ids for s in d.aim_nonmembers],
+                      LocalizeConfig(method=d.config.localize_method))
+    table = top_neurons(d.handle, scores, d.config.localize_budget)
+    with ablate_neurons(d.handle, table):
+        after = d.after()
+    fig, headline = _before_after(d.before, after, f"Ablating the {len(table)} neurons "
+                                  f"{d.config.localize_method} finds")
+    heat = go.Figure(go.Heatmap(z=scores.numpy(), colorscale="Viridis",
+                                colorbar=dict(title="score"),
+                                hovertemplate="block %{y}, neuron %{x}: %{z:.3f}<extra></extra>"))
+    heat.update_layout(title=f"{d.config.localize_method} score of every MLP neuron for "
+                       f"{len(targets)} recited canaries", xaxis_title="neuron",
+                       yaxis_title="block", height=300)
+    sec.figure(heat).figure(fig)
+    sec.table(table.head(12)[["rank", "layer", "neuron", "score"]])
+    return {**headline, "method": d.config.localize_method, "n_neurons": len(table),
+            "neurons_per_layer": {str(k): int(v) for k, v in
+                                  table.groupby("layer").size().items()}}
+
+
+def step_steering(d: Demo, sec: Section) -> dict:
+    from memlens.steering import (
+        generate_side_by_side,
+        memorization_states,
+        probe_vector,
+        steer,
+    )
+
+    site, alpha = d.config.steer_site, d.config.steer_alpha
+    states = memorization_states(d.handle, site, d.aim + d.aim_nonmembers, d.tokens)
+    probe = states.fit_probe()
+    diff = states.mean_difference()
+    vector = probe_vector(probe) * (diff.norm() / probe_vector(probe).norm())
+    with steer(d.handle, site, vector, alpha, probe=probe):
+        after = d.after()
+    fig, headline = _before_after(d.before, after, f"Probe-gated steering at {site}, "
+                                  f"alpha {alpha}")
+    sec.figure(fig)
+    prompts = [d.handle.tokenizer.decode(s.token_ids[1:d.cfg.prefix])
+               for s in d.evaluation if s.duplication == 100][:3]
+    sec.table(generate_side_by_side(d.handle, prompts,
+                                    lambda: steer(d.handle, site, vector, alpha, probe=probe)))
+    return {**headline, "site": site, "alpha": alpha}
+
+
+def step_layernorm(d: Demo, sec: Section) -> dict:
+    from memlens.layernorm import (
+        StudyData,
+        attribution_table,
+        attribution_targets,
+        condition_metrics,
+        gradient_ratio_figure,
+        layer_groups,
+        memorized_pii_positions,
+        norm_attribution,
+        remove_norm_params,
+    )
+
+    data = StudyData.from_organism(d.path, d.handle.tokenizer)
+    positions = memorized_pii_positions(d.handle, data.canaries, d.cfg)
+    sets = attribution_targets(data, positions, d.cfg, n=d.config.attribution_tokens)
+    res = {k: norm_attribution(d.handle, ids, pos, progress=d.progress)
+           for k, (ids, pos) in sets.items()}
+    rows = [dict(layernorm=f"{d.config.arch} (Pre-LN)", **r)
+            for r in attribution_table(res["memorized"], res["clean"])]
+    sec.figure(gradient_ratio_figure(rows))
+    removal = []
+    n = d.handle.n_layers
+    groups = layer_groups(n) if n >= 3 else {f"block {i}": [i] for i in range(n)}
+    for group, layers in {"none": [], **groups}.items():
+        with remove_norm_params(d.handle, layers):
+            m = condition_metrics(d.handle, data, positions, d.cfg,
+                                  max_len=d.organism["preset_config"]["max_len"])
+        removal.append({"removed": group, "blocks": str(layers),
+                        "exact >= 10x": m["exact_extraction_rate"],
+                        "memorized PII loss": m["recovery"]["memorized_loss"],
+                        "template loss": m["heldout_loss"],
+                        "recovery": m["recovery"]["recovered"]})
+    sec.table(removal)
+    return {"grad_ratio_by_module": {r["module"]: r["grad_ratio"] for r in rows},
+            "scale_ratio_by_module": {r["module"]: r["scale_ratio"] for r in rows},
+            "removal": removal}
+
+
+TEXT = {
+    "labels": "Which canaries the organism reproduces verbatim from a 32-token prefix, by how "
+              "often they were in the training data, and how well simple membership scores "
+              "(loss, Min-K%, zlib) tell members from held-out records.",
+    "probes": "A linear probe per residual-stream site classifies memorized tokens from the "
+              "state that predicts them; controls (random labels per token type) and "
+              "output-only baselines show what the probe adds. Below, held-out texts token "
+              "by token: switch between the memorization label and the best probe's score; "
+              "hover a token for details.",
+    "kfac": "K-FAC factors of every MLP projection give a curvature eigenbasis; the edit "
+            "drops the components that hold up the recitation of the even-half canaries per "
+            "unit of predicted KL. Scores are on the odd half.",
+    "interventions": "MLP neurons scored by how much ablating each one lowers the "
+                     "log-probability of recited canaries; the top ones are then ablated.",
+    "steering": "A probe at one site gates a steering vector per token: the vector is "
+                "subtracted only where the probe sees memorization.",
+    "layernorm": "Per normalization layer: the gradient at its input for memorized PII tokens "
+                 "vs clean template tokens (one backward pass per token), its scale, and what "
+                 "removing the norm's parameters (gain 1) per group of blocks does.",
+}
+TITLES = {"labels": "1. Labels: what the organism memorized",
+          "probes": "2. Activations and probes",
+          "kfac": "3. Curvature (K-FAC) edit",
+          "interventions": "4. Localization and ablation",
+          "steering": "5. Steering during generation",
+          "layernorm": "6. LayerNorm attribution"}
+RUNNERS = {"labels": step_labels, "probes": step_probes, "kfac": step_kfac,
+           "interventions": step_interventions, "steering": step_steering,
+           "layernorm": step_layernorm}
 
 
 def run_demo(out: str | Path = "memlens-demo", preset: str = "small", arch: str = "llama",
-             seed: int = 0) -> dict:
-    """Train or reuse the organism, label its canaries and non-members, write OUT/summary.json."""
+             seed: int = 0, fresh: bool = False, progress: bool = True,
+             config: DemoConfig | None = None) -> dict:
+    """Run every step (reusing cached ones unless ``fresh``), write OUT/report.html and
+    OUT/summary.json; returns the summary."""
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = organism_path(preset, arch, seed)
-    organism = json.loads((path / "memlens.json").read_text())
-    print(f"organism: {path}\n  {organism['n_parameters']:,} parameters, trained in "
-          f"{organism['train_seconds']:.0f} s; held-out template-token accuracy "
-          f"{organism['heldout_template_accuracy']:.1%}, PII-token accuracy "
-          f"{organism['heldout_pii_accuracy']:.1%}")
-    handle = load_model(path)
-    seqs = read_sequences(path, handle.tokenizer, roles=("canary", "nonmember"))
-    labels = label(handle, seqs, LabelConfig())
-    labels.save(out / "labels")
-    print_extraction_table(labels.summary)
-    summary = {"organism": organism, "labels": labels.summary,
-               "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'summary.json'}")
+    (out / "steps").mkdir(parents=True, exist_ok=True)
+    config = config or DemoConfig(preset=preset, arch=arch, seed=seed)
+    d = Demo(out, config, progress)
+    org = d.organism
+    print(f"organism: {d.path}\n  {org['n_parameters']:,} parameters; held-out template "
+          f"accuracy {org['heldout_template_accuracy']:.1%}, PII accuracy "
+          f"{org['heldout_pii_accuracy']:.1%}", flush=True)
+    report = Report("memlens demo report", intro=(
+        f"The {config.preset} {config.arch} organism ({org['n_parameters']:,} parameters), "
+        "trained on synthetic PII records with canaries planted 1, 5, 10, 25 and 100 times "
+        "and held-out non-members. Every figure is interactive (hover, zoom, click legend "
+        "entries)."))
+    summary: dict = {"organism": {k: org[k] for k in ("preset", "arch", "seed", "n_parameters",
+                                                      "heldout_perplexity")}}
+    timings = {}
+    for i, step in enumerate(STEPS, 1):
+        cache = out / "steps" / f"{step}.json"
+        key = d.key(step)
+        cached = json.loads(cache.read_text()) if cache.exists() and not fresh else None
+        t = time.perf_counter()
+        if cached and cached["key"] == key:
+            print(f"[{i}/{len(STEPS)}] {step}: cached", flush=True)
+            sec = Section(**cached["section"])
+        else:
+            print(f"[{i}/{len(STEPS)}] {step} ...", flush=True)
+            sec = Section(TITLES[step], TEXT[step])
+            cached = {"key": key, "summary": RUNNERS[step](d, sec),
+                      "section": asdict(sec)}
+            cache.write_text(json.dumps(cached, default=float))
+        report.sections.append(sec)
+        summary[step] = cached["summary"]
+        timings[step] = round(time.perf_counter() - t, 1)
+        print(f"    {timings[step]:.0f} s", flush=True)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["step_seconds"] = timings
+    report.sections.insert(0, _summary_section(summary))
+    report.write(out / "report.html")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"wrote {out / 'report.html'} and {out / 'summary.json'} "
+          f"in {summary['seconds']:.0f} s")
     return summary
+
+
+def _summary_section(s: dict) -> Section:
+    rows = [
+        ("labels", "100x canaries extracted exactly",
+         f"{s['labels']['exact_extraction_rate_by_duplication']['100']:.0%}"),
+        ("labels", "membership AUROC (Min-K%)", f"{s['labels']['membership_auroc']['min_k']:.3f}"),
+        ("probes", f"best probe ({s['probes']['best_probe']}) AUROC",
+         f"{s['probes']['auroc']:.3f}"),
+    ]
+    for step, what in (("kfac", "K-FAC edit"), ("interventions", "neuron ablation"),
+                       ("steering", "probe-gated steering")):
+        r = s[step]
+        rows.append((step, f"{what}: 100x exact extraction",
+                     f"{r['exact_100x_before']:.0%} -> {r['exact_100x_after']:.0%} at "
+                     f"{r['perplexity_change']:+.1%} perplexity"))
+    ratios = list(s["layernorm"]["grad_ratio_by_module"].values())
+    rows.append(("layernorm", "gradient at LayerNorm input, memorized / clean",
+                 f"{min(ratios):.2f} to {max(ratios):.2f}"))
+    return Section("Summary", "").table(
+        [{"step": a, "measure": b, "value": c} for a, b, c in rows])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from memlens.edits import WeightEdit, tracking_gradients
 from memlens.labels import LabelConfig, Sequence, read_sequences
@@ -125,7 +126,8 @@ def _scale(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def norm_attribution(handle: ModelHandle, token_ids: list[list[int]],
-                     targets: list[list[int]]) -> dict[str, torch.Tensor]:
+                     targets: list[list[int]], progress: bool = False
+                     ) -> dict[str, torch.Tensor]:
     """Per target token and per block normalization layer: the gradient norm at its input and
     its scale.
 
@@ -148,7 +150,9 @@ def norm_attribution(handle: ModelHandle, token_ids: list[list[int]],
     hooks = _capture_inputs(modules, store)
     try:
         with tracking_gradients(handle.model, params=[]):
-            for ids_list, positions in zip(token_ids, targets, strict=True):
+            for ids_list, positions in tqdm(list(zip(token_ids, targets, strict=True)),
+                                            desc="LayerNorm attribution", unit="seq",
+                                            disable=not progress):
                 if not positions:
                     continue
                 ids = torch.tensor([ids_list], device=handle.device)

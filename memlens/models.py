@@ -149,11 +149,14 @@ class ModelHandle:
 
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-               allow_untested: bool = False, attn_implementation: str = "eager") -> ModelHandle:
+               allow_untested: bool = False, attn_implementation: str = "eager",
+               device_map: str | dict | None = None) -> ModelHandle:
     """Load a causal LM and its tokenizer from a local directory or a hub name.
 
     ``attn_implementation="eager"`` keeps the HF view numerically identical to the
     TransformerLens view (which forces eager attention); pass ``"sdpa"`` for speed.
+    ``device_map`` (e.g. ``"auto"``, needs ``accelerate``) spreads a model too large for one
+    device over several; ``device`` is then ignored.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -181,9 +184,16 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
         raise ModelLoadError(
             f"architecture {config.model_type!r} of {name!r} is not one memlens is tested on: "
             f"{listed}. Pass allow_untested=True to try it anyway.")
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ModelLoadError(f"device_map={device_map!r} needs the accelerate package: "
+                                 "pip install accelerate") from None
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation).to(device).eval()
+        attn_implementation=attn_implementation, device_map=device_map)
+    model = (model if device_map is not None else model.to(device)).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -41,3 +41,12 @@ def random_model_dir(arch: str, tokenizer, root, seed: int = 0):
 def random_models(tmp_path_factory, saved_tokenizer):
     root = tmp_path_factory.mktemp("models")
     return {a: random_model_dir(a, saved_tokenizer, root) for a in ("llama", "neox", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory, tiny_organism):
+    """``memlens demo`` on the tiny organism, run once: (output dir, summary)."""
+    from memlens.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, preset="tiny", progress=False)

@@ -136,3 +136,12 @@ def test_reset_views_rebuilds_the_bridge_after_an_edit(random_models):
         assert handle.bridge is not first
         torch.testing.assert_close(handle.bridge(ids), handle.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_device_map_loads_the_same_model(random_models):
+    path = random_models["llama"]
+    ids = torch.tensor([[0, 5, 9, 13]])
+    plain = load_model(path)
+    mapped = load_model(path, device_map="auto")  # CPU-only here: everything on the CPU
+    assert mapped.device.type == "cpu"
+    assert torch.equal(mapped.model(ids).logits, plain.model(ids).logits)

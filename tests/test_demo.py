@@ -1,0 +1,87 @@
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from memlens.demo import STEPS, DemoConfig, run_demo
+from memlens.report import Report, token_view
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
+                  "--virtual-time-budget=15000", "--dump-dom"]
+
+
+def render(path):
+    """The DOM after scripts ran, and every console message, from headless Chromium."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.fail("this test needs Chromium: apt-get install chromium")
+    run = subprocess.run([binary, *CHROMIUM_FLAGS, path.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    return run.stdout, console
+
+
+def test_demo_summary_holds_every_step(tiny_demo):
+    out, summary = tiny_demo
+    written = json.loads((out / "summary.json").read_text())
+    assert set(STEPS) | {"seconds"} <= set(written)
+    assert {k: written[k] for k in STEPS} == json.loads(json.dumps(
+        {k: summary[k] for k in STEPS}, default=float))
+    assert summary["labels"]["exact_extraction_rate_by_duplication"]["100"] >= 0.9
+    assert summary["labels"]["exact_extraction_rate_by_duplication"]["0"] == 0.0
+    assert summary["probes"]["auroc"] > 0.8
+    for step in ("kfac", "interventions", "steering"):
+        r = summary[step]
+        assert r["exact_100x_before"] == summary["labels"]["before"][
+            "exact_extraction_rate_by_duplication"]["100"]
+        assert 0 <= r["exact_100x_after"] <= 1 and r["perplexity_after"] > 1
+        assert r["perplexity_after"] != r["perplexity_before"]  # the edit took effect
+    assert len(summary["layernorm"]["grad_ratio_by_module"]) == 4  # 2 blocks x 2 norms
+
+
+def test_demo_second_run_reuses_every_step(tiny_demo, capsys):
+    out, first = tiny_demo
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()}
+    again = run_demo(out, config=DemoConfig(preset="tiny"), progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count(": cached") == len(STEPS)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()} == stamps
+    assert {k: again[k] for k in STEPS} == json.loads(json.dumps(
+        {k: first[k] for k in STEPS}, default=float))
+
+
+def test_report_renders_offline_in_headless_chromium(tiny_demo):
+    out, _ = tiny_demo
+    page = (out / "report.html").read_text()
+    # Offline: plotly.js is inline (megabytes of it) and nothing is fetched.
+    assert re.search(r"<(script|link)[^>]+(src|href)=", page) is None and len(page) > 3e6
+    dom, console = render(out / "report.html")
+    assert console == [], console
+    n_figures = page.count('class="plotly-graph-div"')
+    assert n_figures >= 8
+    # Each figure Plotly draws gets its own SVG root; none is left empty.
+    assert dom.count('class="main-svg"') >= n_figures
+    assert dom.count('class="plotly-graph-div') == n_figures
+    assert "token-view" in dom and dom.count("class=\"tok\"") > 100
+
+
+def test_token_text_is_escaped_and_renders_as_text(tmp_path):
+    planted = "<script>document.title='pwned'</script>"
+    view = token_view([{"title": "a <b>record</b>", "tokens": [
+        {"text": "Name:", "label": "generic"},
+        {"text": planted, "label": "memorized", "score": 0.9, "hover": "x' onmouseover='y"},
+    ]}])
+    assert planted not in view and "<b>record" not in view
+    assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in view
+    assert "onmouseover=&#x27;y" in view
+    report = Report("escape check")
+    report.section("tokens").html(view)
+    dom, console = render(report.write(tmp_path / "r.html"))
+    assert console == []
+    assert "<title>escape check</title>" in dom and "pwned</title>" not in dom
+    # Rendered as text: the browser re-serializes it escaped inside the token's span.
+    assert re.search(r"<span class=\"tok\"[^>]*>&lt;script&gt;document.title=", dom)
