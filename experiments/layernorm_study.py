@@ -49,7 +49,10 @@ from memlens.layernorm import (
 )
 from memlens.organism import get_preset
 
-ARCHS = {"opt": "Pre-LN", "opt-postln": "Post-LN"}
+# The controlled pair: the same OPT decoder with LayerNorm before or after each residual add.
+# Other organism archs can join with --archs (llama: Pre-LN with RMSNorm, gain only).
+ARCHS = {"opt": "Pre-LN", "opt-postln": "Post-LN", "llama": "Pre-RMSNorm (llama)",
+         "neox": "Pre-LN (neox)", "gpt2": "Pre-LN (gpt2)"}
 # Memorization is scored on canaries repeated this often or more: the organisms recite
 # 25x and 100x canaries fully and 10x ones in part, so removal effects show there.
 MIN_DUPLICATION = 10
@@ -149,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                     help="organism seeds (each seed draws its own corpus); about 11 min each")
     ap.add_argument("--out", type=Path, default=Path("experiments/results"))
+    ap.add_argument("--archs", nargs="+", default=["opt", "opt-postln"], choices=list(ARCHS),
+                    help="organism archs (default: the Pre-LN / Post-LN OPT pair)")
     ap.add_argument("--device", default="cpu", help="where organisms train and run (cuda)")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="instead of running: pool earlier runs' layernorm_study.json files "
@@ -167,7 +172,7 @@ def main(argv=None) -> None:
             conditions += r["conditions"]
             attribution += r["attribution"]
     for seed in [] if args.merge else args.seeds:
-        for arch in ARCHS:
+        for arch in args.archs:
             c, a = run_arch(args.preset, arch, seed, LabelConfig(), args.device)
             conditions += c
             attribution += a

@@ -271,6 +271,13 @@ def step_interventions(d: Demo, sec: Section) -> dict:
     table = top_neurons(d.handle, scores, d.config.localize_budget)
     with ablate_neurons(d.handle, table):
         after = d.after()
+    curve = []
+    for budget in sorted({d.config.localize_budget, 0.03, 0.1}):
+        with ablate_neurons(d.handle, top_neurons(d.handle, scores, budget)):
+            m = d.after(loose=False)
+        curve.append({"budget": budget, "perplexity": m["perplexity"],
+                      **{f"{k}x": v for k, v in m["exact_extraction_rate_by_duplication"].items()
+                         if k in ("10", "25", "100")}})
     fig, headline = _before_after(d.before, after, f"Ablating the {len(table)} neurons "
                                   f"{d.config.localize_method} finds")
     heat = go.Figure(go.Heatmap(z=scores.numpy(), colorscale="Viridis",
@@ -279,9 +286,19 @@ def step_interventions(d: Demo, sec: Section) -> dict:
     heat.update_layout(title=f"{d.config.localize_method} score of every MLP neuron for "
                        f"{len(targets)} recited canaries", xaxis_title="neuron",
                        yaxis_title="block", height=300)
-    sec.figure(heat).figure(fig)
+    sweep = go.Figure()
+    for dup in ("100x", "25x", "10x"):
+        sweep.add_scatter(x=[c["perplexity"] for c in curve], y=[c[dup] for c in curve],
+                          mode="lines+markers", name=f"{dup} canaries",
+                          text=[f"top {c['budget']:.0%} per layer" for c in curve],
+                          hovertemplate="%{text}<br>perplexity %{x:.3f}<br>exact "
+                                        "%{y:.0%}<extra></extra>")
+    sweep.update_layout(title="Ablating more neurons: exact extraction vs clean perplexity",
+                        xaxis_title="perplexity", yaxis_tickformat=".0%", height=380)
+    sec.figure(heat).figure(fig).figure(sweep)
     sec.table(table.head(12)[["rank", "layer", "neuron", "score"]])
     return {**headline, "method": d.config.localize_method, "n_neurons": len(table),
+            "budget_curve": curve,
             "neurons_per_layer": {str(k): int(v) for k, v in
                                   table.groupby("layer").size().items()}}
 
@@ -363,7 +380,10 @@ TEXT = {
             "drops the components that hold up the recitation of the even-half canaries per "
             "unit of predicted KL. Scores are on the odd half.",
     "interventions": "MLP neurons scored by how much ablating each one lowers the "
-                     "log-probability of recited canaries; the top ones are then ablated.",
+                     "log-probability of recited canaries; the top ones are then ablated. "
+                     "The curve shows how much must go before heavily duplicated canaries "
+                     "stop being recited: in the organism, memorization is not held by a few "
+                     "neurons.",
     "steering": "A probe at one site gates a steering vector per token: the vector is "
                 "subtracted only where the probe sees memorization.",
     "layernorm": "Per normalization layer: the gradient at its input for memorized PII tokens "
@@ -402,27 +422,32 @@ def run_demo(out: str | Path = "memlens-demo", preset: str = "small", arch: str 
         "entries)."))
     summary: dict = {"organism": {k: org[k] for k in ("preset", "arch", "seed", "n_parameters",
                                                       "heldout_perplexity")}}
-    timings = {}
+    timings, reused = {}, []
     for i, step in enumerate(STEPS, 1):
         cache = out / "steps" / f"{step}.json"
         key = d.key(step)
         cached = json.loads(cache.read_text()) if cache.exists() and not fresh else None
         t = time.perf_counter()
         if cached and cached["key"] == key:
-            print(f"[{i}/{len(STEPS)}] {step}: cached", flush=True)
+            print(f"[{i}/{len(STEPS)}] {step}: cached (computed in {cached['seconds']:.0f} s)",
+                  flush=True)
             sec = Section(**cached["section"])
+            reused.append(step)
         else:
             print(f"[{i}/{len(STEPS)}] {step} ...", flush=True)
             sec = Section(TITLES[step], TEXT[step])
-            cached = {"key": key, "summary": RUNNERS[step](d, sec),
-                      "section": asdict(sec)}
+            result = RUNNERS[step](d, sec)
+            cached = {"key": key, "summary": result, "section": asdict(sec),
+                      "seconds": round(time.perf_counter() - t, 1)}
             cache.write_text(json.dumps(cached, default=float))
+            print(f"    {cached['seconds']:.0f} s", flush=True)
         report.sections.append(sec)
         summary[step] = cached["summary"]
-        timings[step] = round(time.perf_counter() - t, 1)
-        print(f"    {timings[step]:.0f} s", flush=True)
+        timings[step] = cached["seconds"]
+    # This run's wall time; step_seconds are what each step took when it was computed.
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["step_seconds"] = timings
+    summary["cached_steps"] = reused
     report.sections.insert(0, _summary_section(summary))
     report.write(out / "report.html")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

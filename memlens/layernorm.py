@@ -381,7 +381,7 @@ _PANELS = (("exact_extraction_rate", "memorization: exact extraction"),
            ("memorized_loss", "memorization: memorized-PII loss"),
            ("heldout_loss", "learning: template loss"),
            ("recovery", "recovery: PII -> generic"))
-_KIND_COLORS = {"Pre-LN": "#1f77b4", "Post-LN": "#d62728"}
+_KIND_COLORS = {"Pre-LN": "#1f77b4", "Post-LN": "#d62728", "Pre-RMSNorm (llama)": "#2ca02c"}
 
 
 def _value(row: dict, key: str) -> float:

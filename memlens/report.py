@@ -32,7 +32,7 @@ table.dataframe { border-collapse: collapse; font-size: 0.9em; margin: 0.8em 0; 
 table.dataframe td, table.dataframe th { border: 1px solid #ddd; padding: 3px 8px; }
 .tokens { font-family: ui-monospace, monospace; font-size: 0.85em; line-height: 1.9; }
 .tokens .seq { margin: 0.6em 0; } .tokens .seq-title { font-weight: 600; margin-right: 0.5em; }
-.tokens span.tok { white-space: pre; border-radius: 2px; padding: 1px 0; }
+.tokens span.tok { white-space: pre-wrap; border-radius: 2px; padding: 1px 0; }
 .tokens.by-label span.tok { background: var(--label); }
 .tokens.by-probe span.tok { background: var(--probe); }
 .legend span { padding: 1px 6px; margin-right: 6px; border-radius: 2px; }
