@@ -2,8 +2,9 @@
 
 Steps, in order: labels, probes, kfac, interventions (localization and ablation), steering,
 layernorm. Each writes its headline numbers and its part of the report to
-``OUT/steps/NAME.json``, keyed by the organism's weights and the step's settings; a second run
-reuses every step whose key still matches and only rebuilds the page. The canaries are split
+``OUT/steps/NAME.json``, keyed by the organism's weights, the memlens version and the demo's
+settings; a second run reuses every step whose key still matches and only rebuilds the page
+(an interrupted run resumes at the step it was in). The canaries are split
 in two: probes, directions and edits come from the even half, every before/after score from
 the odd half (and perplexity from the odd half of the non-members).
 
