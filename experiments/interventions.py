@@ -28,11 +28,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from memlens import load_model, organism_path, read_sequences
+from memlens import load_model, organism_path
+from memlens.core.metrics import edit_metrics, exact_extraction
+from memlens.core.sequences import Sequence
 from memlens.corpus import CorpusConfig, build_corpus
-from memlens.edits import edit_metrics, exact_extraction
 from memlens.interventions import add_vector
-from memlens.labels import LabelConfig, Sequence, label
+from memlens.labels import LabelConfig, label
 from memlens.localize import (
     METHODS,
     LocalizeConfig,
@@ -42,7 +43,8 @@ from memlens.localize import (
     recall,
     top_neurons,
 )
-from memlens.steering import memorization_states, probe_vector, steer
+from memlens.splits import Splits
+from memlens.steering import memorization_states, steer, steering_vector
 from memlens.subnet import SubnetConfig, balanced_subnet
 
 
@@ -135,7 +137,7 @@ def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites)
         def baseline_gate(x, unit=unit, mid=mid):
             return torch.sigmoid(x.float() @ unit - mid)
 
-        probe_dir = probe_vector(probe) * (diff.norm() / probe_vector(probe).norm())
+        probe_dir = steering_vector(probe)  # the probe's direction, |mean difference| long
         variants = {
             "static, mean difference": lambda a, s=site, d=diff: steer(handle, s, d, a),
             "baseline gate (sigmoid of projection), mean difference":
@@ -180,15 +182,10 @@ def main():
     args = ap.parse_args()
     path = organism_path(args.preset, args.arch)
     handle = load_model(path)
-    corpus = path / "corpus.jsonl"
-    seqs = read_sequences(corpus, handle.tokenizer, roles=("canary", "nonmember"))
-    canaries = [s for s in seqs if s.duplication]
-    nonmembers = [s for s in seqs if not s.duplication]
-    aim, eval_canaries = canaries[0::2], canaries[1::2]
-    aim_ids = {s.id for s in aim + nonmembers[0::2]}
-    heldout = [s.token_ids for s in nonmembers[1::2]]
-    general = [s.token_ids for s in read_sequences(corpus, handle.tokenizer,
-                                                   roles=("general",))]
+    splits = Splits.from_organism(path, handle.tokenizer)
+    seqs, eval_canaries, heldout = splits.labeled, splits.evaluation, splits.heldout
+    aim_ids = {s.id for s in splits.aim + splits.aim_nonmembers}
+    general = [s.token_ids for s in splits.general]
     cfg = LabelConfig()
     before = edit_metrics(handle, eval_canaries, heldout, cfg)
     result = {"organism": str(path), "before": before}
@@ -199,7 +196,7 @@ def main():
         result.update(run_inject(handle, seqs, general, eval_canaries, heldout, args.records,
                                  cfg))
     if "subnet" in args.parts:
-        result["balanced_subnet"] = run_subnet(handle, aim, eval_canaries, general, heldout,
+        result["balanced_subnet"] = run_subnet(handle, splits.aim, eval_canaries, general, heldout,
                                                cfg, before)
     if "steer" in args.parts:
         sites = [f"blocks.{i}.hook_resid_post" for i in range(1, handle.n_layers)]

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from memlens import load_model, organism_path, read_sequences
+from memlens import load_model, organism_path
+from memlens.core.metrics import edit_metrics, exact_extraction
+from memlens.core.modules import mlp_output_layers
 from memlens.curvature import (
     KFACConfig,
     apply_weights,
@@ -40,15 +42,14 @@ from memlens.curvature import (
     component_loading,
     eigenbasis,
     kfac_weights,
-    loading_figure,
-    mass_curve_figure,
+    mass_curves,
     memorization_gradient,
-    pareto_figure,
-    spectrum_figure,
+    spectra,
     svd_weights,
 )
-from memlens.edits import edit_metrics, exact_extraction, mlp_output_layers
+from memlens.figures import loading_figure, mass_curve_figure, pareto_figure, spectrum_figure
 from memlens.labels import LabelConfig
+from memlens.splits import Splits
 
 RHOS = [0.98, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8, 0.7]
 KL_BUDGETS = [0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15]
@@ -61,12 +62,10 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     path = organism_path(preset, arch)
     handle = load_model(path)
-    corpus = path / "corpus.jsonl"
-    tok = handle.tokenizer
-    general = [s.token_ids for s in read_sequences(corpus, tok, roles=("general",))]
-    canaries = read_sequences(corpus, tok, roles=("canary",))
-    heldout = [s.token_ids for s in read_sequences(corpus, tok, roles=("nonmember",))]
-    aim_half, eval_half = canaries[0::2], canaries[1::2]
+    splits = Splits.from_organism(path, handle.tokenizer)
+    general = [s.token_ids for s in splits.general]
+    aim_half, eval_half = splits.aim, splits.evaluation
+    heldout = [s.token_ids for s in splits.nonmembers]
     cfg = LabelConfig()
 
     factors = collect_factors(handle, general, KFACConfig(max_tokens=tokens), progress=False)
@@ -155,7 +154,7 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path) -> dict:
     result["loading_by_curvature_bin"] = {
         k: v.groupby("bin").loading.mean().round(5).tolist() for k, v in loads.items()}
     figs = [pareto_figure(df, baseline_x=base_ppl), loading_figure(loads),
-            spectrum_figure(basis), mass_curve_figure(basis)]
+            spectrum_figure(spectra(basis)), mass_curve_figure(mass_curves(basis))]
     html = out_dir / f"kfac_edit_{arch}.html"
     html.write_text("\n".join(f.to_html(full_html=False, include_plotlyjs=i == 0)
                               for i, f in enumerate(figs)))

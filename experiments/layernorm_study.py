@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from memlens import load_model, organism_path
+from memlens.figures import gradient_ratio_figure, group_bars_figure, layer_heatmap_figure
 from memlens.labels import LabelConfig
 from memlens.layernorm import (
     GROUPS,
@@ -39,15 +40,12 @@ from memlens.layernorm import (
     attribution_table,
     attribution_targets,
     condition_metrics,
-    gradient_ratio_figure,
-    group_bars_figure,
     layer_groups,
-    layer_heatmap_figure,
     memorized_pii_positions,
     norm_attribution,
     remove_norm_params,
 )
-from memlens.organism import get_preset
+from memlens.splits import Splits
 
 # The controlled pair: the same OPT decoder with LayerNorm before or after each residual add.
 # Other organism archs can join with --archs (llama: Pre-LN with RMSNorm, gain only).
@@ -62,8 +60,7 @@ def run_arch(preset: str, arch: str, seed: int, cfg: LabelConfig, device: str
              ) -> tuple[list, list]:
     path = organism_path(preset, arch, seed, device=device)
     handle = load_model(path, device=device)
-    data = StudyData.from_organism(path, handle.tokenizer)
-    max_len = get_preset(preset).max_len
+    data = StudyData.from_splits(Splits.from_organism(path, handle.tokenizer))
     groups = layer_groups(handle.n_layers)
     pii_positions = memorized_pii_positions(handle, data.canaries, cfg)
     base = dict(arch=arch, layernorm=ARCHS[arch], seed=seed, device=device)
@@ -72,7 +69,7 @@ def run_arch(preset: str, arch: str, seed: int, cfg: LabelConfig, device: str
     def add(when, group, layers, h):
         t0 = time.perf_counter()
         row = {**base, "when": when, "removed_group": group, "removed_layers": layers,
-               **condition_metrics(h, data, pii_positions, cfg, MIN_DUPLICATION, max_len)}
+               **condition_metrics(h, data, pii_positions, cfg, MIN_DUPLICATION)}
         conditions.append(row)
         print(f"{ARCHS[arch]:8s} seed {seed} {when:8s} {group:7s} "
               f"exact>={MIN_DUPLICATION}x {row['exact_extraction_rate']:.2f}  "
@@ -82,7 +79,7 @@ def run_arch(preset: str, arch: str, seed: int, cfg: LabelConfig, device: str
               f"recovery {row['recovery']['recovered']:.2f}  "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    unedited = condition_metrics(handle, data, pii_positions, cfg, MIN_DUPLICATION, max_len)
+    unedited = condition_metrics(handle, data, pii_positions, cfg, MIN_DUPLICATION)
     for when in ("posthoc", "training"):
         conditions.append({**base, "when": when, "removed_group": "none", "removed_layers": [],
                            **unedited})

@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 from faker import Faker
 
+from memlens.core.errors import ConfigError
+from memlens.core.sequences import PiiSpan
+
 # Each slot is either a PII field (random per record) or a generic filler drawn
 # from a short list (learnable distribution, never memorized).
 TEMPLATES: dict[str, list[str]] = {
@@ -77,15 +80,6 @@ PII_FIELDS = ("name", "dob", "date", "job", "company", "address", "phone", "emai
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
-@dataclass(frozen=True)
-class PiiSpan:
-    """A PII value at characters ``[start, end)`` of a record's text."""
-
-    field: str
-    start: int
-    end: int
-
-
 @dataclass
 class Record:
     """One document of the corpus.
@@ -125,7 +119,7 @@ class CorpusConfig:
     def __post_init__(self):
         self.duplication_counts = tuple(int(c) for c in self.duplication_counts)
         if any(c < 1 for c in self.duplication_counts):
-            raise ValueError(f"duplication_counts must be >= 1, got {self.duplication_counts}")
+            raise ConfigError(f"duplication_counts must be >= 1, got {self.duplication_counts}")
 
 
 @dataclass

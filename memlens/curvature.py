@@ -24,20 +24,16 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from memlens.edits import (
-    WeightEdit,
-    find_layers,
-    linear_modules,
-    linear_weight,
-    tracking_gradients,
-)
-from memlens.models import ModelHandle
+from memlens.core.errors import ConfigError, DataError, MissingArtifactError, UserError
+from memlens.core.identity import Identity
+from memlens.core.model import ModelHandle
+from memlens.core.modules import find_layers, linear_modules, linear_weight, tracking_gradients
+from memlens.core.progress import progress as progress_bar
+from memlens.core.scoring import batches, forward, objective, predicts
+from memlens.edits import WeightEdit
 
 MODES = ("true", "empirical")
 
@@ -63,10 +59,10 @@ class KFACConfig:
     def __post_init__(self):
         self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} is not one of {MODES}: 'true' samples labels "
+            raise ConfigError(f"mode {self.mode!r} is not one of {MODES}: 'true' samples labels "
                              "from the model (true Fisher), 'empirical' uses the gold tokens")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -82,7 +78,13 @@ class Factors:
     def layers(self) -> list[str]:
         return list(self.A)
 
+    @property
+    def identity(self) -> Identity:
+        return Identity.from_json(self.meta.get("identity"), "the factors")
+
     def save(self, path: str | Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        """One safetensors file: ``NAME.A`` and ``NAME.G`` per layer; the token count, layer
+        names and identity header in its ``memlens`` metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = dict(extra or {})
@@ -98,41 +100,16 @@ class Factors:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no factor file at {path}; create one with "
-                                    "`memlens kfac collect --model DIR --data ... --out FILE`")
+            raise MissingArtifactError(f"no factor file at {path}; create one with `memlens "
+                                       "kfac collect --model DIR --data ... --out FILE`")
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("memlens", "{}"))
         if "layers" not in meta:
-            raise ValueError(f"{path} is not a memlens factor file (no 'memlens' metadata)")
+            raise DataError(f"{path} is not a memlens factor file (no 'memlens' metadata)")
+        Identity.from_json(meta.get("identity"), str(path)).expect_kind("factors", str(path))
         tensors = load_file(str(path))
         return cls({n: tensors[f"{n}.A"] for n in meta["layers"]},
                    {n: tensors[f"{n}.G"] for n in meta["layers"]}, meta.pop("tokens"), meta)
-
-
-def _sample_labels(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One label per row from softmax(logits), by inverse CDF (one uniform draw per row;
-    ``torch.multinomial`` draws one exponential per vocabulary entry and is far slower)."""
-    cdf = logits.detach().float().softmax(-1).cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device)
-    u = u * cdf[..., -1:]
-    return torch.searchsorted(cdf, u)[..., 0].clamp_max(cdf.shape[-1] - 1)
-
-
-def _objective(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, mode: str,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """Summed over kept positions: next-token loss (gold or sampled labels), or the gold
-    token's log-odds ``z_y - logsumexp_{k != y} z_k`` for ``mode="margin"`` (which, unlike
-    the loss, does not vanish on text the model predicts with certainty)."""
-    logits = logits[:, :-1]
-    gold = ids[:, 1:]
-    if mode == "margin":
-        logits, gold = logits[keep].float(), gold[keep]
-        z_gold = logits.gather(-1, gold[:, None])[:, 0]
-        return (z_gold - logits.scatter(-1, gold[:, None], float("-inf")).logsumexp(-1)).sum()
-    labels = gold if mode == "empirical" else _sample_labels(logits, generator)
-    labels = labels.masked_fill(~keep, -100)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             labels.reshape(-1), reduction="sum")
 
 
 def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mode: str,
@@ -162,20 +139,18 @@ def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mod
         return fn
 
     hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
-    batches = list(range(0, len(seqs), batch_size))
+    starts = list(range(0, len(seqs), batch_size))
     try:
         with tracking_gradients(handle.model):
-            for b in tqdm(range(first_batch, len(batches)), disable=not progress, desc=desc,
-                          unit="batch", initial=first_batch, total=len(batches)):
-                i = batches[b]
-                ids, mask = handle.pad(seqs[i:i + batch_size], side="right")
-                keep = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
-                keep[:, :max(start - 1, 0)] = False
+            for b in progress_bar(range(first_batch, len(starts)), disable=not progress,
+                                  desc=desc, unit="batch", initial=first_batch,
+                                  total=len(starts)):
+                ids, mask = handle.pad(seqs[starts[b]:starts[b] + batch_size])
+                keep = predicts(mask, start)
                 state.update(keep=torch.cat([keep, torch.zeros_like(keep[:, :1])], 1).reshape(-1),
                              inputs={}, rows={}, outputs=[])
-                logits = handle.model(input_ids=ids, attention_mask=mask).logits
-                objective = _objective(logits, ids, keep, mode, generator)
-                grads = torch.autograd.grad(objective, [o for _, o in state["outputs"]])
+                loss = objective(forward(handle, ids, mask), ids, keep, mode, generator)
+                grads = torch.autograd.grad(loss, [o for _, o in state["outputs"]])
                 yield b, {name: (state["rows"][name],
                                  g.reshape(-1, g.shape[-1])[state["keep"]].float())
                           for (name, _), g in zip(state["outputs"], grads, strict=True)}
@@ -193,7 +168,8 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
 
     Positions whose next token is padding or absent are dropped, as in the published code.
     With ``out``, the result is saved there and a partial sum is checkpointed every
-    ``checkpoint_every`` batches to ``OUT.partial``; an interrupted run resumes from it.
+    ``checkpoint_every`` batches to ``OUT.partial``; an interrupted run resumes from it, and a
+    finished one with the same identity (model, sequences, config) is loaded, not redone.
     """
     cfg = cfg or KFACConfig()
     names = find_layers(handle.model, cfg.layers)
@@ -204,16 +180,19 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
     G = {n: torch.zeros(d[0], d[0], device=dev) for n, d in dims.items()}
     seqs = [list(s[:cfg.max_len]) for s in token_ids if len(s[:cfg.max_len]) >= 2]
     if not seqs:
-        raise ValueError("collect_factors needs sequences of at least two tokens")
-    meta = {"model": handle.name, "model_hash": handle.weights_hash(), "config": asdict(cfg),
-            "n_sequences": len(seqs)}
+        raise DataError("collect_factors needs sequences of at least two tokens")
+    identity = Identity.make("factors", handle, seqs, asdict(cfg))
+    meta = {"identity": identity.to_json(), "n_sequences": len(seqs)}
     generator = torch.Generator(device=dev).manual_seed(cfg.seed)
     first, tokens = 0, 0
+    if out is not None and Path(out).is_file():
+        done = Factors.load(out)
+        if done.meta.get("identity") == meta["identity"]:
+            return done  # the same collection finished before
     partial = Path(f"{out}.partial") if out is not None else None
     if partial is not None and partial.is_file():
         saved = Factors.load(partial)
-        if {k: saved.meta.get(k) for k in ("model_hash", "config")} == \
-                {k: meta[k] for k in ("model_hash", "config")}:
+        if saved.meta.get("identity") == meta["identity"]:
             A = {n: saved.A[n].to(dev) for n in names}
             G = {n: saved.G[n].to(dev) for n in names}
             first, tokens = saved.meta["next_batch"], saved.tokens
@@ -236,7 +215,7 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
             rows.close()
             break
     if tokens == 0:
-        raise ValueError("no token had a next token to predict; check the sequences")
+        raise DataError("no token had a next token to predict; check the sequences")
     meta["seconds"] = round(time.perf_counter() - t0, 2)
     factors = Factors({n: a / tokens for n, a in A.items()},
                       {n: g / tokens for n, g in G.items()}, tokens, meta)
@@ -256,13 +235,9 @@ def memorization_gradient(handle: ModelHandle, seqs: list[list[int]], layers: li
               if p is not None]
     sums = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
     with tracking_gradients(handle.model):
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = handle.pad(seqs[i:i + batch_size], side="right")
-            keep = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
-            keep[:, :max(start - 1, 0)] = False
-            logits = handle.model(input_ids=ids, attention_mask=mask).logits
-            objective = _objective(logits, ids, keep, "margin", None)
-            for total, g in zip(sums, torch.autograd.grad(objective, [p for _, p in params]),
+        for _, ids, mask in batches(handle, seqs, batch_size):
+            margin = objective(forward(handle, ids, mask), ids, predicts(mask, start), "margin")
+            for total, g in zip(sums, torch.autograd.grad(margin, [p for _, p in params]),
                                 strict=True):
                 total += g.float()
     grads = {id(p): g for (_, p), g in zip(params, sums, strict=True)}
@@ -297,7 +272,7 @@ class LayerBasis:
         ``rho = 1`` keeps every component, those of zero curvature included (no edit).
         """
         if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"keep-mass rho must lie in [0, 1], got {rho}")
+            raise ConfigError(f"keep-mass rho must lie in [0, 1], got {rho}")
         if rho == 1.0:
             return torch.ones_like(self.curvature, dtype=torch.bool)
         flat = self.curvature.flatten()
@@ -326,7 +301,7 @@ def eigenbasis(factors: Factors, layers: list[str] | None = None) -> dict[str, L
     out = {}
     for name in layers or factors.layers:
         if name not in factors.A:
-            raise KeyError(f"no factors for layer {name!r}; the file has {factors.layers}")
+            raise UserError(f"no factors for layer {name!r}; the file has {factors.layers}")
         out[name] = LayerBasis(*_eig_desc(factors.G[name]), *_eig_desc(factors.A[name]))
     return out
 
@@ -349,7 +324,7 @@ def kfac_weights(handle: ModelHandle, basis: dict[str, LayerBasis],
         W = linear_weight(modules[name]).cpu()
         out[name] = b.unproject(b.project(W) * b.keep_mask(r))
     if not out:
-        raise ValueError(f"rho {rho!r} selects none of the layers {list(basis)}")
+        raise ConfigError(f"rho {rho!r} selects none of the layers {list(basis)}")
     return out
 
 
@@ -375,7 +350,7 @@ def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget:
     of recitation log-odds per unit of cost, so layers and projections are chosen by the data.
     """
     if kl_budget < 0:
-        raise ValueError(f"kl_budget is a KL in nats per token and must be >= 0, got {kl_budget}")
+        raise ConfigError(f"kl_budget is a KL in nats per token and must be >= 0, got {kl_budget}")
     modules = linear_modules(handle.model)
     coords, costs, ranks = {}, [], []
     for name, b in basis.items():
@@ -385,7 +360,7 @@ def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget:
         costs.append(cost.flatten())
         if memorized_grad is not None:
             if name not in memorized_grad:
-                raise KeyError(f"memorized_grad has no layer {name!r}; compute it for the "
+                raise UserError(f"memorized_grad has no layer {name!r}; compute it for the "
                                "same layers as the factors")
             support = C * b.project(memorized_grad[name].cpu())
             ranks.append(torch.where(support > 0, -support / cost.clamp_min(1e-30),
@@ -415,7 +390,7 @@ def kfac_edit(handle: ModelHandle, basis: dict[str, LayerBasis], rho=None,
     ``kl_budget`` (and optionally ``memorized_grad``) for :func:`budget_weights`.
     """
     if (rho is None) == (kl_budget is None):
-        raise ValueError("give exactly one of rho (keep-mass edit) or kl_budget")
+        raise ConfigError("give exactly one of rho (keep-mass edit) or kl_budget")
     weights = (kfac_weights(handle, basis, rho) if rho is not None
                else budget_weights(handle, basis, kl_budget, memorized_grad))
     with apply_weights(handle, weights) as edit:
@@ -456,7 +431,7 @@ def component_loading(handle: ModelHandle, basis: dict[str, LayerBasis],
             sums[name] = sums[name] + pg.T @ pa
         n_tokens += len(a)
     if n_tokens == 0:
-        raise ValueError(f"no token at position >= {start} in {len(seqs)} sequences")
+        raise DataError(f"no token at position >= {start} in {len(seqs)} sequences")
     rows = []
     for name, b in basis.items():
         order = b.curvature.flatten().argsort(descending=True)
@@ -466,71 +441,24 @@ def component_loading(handle: ModelHandle, basis: dict[str, LayerBasis],
     return pd.DataFrame(rows)
 
 
-def spectrum_figure(basis: dict[str, LayerBasis]) -> go.Figure:
-    """Eigenvalues of A and G per layer (log scale), highest first."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("A = E[a a^T] (inputs)",
-                                                        "G = E[g g^T] (output gradients)"))
-    for k, (name, b) in enumerate(basis.items()):
-        color = _color(k)
-        for col, vals in ((1, b.eig_A), (2, b.eig_G)):
-            fig.add_scatter(x=list(range(1, len(vals) + 1)), y=vals.clamp_min(1e-12).tolist(),
-                            name=name, legendgroup=name, showlegend=col == 1, mode="lines",
-                            line_color=color, row=1, col=col)
-    fig.update_yaxes(type="log", title_text="eigenvalue")
-    fig.update_xaxes(type="log", title_text="rank")
-    fig.update_layout(title="K-FAC factor spectra", height=420)
-    return fig
+def spectra(basis: dict[str, LayerBasis]) -> pd.DataFrame:
+    """Eigenvalues of every layer's factors as a table: layer, factor (A or G), rank
+    (1 = largest), eigenvalue."""
+    rows = [pd.DataFrame({"layer": name, "factor": factor,
+                          "rank": range(1, len(vals) + 1), "eigenvalue": vals.tolist()})
+            for name, b in basis.items() for factor, vals in (("A", b.eig_A), ("G", b.eig_G))]
+    return pd.concat(rows, ignore_index=True)
 
 
-def mass_curve_figure(basis: dict[str, LayerBasis], n_points: int = 400) -> go.Figure:
-    """Cumulative curvature mass against the fraction of components kept, highest first."""
-    fig = go.Figure()
-    for k, (name, b) in enumerate(basis.items()):
+def mass_curves(basis: dict[str, LayerBasis], n_points: int = 400) -> pd.DataFrame:
+    """Per layer, the fraction of curvature mass kept against the fraction of components
+    kept (highest curvature first), at ``n_points`` log-spaced points: layer, components,
+    mass."""
+    rows = []
+    for name, b in basis.items():
         frac, cum = b.mass_curve()
         idx = torch.unique(torch.logspace(0, torch.log10(torch.tensor(float(len(frac)))).item(),
                                           n_points).long().clamp(1, len(frac)) - 1)
-        fig.add_scatter(x=frac[idx].tolist(), y=cum[idx].tolist(), name=name, mode="lines",
-                        line_color=_color(k))
-    fig.update_layout(title="Curvature mass kept vs components kept",
-                      xaxis=dict(title="fraction of components (highest curvature first)",
-                                 type="log"),
-                      yaxis=dict(title="fraction of curvature mass", range=[0, 1.02]))
-    return fig
-
-
-def loading_figure(loadings: dict[str, pd.DataFrame]) -> go.Figure:
-    """Mean loading per curvature bin for groups of tokens, e.g. memorized vs clean."""
-    fig = go.Figure()
-    for k, (group, df) in enumerate(loadings.items()):
-        mean = df.groupby("bin")["loading"].mean()
-        fig.add_bar(x=[int(b) for b in mean.index], y=mean.tolist(), name=group,
-                    marker_color=_color(k))
-    fig.update_layout(title="Where tokens load: components binned by curvature",
-                      xaxis=dict(title="curvature bin (0 = highest curvature)", dtick=1),
-                      yaxis_title="mean loading (averaged over layers)", barmode="group")
-    return fig
-
-
-def pareto_figure(points: pd.DataFrame, x: str = "perplexity",
-                  y: str = "exact_100", baseline_x: float | None = None) -> go.Figure:
-    """Extraction against perplexity, one line per method (``points`` has a 'method' column)."""
-    fig = go.Figure()
-    for k, (method, df) in enumerate(points.groupby("method", sort=False)):
-        df = df.sort_values(x)
-        fig.add_scatter(x=df[x], y=df[y], name=str(method), mode="lines+markers",
-                        line_color=_color(k),
-                        text=[f"{p}" for p in df.get("param", [""] * len(df))],
-                        hovertemplate="%{text}<br>perplexity %{x:.3f}<br>extraction %{y:.3f}")
-    if baseline_x is not None:
-        fig.add_vline(x=baseline_x, line_dash="dot", annotation_text="unedited")
-        fig.add_vline(x=baseline_x * 1.1, line_dash="dash", annotation_text="+10%")
-    fig.update_layout(title="Memorization removal: extraction vs clean perplexity",
-                      xaxis_title="perplexity on held-out clean text",
-                      yaxis=dict(title="exact extraction rate", range=[-0.02, 1.02]))
-    return fig
-
-
-def _color(k: int) -> str:
-    from plotly.colors import qualitative
-
-    return qualitative.Plotly[k % len(qualitative.Plotly)]
+        rows.append(pd.DataFrame({"layer": name, "components": frac[idx].tolist(),
+                                  "mass": cum[idx].tolist()}))
+    return pd.concat(rows, ignore_index=True)

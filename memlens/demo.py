@@ -1,12 +1,16 @@
-"""``memlens demo``: the whole pipeline on the embedded organism, into one report.
+"""``memlens demo``: the whole artifact chain on the embedded organism, into one report.
 
 Steps, in order: labels, probes, kfac, interventions (localization and ablation), steering,
-layernorm. Each writes its headline numbers and its part of the report to
-``OUT/steps/NAME.json``, keyed by the organism's weights, the memlens version and the demo's
-settings; a second run reuses every step whose key still matches and only rebuilds the page
-(an interrupted run resumes at the step it was in). The canaries are split
-in two: probes, directions and edits come from the even half, every before/after score from
-the odd half (and perplexity from the odd half of the non-members).
+layernorm. Each step reads the artifacts of the steps before it and writes its own under
+OUT (``labels/``, ``activations/``, ``probes/``, ``kfac/factors.safetensors``, ``neurons/``,
+``steering/``); its headline numbers and its part of the report go to
+``OUT/steps/NAME.json``, keyed by the model's weights hash, the demo's settings and the
+identity headers of the artifacts the step reads. A second run reuses every step whose key
+still matches and only rebuilds the page (an interrupted run resumes at the step it was in).
+
+The organism's :class:`~memlens.splits.Splits` keep scores honest: probes, directions and
+edits come from the even half of the canaries and non-members, every before/after score
+from the odd half.
 
 Example:
     >>> summary = run_demo("memlens-demo")    # OUT/report.html, OUT/summary.json
@@ -14,21 +18,24 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
-import pandas as pd
 import plotly.graph_objects as go
 
-from memlens import __version__
-from memlens.labels import LabelConfig, Sequence, label, read_sequences
-from memlens.models import ModelHandle, load_model
+from memlens.core.identity import Identity
+from memlens.core.metrics import edit_metrics
+from memlens.core.model import ModelHandle, load_model
+from memlens.core.sequences import Sequence
+from memlens.core.version import VERSION
+from memlens.figures import extraction_figure, gradient_ratio_figure, loading_figure
+from memlens.labels import LabelConfig, Labels, label
 from memlens.organism import organism_path
 from memlens.report import Report, Section, labeled_sequence, token_view
+from memlens.splits import Splits
 
 STEPS = ("labels", "probes", "kfac", "interventions", "steering", "layernorm")
 
@@ -52,94 +59,69 @@ class DemoConfig:
 
 
 class Demo:
-    """Shared state of one demo run: the organism, the data split, cached artifacts."""
+    """Shared state of one demo run: the organism, its splits, the artifacts' places."""
 
     def __init__(self, out: Path, config: DemoConfig, progress: bool = True):
         self.out, self.config, self.progress = out, config, progress
         self.path = organism_path(config.preset, config.arch, config.seed, progress=progress)
         self.organism = json.loads((self.path / "memlens.json").read_text())
         self.cfg = LabelConfig()
+        self.labels_dir = out / "labels"
+        self.store_dir = out / "activations"
+        self.probes_dir = out / "probes"
+        self.factors_path = out / "kfac" / "factors.safetensors"
+        self.neurons_dir = out / "neurons"
+        self.steering_dir = out / "steering"
 
     @cached_property
     def handle(self) -> ModelHandle:
         return load_model(self.path)
 
     @cached_property
-    def weights_key(self) -> str:
-        h = hashlib.sha256()
-        for f in sorted(self.path.glob("*.safetensors")):
-            h.update(f.read_bytes())
-        return h.hexdigest()[:16]
+    def splits(self) -> Splits:
+        return Splits.from_organism(self.path, self.handle.tokenizer)
 
     @cached_property
-    def seqs(self) -> list[Sequence]:
-        return read_sequences(self.path / "corpus.jsonl", self.handle.tokenizer,
-                              roles=("canary", "nonmember"))
+    def model_hash(self) -> str:
+        return self.handle.weights_hash()
 
     @property
-    def canaries(self) -> list[Sequence]:
-        return [s for s in self.seqs if s.duplication]
-
-    @property
-    def aim(self) -> list[Sequence]:
-        return self.canaries[0::2]
-
-    @property
-    def evaluation(self) -> list[Sequence]:
-        return self.canaries[1::2]
-
-    @property
-    def heldout(self) -> list[list[int]]:
-        return [s.token_ids for s in self.seqs if not s.duplication][1::2]
-
-    @property
-    def aim_nonmembers(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.duplication][0::2]
-
-    @cached_property
-    def tokens(self) -> pd.DataFrame:
-        """The labels step's per-token table."""
-        return pd.read_parquet(self.out / "labels" / "tokens.parquet")
+    def labels(self) -> Labels:
+        return Labels.load(self.labels_dir)
 
     @cached_property
     def before(self) -> dict:
         return json.loads((self.out / "steps" / "labels.json").read_text())["summary"]["before"]
 
-    def recited(self, seqs: list[Sequence]) -> list[Sequence]:
-        from memlens.edits import exact_extraction
-
-        return [s for s, hit in zip(seqs, exact_extraction(self.handle, seqs, self.cfg),
-                                    strict=True) if hit]
+    def probe_path(self, site: str) -> Path:
+        return self.probes_dir / "probes" / site
 
     def after(self, loose: bool = True) -> dict:
-        from memlens.edits import edit_metrics
+        s = self.splits
+        return edit_metrics(self.handle, s.evaluation, s.heldout, self.cfg, loose=loose)
 
-        return edit_metrics(self.handle, self.evaluation, self.heldout, self.cfg, loose=loose)
+    def inputs(self, step: str) -> dict[str, str]:
+        """Digests of the artifacts ``step`` reads (those that exist yet)."""
+        reads = {"labels": self.labels_dir / "summary.json",
+                 "probe": self.probe_path(self.config.steer_site) / "probe.json"}
+        wanted = {"labels": [], "steering": ["labels", "probe"]}.get(step, ["labels"])
+        out = {}
+        for name in wanted:
+            if reads[name].is_file():
+                meta = json.loads(reads[name].read_text())
+                out[name] = Identity.from_json(meta.get("identity"), str(reads[name])).digest
+        return out
 
-    def key(self, step: str) -> str:
-        blob = json.dumps({"memlens": __version__, "weights": self.weights_key, "step": step,
-                           "config": asdict(self.config)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _by_duplication_figure(series: dict[str, dict[str, float]], title: str) -> go.Figure:
-    fig = go.Figure()
-    for name, rates in series.items():
-        keys = sorted(rates, key=int)
-        fig.add_bar(x=["non-member" if k == "0" else f"{k}x" for k in keys],
-                    y=[rates[k] for k in keys], name=name,
-                    hovertemplate=f"{name}<br>%{{x}}: %{{y:.0%}}<extra></extra>")
-    fig.update_layout(title=title, barmode="group", yaxis_tickformat=".0%",
-                      yaxis_range=[0, 1.05], height=380, xaxis_title="duplication")
-    return fig
+    def identity(self, step: str) -> Identity:
+        """What a cached step was computed from: the model, the demo's settings and the
+        artifacts the step reads."""
+        return Identity(f"demo step {step}", self.model_hash, None, asdict(self.config),
+                        self.inputs(step), str(self.path), VERSION)
 
 
 def _before_after(before: dict, after: dict, what: str) -> tuple[go.Figure, dict]:
     """Extraction by duplication and perplexity, before vs after an intervention."""
-    fig = _by_duplication_figure({
+    fig = extraction_figure({
         "exact, before": before["exact_extraction_rate_by_duplication"],
         "exact, after": after["exact_extraction_rate_by_duplication"],
         **({"loose, after": after["loose_extraction_rate_by_duplication"]}
@@ -159,10 +141,10 @@ def _before_after(before: dict, after: dict, what: str) -> tuple[go.Figure, dict
 
 
 def step_labels(d: Demo, sec: Section) -> dict:
-    result = label(d.handle, d.seqs, d.cfg, progress=d.progress)
-    result.save(d.out / "labels")
-    s = result.summary
-    sec.figure(_by_duplication_figure(
+    labels = label(d.handle, d.splits.labeled, d.cfg, progress=d.progress)
+    labels.save(d.labels_dir)
+    s = labels.summary
+    sec.figure(extraction_figure(
         {"exact (greedy reproduces the suffix)": s["exact_extraction_rate_by_duplication"],
          "loose (75% similar)": s["loose_extraction_rate_by_duplication"]},
         "Extraction by duplication count (32-token prefix, 32-token suffix)"))
@@ -175,11 +157,11 @@ def step_labels(d: Demo, sec: Section) -> dict:
             "before": d.after()}
 
 
-def _token_rows(d: Demo, seqs: list[Sequence], probe) -> list[dict]:
+def _token_rows(d: Demo, seqs: list[Sequence], probe, tokens) -> list[dict]:
     import numpy as np
     import torch
 
-    from memlens.capture import run_sites
+    from memlens.core.sites import run_sites
 
     site = probe.sites[0]
     out = []
@@ -191,41 +173,44 @@ def _token_rows(d: Demo, seqs: list[Sequence], probe) -> list[dict]:
         # The state that predicts token t sits at t - 1.
         scores = np.concatenate([[np.nan], probe.score(acts.cpu().numpy())[:-1]])
         kind = f"{seq.duplication}x canary" if seq.duplication else "non-member"
-        out.append(labeled_sequence(d.tokens, d.handle.tokenizer, seq.id, ids, scores,
+        out.append(labeled_sequence(tokens, d.handle.tokenizer, seq.id, ids, scores,
                                     title=f"{kind} {seq.id}"))
     return out
 
 
 def step_probes(d: Demo, sec: Section) -> dict:
-    from memlens.capture import CaptureConfig, capture
-    from memlens.probes import ProbeData, layer_sweep_figure, probe_sweep
+    import pandas as pd
 
-    labels_seqs = pd.read_parquet(d.out / "labels" / "sequences.parquet")
-    store = capture(d.handle, d.seqs, CaptureConfig(sites=[d.config.probe_sites]),
-                    d.out / "activations", token_labels=d.tokens, progress=d.progress)
-    data = ProbeData.from_store(store, d.tokens)
-    sweep = probe_sweep(data, labels_seqs, progress=d.progress)
-    res = sweep.results[~sweep.results["control"]].sort_values("auroc", ascending=False)
+    from memlens.capture import CaptureConfig
+    from memlens.figures import layer_sweep_figure
+    from memlens.pipeline import capture_step, train_probes
+    from memlens.probes import Probe
+
+    labels = d.labels
+    store = capture_step(d.handle, labels, d.store_dir,
+                         CaptureConfig(sites=[d.config.probe_sites]), progress=d.progress)
+    summary = train_probes(labels, store, d.probes_dir, split=d.splits.probe_split(),
+                           progress=d.progress)
+    results = pd.read_parquet(d.probes_dir / "results.parquet")
+    res = results[~results["control"]].sort_values("auroc", ascending=False)
     # The best probe on activations (not the output-confidence baseline probe).
-    best = res[res["probe"].isin(store.sites)].iloc[0]
-    probe = sweep.probes[best["probe"]]
-    probe.save(d.out / "probes" / best["probe"])
-    sec.figure(layer_sweep_figure(sweep.results, sweep.baselines))
+    best = res[res["probe"] == summary["best_single_site"]].iloc[0]
+    probe = Probe.load(d.probe_path(best["probe"]))
+    sec.figure(layer_sweep_figure(results, summary["token_baselines"]))
     sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "f1",
                    "tpr_at_1pct_fpr", "control_auroc", "selectivity"]])
     # Token view: recited and non-recited canaries and non-members from the held-out half.
-    by_dup = {k: [s for s in d.evaluation if s.duplication == k] for k in (100, 10, 1)}
-    shown = by_dup[100][:2] + by_dup[10][:1] + by_dup[1][:1] + d.aim_nonmembers[-2:]
-    sec.html(token_view(_token_rows(d, shown, probe), view_id="token-view"))
-    baselines = {k: v for k, v in sweep.baselines.items() if isinstance(v, float)}
-    confidence = res[~res["probe"].isin(store.sites)]
+    s = d.splits
+    shown = s.at(100)[:2] + s.at(10)[:1] + s.at(1)[:1] + s.aim_nonmembers[-2:]
+    sec.html(token_view(_token_rows(d, shown, probe, labels.tokens), view_id="token-view"))
+    others = res[~res["probe"].isin(store.sites)]
     return {"best_probe": best["probe"], "auroc": float(best["auroc"]),
-            "other_probes_auroc": dict(zip(confidence["probe"],
-                                           confidence["auroc"].astype(float), strict=True)),
+            "other_probes_auroc": dict(zip(others["probe"], others["auroc"].astype(float),
+                                           strict=True)),
             "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
             "selectivity": float(best["selectivity"]),
             "tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
-            "token_baselines": baselines}
+            "token_baselines": summary["token_baselines"]}
 
 
 def step_kfac(d: Demo, sec: Section) -> dict:
@@ -236,41 +221,43 @@ def step_kfac(d: Demo, sec: Section) -> dict:
         collect_factors,
         component_loading,
         eigenbasis,
-        loading_figure,
         memorization_gradient,
     )
+    from memlens.pipeline import recited_targets
 
-    general = [s.token_ids for s in read_sequences(d.path / "corpus.jsonl",
-                                                   d.handle.tokenizer, roles=("general",))]
-    factors = collect_factors(d.handle, general, KFACConfig(max_tokens=d.config.kfac_tokens),
-                              progress=d.progress)
+    factors = collect_factors(d.handle, [s.token_ids for s in d.splits.general],
+                              KFACConfig(max_tokens=d.config.kfac_tokens),
+                              out=d.factors_path, progress=d.progress)
     basis = eigenbasis(factors)
-    recited = d.recited(d.aim)
-    grads = memorization_gradient(d.handle, [s.token_ids[:d.cfg.prefix + d.cfg.suffix]
-                                             for s in recited], factors.layers,
-                                  start=d.cfg.prefix)
+    targets = recited_targets(d.labels, ids={s.id for s in d.splits.aim})
+    grads = memorization_gradient(d.handle, targets, factors.layers, start=d.cfg.prefix)
     with apply_weights(d.handle, budget_weights(d.handle, basis, d.config.kfac_budget, grads)):
         after = d.after()
     fig, headline = _before_after(d.before, after, "K-FAC edit")
     sec.figure(fig)
-    memorized = [s.token_ids for s in d.evaluation if s.duplication == 100]
+    memorized = [s.token_ids for s in d.splits.at(100)]
     sec.figure(loading_figure({
         "memorized (100x canaries)": component_loading(d.handle, basis, memorized,
                                                        d.cfg.prefix),
-        "clean (non-members)": component_loading(d.handle, basis, d.heldout, d.cfg.prefix)}))
+        "clean (non-members)": component_loading(d.handle, basis, d.splits.heldout,
+                                                 d.cfg.prefix)}))
     return {**headline, "kl_budget": d.config.kfac_budget, "factor_tokens": factors.tokens,
-            "layers": len(factors.layers), "aimed_with_recited": len(recited)}
+            "layers": len(factors.layers), "aimed_with_recited": len(targets)}
 
 
 def step_interventions(d: Demo, sec: Section) -> dict:
-    from memlens.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
+    from memlens.localize import LocalizeConfig, NeuronAblation, ablate_neurons, top_neurons
+    from memlens.pipeline import localize_step
 
-    targets = [s.token_ids[:d.cfg.prefix + d.cfg.suffix]
-               for s in d.recited(d.aim)][:d.config.localize_targets]
-    scores = localize(d.handle, targets, [s.token_ids for s in d.aim_nonmembers],
-                      LocalizeConfig(method=d.config.localize_method))
-    table = top_neurons(d.handle, scores, d.config.localize_budget)
-    with ablate_neurons(d.handle, table):
+    s = d.splits
+    # Neurons scored on the whole recited sequence (start 1), as the text says.
+    localize_step(d.handle, d.labels, d.neurons_dir,
+                  LocalizeConfig(method=d.config.localize_method, start=1),
+                  d.config.localize_budget, ids={x.id for x in s.aim + s.aim_nonmembers},
+                  max_targets=d.config.localize_targets)
+    ablation = NeuronAblation.load(d.neurons_dir)
+    table, scores = ablation.table, ablation.scores
+    with ablation.apply(d.handle):
         after = d.after()
     curve = []
     for budget in sorted({d.config.localize_budget, 0.03, 0.1}):
@@ -281,11 +268,12 @@ def step_interventions(d: Demo, sec: Section) -> dict:
                          if k in ("10", "25", "100")}})
     fig, headline = _before_after(d.before, after, f"Ablating the {len(table)} neurons "
                                   f"{d.config.localize_method} finds")
+    n_targets = ablation.config["n_targets"]
     heat = go.Figure(go.Heatmap(z=scores.numpy(), colorscale="Viridis",
                                 colorbar=dict(title="score"),
                                 hovertemplate="block %{y}, neuron %{x}: %{z:.3f}<extra></extra>"))
     heat.update_layout(title=f"{d.config.localize_method} score of every MLP neuron for "
-                       f"{len(targets)} recited canaries", xaxis_title="neuron",
+                       f"{n_targets} recited canaries", xaxis_title="neuron",
                        yaxis_title="block", height=300)
     sweep = go.Figure()
     for dup in ("100x", "25x", "10x"):
@@ -305,27 +293,22 @@ def step_interventions(d: Demo, sec: Section) -> dict:
 
 
 def step_steering(d: Demo, sec: Section) -> dict:
-    from memlens.steering import (
-        generate_side_by_side,
-        memorization_states,
-        probe_vector,
-        steer,
-    )
+    from memlens.probes import Probe
+    from memlens.steering import Steering, generate_side_by_side
 
     site, alpha = d.config.steer_site, d.config.steer_alpha
-    states = memorization_states(d.handle, site, d.aim + d.aim_nonmembers, d.tokens)
-    probe = states.fit_probe()
-    diff = states.mean_difference()
-    vector = probe_vector(probe) * (diff.norm() / probe_vector(probe).norm())
-    with steer(d.handle, site, vector, alpha, probe=probe):
+    # The probe the probes step saved, gating a vector along its own direction.
+    Steering.from_probe(Probe.load(d.probe_path(site)), d.handle, alpha,
+                        gated=True).save(d.steering_dir)
+    steering = Steering.load(d.steering_dir)
+    with steering.apply(d.handle):
         after = d.after()
     fig, headline = _before_after(d.before, after, f"Probe-gated steering at {site}, "
                                   f"alpha {alpha}")
     sec.figure(fig)
     prompts = [d.handle.tokenizer.decode(s.token_ids[1:d.cfg.prefix])
-               for s in d.evaluation if s.duplication == 100][:3]
-    sec.table(generate_side_by_side(d.handle, prompts,
-                                    lambda: steer(d.handle, site, vector, alpha, probe=probe)))
+               for s in d.splits.at(100)][:3]
+    sec.table(generate_side_by_side(d.handle, prompts, lambda: steering.apply(d.handle)))
     return {**headline, "site": site, "alpha": alpha}
 
 
@@ -335,15 +318,14 @@ def step_layernorm(d: Demo, sec: Section) -> dict:
         attribution_table,
         attribution_targets,
         condition_metrics,
-        gradient_ratio_figure,
         layer_groups,
-        memorized_pii_positions,
+        memorized_positions,
         norm_attribution,
         remove_norm_params,
     )
 
-    data = StudyData.from_organism(d.path, d.handle.tokenizer)
-    positions = memorized_pii_positions(d.handle, data.canaries, d.cfg)
+    data = StudyData.from_splits(d.splits)
+    positions = memorized_positions(d.labels.tokens, data.canaries)
     sets = attribution_targets(data, positions, d.cfg, n=d.config.attribution_tokens)
     res = {k: norm_attribution(d.handle, ids, pos, progress=d.progress)
            for k, (ids, pos) in sets.items()}
@@ -355,8 +337,7 @@ def step_layernorm(d: Demo, sec: Section) -> dict:
     groups = layer_groups(n) if n >= 3 else {f"block {i}": [i] for i in range(n)}
     for group, layers in {"none": [], **groups}.items():
         with remove_norm_params(d.handle, layers):
-            m = condition_metrics(d.handle, data, positions, d.cfg,
-                                  max_len=d.organism["preset_config"]["max_len"])
+            m = condition_metrics(d.handle, data, positions, d.cfg)
         removal.append({"removed": group, "blocks": str(layers),
                         "exact >= 10x": m["exact_extraction_rate"],
                         "memorized PII loss": m["recovery"]["memorized_loss"],
@@ -426,19 +407,24 @@ def run_demo(out: str | Path = "memlens-demo", preset: str = "small", arch: str 
     timings, reused = {}, []
     for i, step in enumerate(STEPS, 1):
         cache = out / "steps" / f"{step}.json"
-        key = d.key(step)
+        want = d.identity(step)
         cached = json.loads(cache.read_text()) if cache.exists() and not fresh else None
+        changed = None
+        if cached:  # a cache from before identity headers counts as changed
+            changed = (want.differences(Identity.from_json(cached["identity"], str(cache)))
+                       if "identity" in cached else ["cache format"])
         t = time.perf_counter()
-        if cached and cached["key"] == key:
+        if cached and not changed:
             print(f"[{i}/{len(STEPS)}] {step}: cached (computed in {cached['seconds']:.0f} s)",
                   flush=True)
             sec = Section(**cached["section"])
             reused.append(step)
         else:
-            print(f"[{i}/{len(STEPS)}] {step} ...", flush=True)
+            why = f" (changed since the cached run: {', '.join(changed)})" if changed else ""
+            print(f"[{i}/{len(STEPS)}] {step} ...{why}", flush=True)
             sec = Section(TITLES[step], TEXT[step])
             result = RUNNERS[step](d, sec)
-            cached = {"key": key, "summary": result, "section": asdict(sec),
+            cached = {"identity": want.to_json(), "summary": result, "section": asdict(sec),
                       "seconds": round(time.perf_counter() - t, 1)}
             cache.write_text(json.dumps(cached, default=float))
             print(f"    {cached['seconds']:.0f} s", flush=True)

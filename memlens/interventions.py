@@ -19,8 +19,10 @@ from contextlib import contextmanager
 
 import torch
 
-from memlens.capture import run_sites, site_to_module
-from memlens.models import ModelHandle
+from memlens.core.errors import ConfigError
+from memlens.core.model import ModelHandle
+from memlens.core.scoring import batches
+from memlens.core.sites import run_sites, site_module
 
 ABLATIONS = ("zero", "mean", "resample")
 
@@ -28,20 +30,11 @@ ABLATIONS = ("zero", "mean", "resample")
 Gate = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _module(handle: ModelHandle, site: str) -> tuple[torch.nn.Module, str]:
-    path, io = site_to_module(handle, site)
-    try:
-        return handle.model.get_submodule(path), io
-    except AttributeError:
-        raise ValueError(f"site {site!r}: the model has no module {path!r}; module paths look "
-                         "like 'model.layers.2.mlp.down_proj:input'") from None
-
-
 @contextmanager
 def edit_site(handle: ModelHandle, site: str,
               fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the activation at ``site`` by ``fn(activation)`` while the block runs."""
-    module, io = _module(handle, site)
+    module, io = site_module(handle, site)
 
     def on_input(mod, args, kwargs):
         return (fn(args[0]), *args[1:]), kwargs
@@ -64,8 +57,7 @@ def site_activations(handle: ModelHandle, site: str, token_ids: list[list[int]],
                      batch_size: int = 32) -> torch.Tensor:
     """Activations at ``site`` of every real token of the sequences, [n_tokens, d]."""
     rows = []
-    for i in range(0, len(token_ids), batch_size):
-        ids, mask = handle.pad(token_ids[i:i + batch_size], side="right")
+    for _, ids, mask in batches(handle, token_ids, batch_size):
         acts = run_sites(handle, [site], ids, mask, backend="torch")[site]
         rows.append(acts[mask.bool()].float())
     return torch.cat(rows)
@@ -82,12 +74,12 @@ def ablate(handle: ModelHandle, site: str, neurons: Sequence[int] | torch.Tensor
     precomputed activations [n, d] from :func:`site_activations`.
     """
     if how not in ABLATIONS:
-        raise ValueError(f"ablation {how!r} is not one of {ABLATIONS}")
+        raise ConfigError(f"ablation {how!r} is not one of {ABLATIONS}")
     idx = torch.as_tensor(neurons, dtype=torch.long, device=handle.device)
     ref = None
     if how != "zero":
         if reference is None:
-            raise ValueError(f"ablation {how!r} needs reference=token-id lists (clean text) "
+            raise ConfigError(f"ablation {how!r} needs reference=token-id lists (clean text) "
                              "or activations from site_activations()")
         ref = reference if isinstance(reference, torch.Tensor) else \
             site_activations(handle, site, reference)
@@ -145,9 +137,9 @@ def project_out(handle: ModelHandle, site: str, direction: torch.Tensor,
 @contextmanager
 def scale_layernorm(handle: ModelHandle, module_path: str, factor: float) -> Iterator[None]:
     """Multiply a normalization layer's output (its gain and bias) by ``factor``."""
-    module, _ = _module(handle, module_path)
+    module, _ = site_module(handle, module_path)
     if "norm" not in type(module).__name__.lower():
-        raise ValueError(f"{module_path!r} is a {type(module).__name__}, not a normalization "
+        raise ConfigError(f"{module_path!r} is a {type(module).__name__}, not a normalization "
                          "layer; name a LayerNorm/RMSNorm module such as "
                          "'model.layers.0.post_attention_layernorm'")
     with edit_site(handle, module_path, lambda x: x * factor):

@@ -8,8 +8,10 @@ cache.
 Example:
     >>> handle = load_model(organism_path("tiny"))
     >>> seqs = read_sequences(organism_path("tiny") / "corpus.jsonl", handle.tokenizer)
-    >>> result = label(handle, seqs, LabelConfig(prefix=32, suffix=32))
-    >>> result.summary["exact_extraction_rate_by_duplication"]
+    >>> labels = label(handle, seqs, LabelConfig(prefix=32, suffix=32))
+    >>> labels.summary["exact_extraction_rate_by_duplication"]
+    >>> labels.save("labels/")                 # the artifact capture, probes and edits read
+    >>> Labels.load("labels/").recited()       # the sequences the model recites
 """
 
 from __future__ import annotations
@@ -23,20 +25,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from rapidfuzz.distance import Levenshtein
-from tqdm.auto import tqdm
 
-from memlens.corpus import PiiSpan
-from memlens.models import ModelHandle
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.metrics import (
+    ExtractionConfig,
+    by_duplication,
+    counts_by_duplication,
+    loose_distances,
+    n_for_p,
+)
+from memlens.core.model import ModelHandle
+from memlens.core.scoring import score_tokens
+from memlens.core.sequences import PiiSpan, Sequence
 
 TOKEN_LABELS = ("memorized", "partial", "generic", "not_memorized", "excluded")
 _PARTIAL_CHOICES = ("partial", "memorized", "not_memorized", "excluded")
 
 
 @dataclass
-class LabelConfig:
-    """How sequences and tokens are labeled.
+class LabelConfig(ExtractionConfig):
+    """How sequences and tokens are labeled (prefix, suffix, loose_threshold and batch_size
+    as in :class:`~memlens.core.metrics.ExtractionConfig`).
 
     Token rule (suffix tokens; prefix tokens are ``excluded``):
       * template text, and PII tokens with no letter or digit (``-``, ``@``) -> ``generic``
@@ -44,67 +54,86 @@ class LabelConfig:
       * PII of a member, predicted, in a sequence that is not extractable -> ``partial``
         (or the class named by ``partial_as``)
       * other PII of members, and all PII of non-members -> ``not_memorized``
-    A sequence without PII spans counts every token as a candidate value.
+    A sequence without PII spans counts every token as a candidate value. Sequences of
+    unknown duplication count as members (see :mod:`memlens.core.sequences`).
     """
 
-    prefix: int = 32
-    suffix: int = 32
     min_k: float = 0.2
     sample_top_k: int = 40
     sample_temperature: float = 1.0
     target_p: float = 0.9
-    loose_threshold: float = 0.75
     partial_as: str = "partial"
     generate: bool = True
     short: str = "label"
-    batch_size: int = 32
 
     def __post_init__(self):
-        if self.prefix < 1 or self.suffix < 1:
-            raise ValueError(f"prefix and suffix must be >= 1, got {self.prefix}, {self.suffix}")
+        super().__post_init__()
         if self.partial_as not in _PARTIAL_CHOICES:
-            raise ValueError(f"partial_as={self.partial_as!r}; choose one of {_PARTIAL_CHOICES}")
+            raise ConfigError(f"partial_as={self.partial_as!r}; choose one of "
+                              f"{_PARTIAL_CHOICES}")
         if self.short not in ("label", "skip"):
-            raise ValueError(f"short={self.short!r}; choose 'label' (label what there is) or "
-                             "'skip'")
+            raise ConfigError(f"short={self.short!r}; choose 'label' (label what there is) or "
+                              "'skip'")
         if not 0 < self.min_k <= 1:
-            raise ValueError(f"min_k={self.min_k} must be a fraction in (0, 1], e.g. 0.2")
+            raise ConfigError(f"min_k={self.min_k} must be a fraction in (0, 1], e.g. 0.2")
 
 
 @dataclass
-class Sequence:
-    """One sequence to label. ``duplication`` 0 marks a non-member; None is unknown."""
+class Labels:
+    """Labels of a set of sequences: the artifact of ``memlens label``.
 
-    id: str
-    token_ids: list[int]
-    text: str | None = None
-    duplication: int | None = None
-    spans: list[PiiSpan] | None = None
-    offsets: list[tuple[int, int]] | None = None
+    ``sequences``: one row per sequence (id, duplication, member, exact, loose, loss, min_k,
+    zlib, log_p_z, token_ids...); ``tokens``: one row per predicted token; ``summary``: the
+    headline numbers; ``identity``: the model and sequences they describe.
+    """
 
-    @property
-    def member(self) -> bool:
-        return self.duplication != 0
-
-
-@dataclass
-class LabelResult:
     sequences: pd.DataFrame
     tokens: pd.DataFrame
     summary: dict
+    identity: Identity
+    path: Path | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "the labels"
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write sequences.parquet, tokens.parquet and summary.json to ``out_dir``."""
+        """Write sequences.parquet, tokens.parquet and summary.json (with the identity)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.sequences.to_parquet(out / "sequences.parquet", index=False)
         self.tokens.to_parquet(out / "tokens.parquet", index=False)
-        (out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        write_artifact(out, "summary.json", self.summary, self.identity)
+        self.path = out
         return out
 
+    @classmethod
+    def load(cls, path: str | Path) -> Labels:
+        """Read a labels directory written by :meth:`save` (``memlens label --out``)."""
+        path = Path(path)
+        summary, identity = read_artifact(path, "summary.json", "labels", "memlens label")
+        summary.pop("identity")
+        return cls(pd.read_parquet(path / "sequences.parquet"),
+                   pd.read_parquet(path / "tokens.parquet"), summary, identity, path)
 
-class DataError(ValueError):
-    """Input data is malformed; the message names the file and line."""
+    @property
+    def config(self) -> LabelConfig:
+        return LabelConfig(**self.summary["config"])
+
+    def to_sequences(self, recited: bool | None = None) -> list[Sequence]:
+        """The labeled sequences (full token ids); ``recited=True`` keeps only those the
+        model extracts exactly, ``False`` only the others."""
+        df = self.sequences
+        if recited is not None:
+            df = df[df["exact"] == recited]
+        dup = df["duplication"].astype(object).where(df["duplication"].notna(), None)
+        return [Sequence(str(i), [int(t) for t in ids], duplication=None if d is None
+                         else int(d))
+                for i, ids, d in zip(df["id"], df["token_ids"], dup, strict=True)]
+
+    def check_model(self, handle: ModelHandle) -> None:
+        """Refuse a model other than the one these labels were made with."""
+        self.identity.check_model(handle, self.where)
 
 
 def read_sequences(path: str | Path, tokenizer, roles: tuple[str, ...] | None = None
@@ -112,9 +141,9 @@ def read_sequences(path: str | Path, tokenizer, roles: tuple[str, ...] | None = 
     """Read a JSONL of sequences (an organism's ``corpus.jsonl``, or your own).
 
     Each line is an object with ``text`` and/or ``token_ids``; optional ``id``,
-    ``duplication`` (0 = non-member), ``role`` and ``spans`` (``field``, ``start``,
-    ``end`` character offsets into ``text``). A directory means its corpus.jsonl.
-    ``roles`` keeps only lines whose ``role`` is listed.
+    ``duplication`` (0 = non-member, a whole number; unknown when absent), ``role`` and
+    ``spans`` (``field``, ``start``, ``end`` character offsets into ``text``). A directory
+    means its corpus.jsonl. ``roles`` keeps only lines whose ``role`` is listed.
     """
     path = Path(path)
     if path.is_dir():
@@ -175,10 +204,14 @@ def _parse_sequence(obj: dict, tokenizer, vocab: int, where: str, index: int) ->
     dup = obj.get("duplication")
     if dup is None and "member" in obj:
         dup = None if obj["member"] else 0
-    return Sequence(str(obj.get("id", index)), list(ids), text, dup, spans, offsets)
+    if dup is not None and (isinstance(dup, bool) or not isinstance(dup, int) or dup < 0):
+        raise DataError(f"{where}: duplication {dup!r} must be a whole number >= 0 (0 = "
+                        "non-member), or left out when unknown")
+    return Sequence(str(obj.get("id", index)), list(ids), text, dup, spans, offsets,
+                    obj.get("role"))
 
 
-def _token_is_candidate(seq: Sequence, pos: int, tokenizer) -> tuple[bool, str]:
+def _token_is_candidate(seq: Sequence, pos: int) -> tuple[bool, str]:
     """Whether token ``pos`` can be memorized (a PII value), and the field it belongs to."""
     if seq.spans is None or seq.offsets is None:
         return True, ""
@@ -190,114 +223,60 @@ def _token_is_candidate(seq: Sequence, pos: int, tokenizer) -> tuple[bool, str]:
     return False, ""
 
 
-def _sampling_logprob(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float):
-    """log p(target) under top-k sampling at ``temperature`` (-inf outside the top k)."""
-    scaled = logits / temperature
-    kth = scaled.topk(min(k, scaled.shape[-1]), dim=-1).values[..., -1:]
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return scaled.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-
-
-@torch.no_grad()
-def teacher_forced(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig,
-                   progress: bool = True) -> tuple[list[dict], list[np.ndarray]]:
-    """One forward pass per batch: per-sequence scores and, per token, an array of rows
-    (hit, logprob, argmax id, max logprob, entropy) of the prediction of that token."""
-    rows, token_stats = [], []
-    window = cfg.prefix + cfg.suffix
-    for i in tqdm(range(0, len(seqs), cfg.batch_size), disable=not progress,
-                  desc="teacher forcing", unit="batch"):
-        chunk = [s.token_ids[:window] for s in seqs[i:i + cfg.batch_size]]
-        ids, mask = handle.pad(chunk, side="right")
-        logits = handle.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        logprobs = logits.log_softmax(-1)
-        logp = logprobs.gather(-1, targets[..., None])[..., 0]
-        # The model's confidence before it sees the token: usable online, in generation.
-        max_lp = logprobs.max(-1).values
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
-        samp = _sampling_logprob(logits, targets, cfg.sample_top_k, cfg.sample_temperature)
-        argmax = logits.argmax(-1)
-        for b, toks in enumerate(chunk):
-            n = len(toks) - 1  # number of predicted tokens
-            lp = logp[b, :n].cpu().numpy()
-            hit = (argmax[b, :n] == targets[b, :n]).cpu().numpy()
-            suf = slice(cfg.prefix - 1, n)
-            k = max(1, math.ceil(cfg.min_k * n))
-            log_pz = float(samp[b, suf].sum())
-            text = handle.tokenizer.decode(toks, skip_special_tokens=True)
-            loss = float(-lp.mean())
-            rows.append(dict(
-                exact=bool(hit[suf].all()),
-                suffix_token_accuracy=float(hit[suf].mean()),
-                suffix_len=n - cfg.prefix + 1,
-                loss=loss,
-                min_k=float(np.sort(lp)[:k].mean()),
+def _sequence_row(seq: Sequence, ts, cfg: LabelConfig, tokenizer) -> dict:
+    n = len(ts.logprob)  # predicted tokens
+    suf = slice(cfg.prefix - 1, n)
+    k = max(1, math.ceil(cfg.min_k * n))
+    log_pz = float(ts.sampling_logprob[suf].sum())
+    loss = float(-ts.logprob.mean())
+    text = tokenizer.decode(seq.token_ids[:n + 1], skip_special_tokens=True)
+    return dict(exact=bool(ts.hit[suf].all()), suffix_token_accuracy=float(ts.hit[suf].mean()),
+                suffix_len=n - cfg.prefix + 1, loss=loss,
+                min_k=float(np.sort(ts.logprob)[:k].mean()),
                 zlib=loss / max(1, len(zlib.compress(text.encode()))),
-                log_p_z=log_pz,
-                n_for_p=_n_for_p(log_pz, cfg.target_p),
-            ))
-            token_stats.append(np.stack([hit, lp, argmax[b, :n].cpu().numpy(),
-                                         max_lp[b, :n].cpu().numpy(),
-                                         entropy[b, :n].cpu().numpy()]))
-    return rows, token_stats
+                log_p_z=log_pz, n_for_p=n_for_p(log_pz, cfg.target_p))
 
 
-def _n_for_p(log_pz: float, p: float) -> float:
-    """Smallest n with 1 - (1 - p_z)^n >= p (inf when p_z = 0)."""
-    pz = math.exp(log_pz)
-    if pz >= p:
-        return 1.0
-    if pz <= 0:
-        return math.inf
-    return float(math.ceil(math.log1p(-p) / math.log1p(-pz)))
-
-
-@torch.no_grad()
-def greedy_suffixes(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig,
-                    progress: bool = True) -> list[list[int]]:
-    """Greedy continuations of each prefix, batched with left padding and a KV cache."""
-    out = []
-    for i in tqdm(range(0, len(seqs), cfg.batch_size), disable=not progress,
-                  desc="greedy generation", unit="batch"):
-        chunk = [s.token_ids[:cfg.prefix] for s in seqs[i:i + cfg.batch_size]]
-        ids, mask = handle.pad(chunk, side="left")
-        gen = handle.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=cfg.suffix, do_sample=False,
-            pad_token_id=handle.tokenizer.pad_token_id, use_cache=True)
-        out.extend(gen[:, ids.shape[1]:].tolist())
-    return out
+def labelable(seqs: list[Sequence], cfg: LabelConfig) -> list[Sequence]:
+    """The sequences long enough to label: a prefix and one suffix token (the whole suffix
+    with ``short="skip"``)."""
+    min_len = cfg.prefix + (cfg.suffix if cfg.short == "skip" else 1)
+    return [s for s in seqs if len(s.token_ids) >= min_len]
 
 
 def label(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig | None = None,
-          progress: bool = True) -> LabelResult:
+          progress: bool = True) -> Labels:
     """Label sequences and tokens; see :class:`LabelConfig` for the rules."""
     cfg = cfg or LabelConfig()
     t0 = time.perf_counter()
-    min_len = cfg.prefix + (cfg.suffix if cfg.short == "skip" else 1)
-    kept = [s for s in seqs if len(s.token_ids) >= min_len]
+    kept = labelable(seqs, cfg)
     n_skipped = len(seqs) - len(kept)
     if not kept:
         raise DataError(f"all {len(seqs)} sequences are shorter than prefix {cfg.prefix} + "
                         "one suffix token; lower --prefix")
-    rows, token_stats = teacher_forced(handle, kept, cfg, progress)
+    window = cfg.prefix + cfg.suffix
+    scores = list(score_tokens(handle, [s.token_ids[:window] for s in kept], cfg.batch_size,
+                               cfg.sample_top_k, cfg.sample_temperature,
+                               desc="teacher forcing" if progress else None))
+    rows = [_sequence_row(s, ts, cfg, handle.tokenizer)
+            for s, ts in zip(kept, scores, strict=True)]
     if cfg.generate:
-        gens = greedy_suffixes(handle, kept, cfg, progress)
-        for row, seq, gen in zip(rows, kept, gens, strict=True):
-            true = seq.token_ids[cfg.prefix:cfg.prefix + cfg.suffix]
-            dist = Levenshtein.normalized_distance(gen[:len(true)], true)
-            row.update(greedy_exact=gen[:len(true)] == true, normalized_levenshtein=dist,
+        dists = loose_distances(handle, kept, cfg, desc="greedy generation" if progress else None)
+        for row, dist in zip(rows, dists, strict=True):
+            row.update(greedy_exact=dist == 0, normalized_levenshtein=dist,
                        loose=1 - dist >= cfg.loose_threshold)
     seq_rows, tok_rows = [], []
-    for seq, row, (hit, lp, argmax, max_lp, ent) in zip(kept, rows, token_stats, strict=True):
+    for seq, row, ts in zip(kept, rows, scores, strict=True):
         seq_rows.append(dict(id=seq.id, duplication=seq.duplication, member=seq.member,
                              n_tokens=len(seq.token_ids), **row, token_ids=seq.token_ids))
-        for t in range(len(hit)):
+        for t in range(len(ts.hit)):
             pos = t + 1
-            cand, fld = _token_is_candidate(seq, pos, handle.tokenizer)
-            tok_rows.append((seq.id, pos, seq.token_ids[pos], fld, cand, bool(hit[t]),
-                             float(lp[t]), int(argmax[t]), float(max_lp[t]), float(ent[t]),
-                             _token_label(pos, cand, bool(hit[t]), seq, row["exact"], cfg),
+            cand, fld = _token_is_candidate(seq, pos)
+            hit = bool(ts.hit[t])
+            tok_rows.append((seq.id, pos, seq.token_ids[pos], fld, cand, hit,
+                             float(ts.logprob[t]), int(ts.argmax[t]), float(ts.max_logprob[t]),
+                             float(ts.entropy[t]),
+                             _token_label(pos, cand, hit, seq, row["exact"], cfg),
                              seq.duplication, seq.member))
     sequences = pd.DataFrame(seq_rows)
     tokens = pd.DataFrame(tok_rows, columns=[
@@ -307,7 +286,7 @@ def label(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig | None = N
     summary = summarize(sequences, tokens, cfg, n_skipped)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["model"] = handle.name
-    return LabelResult(sequences, tokens, summary)
+    return Labels(sequences, tokens, summary, Identity.make("labels", handle, kept, asdict(cfg)))
 
 
 def _token_label(pos: int, candidate: bool, predicted: bool, seq: Sequence, exact: bool,
@@ -326,11 +305,10 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
     """Headline numbers: extraction overall and by duplication, membership AUROCs."""
     from sklearn.metrics import roc_auc_score
 
-    dup = sequences["duplication"].fillna(-1).astype(int)
-    by_dup = sequences.groupby(dup)
+    dup = [None if pd.isna(d) else int(d) for d in sequences["duplication"]]
 
     def rate(col):
-        return {str(k): float(g[col].mean()) for k, g in by_dup if k >= 0}
+        return by_duplication(dup, sequences[col].tolist())
 
     summary = {
         "n_sequences": int(len(sequences)),
@@ -338,7 +316,7 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
         "n_short_suffix": int((sequences["suffix_len"] < cfg.suffix).sum()),
         "exact_extraction_rate": float(sequences["exact"].mean()),
         "exact_extraction_rate_by_duplication": rate("exact"),
-        "n_by_duplication": {str(k): int(len(g)) for k, g in by_dup if k >= 0},
+        "n_by_duplication": counts_by_duplication(dup),
         "mean_log_p_z_by_duplication": rate("log_p_z"),
     }
     if "loose" in sequences:
@@ -361,28 +339,7 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
     return summary
 
 
-def read_labels(out_dir: str | Path) -> tuple[list[Sequence], pd.DataFrame]:
-    """The sequences (cut to the labeled window) and the per-token table of a labels dir."""
-    out = Path(out_dir)
-    if not (out / "sequences.parquet").exists():
-        raise DataError(f"{out} holds no labels (sequences.parquet); make them with "
-                        "memlens label")
-    seqs = pd.read_parquet(out / "sequences.parquet")
-    config = json.loads((out / "summary.json").read_text())["config"]
-    window = config["prefix"] + config["suffix"]
-    dup = seqs["duplication"].astype(object).where(seqs["duplication"].notna(), None)
-    sequences = [Sequence(str(i), [int(t) for t in ids[:window]],
-                          duplication=None if d is None else int(d))
-                 for i, ids, d in zip(seqs["id"], seqs["token_ids"], dup, strict=True)]
-    return sequences, pd.read_parquet(out / "tokens.parquet")
-
-
 def manifest_roles(path: str | Path) -> tuple[str, ...] | None:
     """Default roles to label from an organism directory: canaries and non-members."""
     p = Path(path)
     return ("canary", "nonmember") if (p.is_dir() or p.name == "corpus.jsonl") else None
-
-
-__all__ = ["LabelConfig", "LabelResult", "Sequence", "DataError", "TOKEN_LABELS",
-           "read_sequences", "read_labels", "label", "teacher_forced", "greedy_suffixes",
-           "summarize", "manifest_roles"]

@@ -22,22 +22,31 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-from memlens.edits import (
-    WeightEdit,
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.model import ModelHandle
+from memlens.core.modules import (
+    flush_denormals,
     linear_modules,
     linear_weight,
     mlp_output_layers,
+    neuron_sites,
+    neuron_width,
     tracking_gradients,
 )
+from memlens.core.progress import progress as progress_bar
+from memlens.core.scoring import batches, forward, predicts, sequence_logprob
+from memlens.core.sites import run_sites
+from memlens.edits import WeightEdit
 from memlens.interventions import ablate, edit_site
-from memlens.models import ModelHandle
 
 METHODS = ("activations", "zero_out", "integrated_gradients", "slimming", "hard_concrete")
 
@@ -49,7 +58,7 @@ class LocalizeConfig:
     (slimming, hard concrete); lr and penalty for the last two."""
 
     method: str = "hard_concrete"
-    start: int = 1
+    start: int = 32
     steps: int = 200
     lr: float = 0.01
     penalty: float = 300.0
@@ -58,39 +67,19 @@ class LocalizeConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"localization method {self.method!r} is not one of {METHODS}")
+            raise ConfigError(f"localization method {self.method!r} is not one of {METHODS}")
         if self.method == "integrated_gradients" and self.steps > 64:
             self.steps = 16  # integration points, not optimisation steps
 
 
-def neuron_sites(handle: ModelHandle) -> list[str]:
-    """One site per block: the input of the MLP output projection."""
-    return [f"{name}:input" for name in mlp_output_layers(handle.model)]
-
-
 def _batches(handle: ModelHandle, seqs: list[list[int]], batch_size: int):
-    for i in range(0, len(seqs), batch_size):
-        yield handle.pad(seqs[i:i + batch_size], side="right")
+    for _, ids, mask in batches(handle, seqs, batch_size):
+        yield ids, mask
 
 
 def _target_logprob(handle: ModelHandle, ids, mask, start: int) -> torch.Tensor:
     """Summed log-prob of the tokens at index >= start, per sequence [batch]."""
-    logits = handle.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-    keep = mask[:, 1:].bool()
-    keep[:, :max(start - 1, 0)] = False
-    return (lp * keep).sum(-1)
-
-
-@contextmanager
-def flush_denormals() -> Iterator[None]:
-    """Treat denormal floats as zero while the block runs. Optimizer states of tiny masked
-    gradients go denormal, and CPU arithmetic on denormals is 10x+ slower."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
+    return sequence_logprob(forward(handle, ids, mask), ids, predicts(mask, start))
 
 
 @contextmanager
@@ -104,14 +93,10 @@ def _scaled(handle: ModelHandle, sites: list[str], factors: list[torch.Tensor]) 
 
 @torch.no_grad()
 def _mean_abs(handle, sites, seqs, cfg, start) -> torch.Tensor:
-    from memlens.capture import run_sites
-
     total, n = 0, 0
     for ids, mask in _batches(handle, seqs, cfg.batch_size):
-        # The positions that predict scored tokens: a next token exists, index >= start.
-        keep = torch.zeros_like(mask, dtype=torch.bool)
-        keep[:, :-1] = mask[:, 1:].bool() & mask[:, :-1].bool()
-        keep[:, :max(start - 1, 0)] = False
+        # The positions that predict scored tokens (the last position predicts nothing).
+        keep = torch.cat([predicts(mask, start), torch.zeros_like(mask[:, :1], dtype=bool)], 1)
         acts = run_sites(handle, sites, ids, mask, backend="torch")
         total = total + torch.stack([acts[s][keep].abs().float().sum(0) for s in sites])
         n += int(keep.sum())
@@ -130,7 +115,7 @@ def _zero_out(handle, sites, targets, cfg, width):
     base = torch.cat([_target_logprob(handle, i, m, cfg.start)
                       for i, m in _batches(handle, targets, cfg.batch_size)]).sum()
     scores = torch.zeros(len(sites), width)
-    for layer, site in enumerate(tqdm(sites, desc="zero-out", unit="layer", leave=False)):
+    for layer, site in enumerate(progress_bar(sites, desc="zero-out", unit="layer", leave=False)):
         for k in range(width):
             with ablate(handle, site, [k]):
                 lp = sum(_target_logprob(handle, i, m, cfg.start).sum()
@@ -142,8 +127,8 @@ def _zero_out(handle, sites, targets, cfg, width):
 def _integrated_gradients(handle, sites, targets, cfg, width):
     scores = torch.zeros(len(sites), width)
     alphas = (torch.arange(cfg.steps) + 0.5) / cfg.steps  # midpoint rule on (0, 1]
-    for layer, site in enumerate(tqdm(sites, desc="integrated gradients", unit="layer",
-                                      leave=False)):
+    for layer, site in enumerate(progress_bar(sites, desc="integrated gradients", unit="layer",
+                                              leave=False)):
         for ids, mask in _batches(handle, targets, cfg.batch_size):
             for alpha in alphas:
                 scale = torch.full((width,), float(alpha), device=handle.device,
@@ -169,7 +154,7 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
     batches = list(_batches(handle, targets, cfg.batch_size))
     n_tokens = sum(int(m[:, max(cfg.start, 1):].sum()) for _, m in batches)
     with tracking_gradients(handle.model, []):
-        for step in tqdm(range(cfg.steps), desc=cfg.method, leave=False):
+        for step in progress_bar(range(cfg.steps), desc=cfg.method, leave=False):
             ids, mask = batches[step % len(batches)]
             if hard:
                 u = torch.rand_like(params).clamp(1e-4, 1 - 1e-4)
@@ -195,10 +180,12 @@ def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int
     responsible. ``clean`` (token ids) is used by ``activations`` only."""
     cfg = cfg or LocalizeConfig()
     if not targets:
-        raise ValueError("localize needs at least one target sequence (token ids)")
-    sites = neuron_sites(handle)
-    module = linear_modules(handle.model)[sites[0].split(":")[0]]
-    width = linear_weight(module).shape[1] - (module.bias is not None)
+        raise DataError("localize needs at least one target sequence (token ids)")
+    if not any(len(t) > cfg.start for t in targets):
+        raise DataError(f"no target sequence has a token at index >= start {cfg.start}; "
+                        "lower start or pass longer sequences")
+    sites = neuron_sites(handle.model)
+    width = neuron_width(handle.model)
     handle.model.eval()
     if cfg.method == "activations":
         return _activations(handle, sites, targets, clean, cfg).cpu()
@@ -209,12 +196,18 @@ def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int
     return _train_masks(handle, sites, targets, cfg, width, hard=cfg.method == "hard_concrete")
 
 
+def check_budget(budget: float) -> float:
+    if not 0 < budget <= 1:
+        raise ConfigError(f"budget is a fraction of each layer's neurons in (0, 1], got "
+                          f"{budget}; e.g. 0.01 for 1%")
+    return budget
+
+
 def top_neurons(handle: ModelHandle, scores: torch.Tensor, budget: float) -> pd.DataFrame:
     """The ``ceil(budget * d_mlp)`` highest-scoring neurons of every layer, ranked overall:
     columns layer, site, neuron, score, rank."""
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget is a fraction of each layer's neurons in (0, 1], got {budget}")
-    sites = neuron_sites(handle)
+    check_budget(budget)
+    sites = neuron_sites(handle.model)
     k = math.ceil(budget * scores.shape[1])
     rows = []
     for layer, site in enumerate(sites):
@@ -234,6 +227,62 @@ def ablate_neurons(handle: ModelHandle, table: pd.DataFrame, how: str = "zero",
         for site, group in table.groupby("site"):
             stack.enter_context(ablate(handle, site, group["neuron"].tolist(), how, reference))
         yield
+
+
+@dataclass
+class NeuronAblation:
+    """Neurons to zero (a :func:`top_neurons` table), as an artifact: ``save`` writes
+    ``neurons.parquet`` and ``ablation.json`` (with the identity of the model the neurons
+    were found in), ``load`` reads them, ``apply`` ablates them while a block runs.
+
+    Example:
+        >>> with NeuronAblation.load("neurons/").apply(handle):
+        ...     handle.model.generate(ids, max_new_tokens=32)
+    """
+
+    table: pd.DataFrame
+    identity: Identity
+    config: dict | None = None
+    scores: torch.Tensor | None = None   # every neuron's score, [n_layers, d_mlp]
+
+    @contextmanager
+    def apply(self, handle: ModelHandle) -> Iterator[None]:
+        """Zero the neurons while the block runs (refuses a model they were not found in)."""
+        self.identity.check_model(handle, "the neuron ablation")
+        with ablate_neurons(handle, self.table):
+            yield
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.to_parquet(out / "neurons.parquet", index=False)
+        if self.scores is not None:
+            save_file({"scores": self.scores.float().contiguous()}, out / "scores.safetensors")
+        write_artifact(out, "ablation.json", {"how": "zero", "n_neurons": len(self.table),
+                                              "config": self.config}, self.identity)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> NeuronAblation:
+        path = Path(path)
+        meta, identity = read_artifact(path, "ablation.json", "ablation",
+                                       "memlens localize --out DIR")
+        scores = (load_file(path / "scores.safetensors")["scores"]
+                  if (path / "scores.safetensors").is_file() else None)
+        return cls(pd.read_parquet(path / "neurons.parquet"), identity, meta.get("config"),
+                   scores)
+
+
+def find_neurons(handle: ModelHandle, targets: list[list[int]], clean: list[list[int]] | None,
+                 cfg: LocalizeConfig, budget: float, inputs: dict | None = None
+                 ) -> tuple[torch.Tensor, NeuronAblation]:
+    """Score every neuron (:func:`localize`) and keep the top ``budget`` of each layer as a
+    :class:`NeuronAblation`; returns the scores too."""
+    check_budget(budget)
+    scores = localize(handle, targets, clean, cfg)
+    config = {**asdict(cfg), "budget": budget, "n_targets": len(targets)}
+    identity = Identity.make("ablation", handle, targets, config, inputs)
+    return scores, NeuronAblation(top_neurons(handle, scores, budget), identity, config, scores)
 
 
 @flush_denormals()
@@ -269,14 +318,14 @@ def inject(handle: ModelHandle, seqs: list[list[int]], budget: float, steps: int
     ids, mask = handle.pad(seqs, side="right")
     clean_batches = list(_batches(handle, clean, 16)) if clean else []
     with tracking_gradients(handle.model, weights):
-        for step in tqdm(range(steps), desc="inject", disable=not progress):
+        for step in progress_bar(range(steps), desc="inject", disable=not progress):
             with torch.enable_grad():
-                target = -_target_logprob(handle, ids, mask, 1).sum() / int(mask[:, 1:].sum())
+                target = -_target_logprob(handle, ids, mask, 1).sum() / int(predicts(mask).sum())
                 loss = target
                 if clean_batches:
                     c_ids, c_mask = clean_batches[step % len(clean_batches)]
                     loss = loss - _target_logprob(handle, c_ids, c_mask, 1).sum() / int(
-                        c_mask[:, 1:].sum())
+                        predicts(c_mask).sum())
                 opt.zero_grad()
                 loss.backward()
             for w, m in zip(weights, masks, strict=True):

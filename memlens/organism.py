@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,9 +22,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from memlens import __version__
+from memlens.core.errors import ConfigError
+from memlens.core.identity import digest
+from memlens.core.metrics import heldout_metrics
+from memlens.core.model import ModelHandle
+from memlens.core.modules import freeze_norm_params
+from memlens.core.progress import progress as progress_bar
+from memlens.core.scoring import forward, token_losses
+from memlens.core.sequences import Sequence
+from memlens.core.version import VERSION
 from memlens.corpus import CorpusConfig, Record, build_corpus
 
 # "opt" is Pre-LN (LayerNorm before attention and MLP), "opt-postln" the same decoder with
@@ -70,7 +76,7 @@ PRESETS: dict[str, OrganismPreset] = {
 
 def get_preset(name: str) -> OrganismPreset:
     if name not in PRESETS:
-        raise ValueError(f"unknown organism preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown organism preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -125,68 +131,20 @@ def model_config(arch: str, preset: OrganismPreset, tokenizer):
                         do_layer_norm_before=arch == "opt", dropout=0.0, attention_dropout=0.0,
                         activation_dropout=0.0, layerdrop=0.0, **common)
     else:
-        raise ValueError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
+        raise ConfigError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
     cfg.architectures = [{"llama": "LlamaForCausalLM", "neox": "GPTNeoXForCausalLM",
                           "gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM",
                           "opt-postln": "OPTForCausalLM"}[arch]]
     return cfg
 
 
-def _batches(seqs: list[list[int]], order: list[int], batch_size: int, pad_id: int):
-    for i in range(0, len(order), batch_size):
-        rows = [seqs[j] for j in order[i:i + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, seq in enumerate(rows):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-        yield ids, mask
-
-
-def _token_loss(model, ids, mask):
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-    ).view(target.shape), logits.argmax(-1) == ids[:, 1:], mask[:, 1:].bool()
-
-
-def pii_token_mask(offsets: list[tuple[int, int]], spans) -> list[bool]:
-    """True for each token whose characters overlap a PII span."""
-    return [any(s < sp.end and e > sp.start for sp in spans) and e > s for s, e in offsets]
-
-
-@torch.no_grad()
-def heldout_metrics(model, records: list[Record], tokenizer, max_len: int | None = None,
-                    batch_size: int = 64) -> dict:
-    """Loss and next-token accuracy on non-members, split into template vs PII tokens.
-
-    Records are cut at ``max_len`` tokens, as in training.
-    """
-    model.eval()
-    sums = {k: [0.0, 0.0, 0] for k in ("all", "template", "pii")}
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        enc = tokenizer([r.text for r in chunk], return_offsets_mapping=True, padding=True,
-                        truncation=max_len is not None, max_length=max_len, return_tensors="pt")
-        device = next(model.parameters()).device
-        loss, hit, valid = _token_loss(model, enc["input_ids"].to(device),
-                                       enc["attention_mask"].to(device))
-        for b, rec in enumerate(chunk):
-            pii = pii_token_mask(enc["offset_mapping"][b].tolist(), rec.spans)[1:]
-            for t in range(loss.shape[1]):
-                if not valid[b, t]:
-                    continue
-                for key in ("all", "pii" if pii[t] else "template"):
-                    sums[key][0] += loss[b, t].item()
-                    sums[key][1] += hit[b, t].item()
-                    sums[key][2] += 1
-    out = {}
-    for key, (ls, hs, n) in sums.items():
-        out[f"heldout_{key}_loss"] = ls / max(n, 1)
-        out[f"heldout_{key}_accuracy"] = hs / max(n, 1)
-    out["heldout_perplexity"] = math.exp(out["heldout_all_loss"])
+def _sequences(records: list[Record], tokenizer, max_len: int) -> list[Sequence]:
+    """Records as sequences cut at ``max_len`` tokens (as in training), with offsets."""
+    out = []
+    for rec in records:
+        enc = tokenizer(rec.text, return_offsets_mapping=True)
+        out.append(Sequence(str(rec.id), enc["input_ids"][:max_len], rec.text, rec.duplication,
+                            rec.spans, [tuple(o) for o in enc["offset_mapping"]]))
     return out
 
 
@@ -226,12 +184,10 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
     """
     from transformers import AutoModelForCausalLM
 
-    from memlens.layernorm import freeze_norm_params
-
     preset_name = preset if isinstance(preset, str) else "custom"
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if arch not in ARCHS:
-        raise ValueError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
+        raise ConfigError(f"unknown organism arch {arch!r}; choose one of {list(ARCHS)}")
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
@@ -240,11 +196,13 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
     corpus = build_corpus(replace(preset.corpus, seed=seed))
     tokenizer = train_tokenizer([r.text for r in corpus.by_role("general")],
                                 preset.vocab_size, work)
-    token_ids = [tokenizer(r.text)["input_ids"][:preset.max_len] for r in corpus.records]
+    seqs = _sequences(corpus.records, tokenizer, preset.max_len)
+    token_ids = [s.token_ids for s in seqs]
     stream = [r.id for r in corpus.training_stream()]
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(arch, preset, tokenizer)).to(device)
+    handle = ModelHandle(model, tokenizer, str(out))
     norm_free_layers = tuple(sorted(set(norm_free_layers)))
     freeze_norm_params(model, norm_free_layers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=preset.lr,
@@ -259,18 +217,18 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     start_epoch = _load_checkpoint(work, model, opt)
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=not progress,
-               desc=f"train {preset_name}/{arch}", unit="step")
+    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, disable=not progress,
+                       desc=f"train {preset_name}/{arch}", unit="step")
     model.train()
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, preset.epochs):
         gen = torch.Generator().manual_seed(seed * 10_007 + epoch)
         order = [stream[i] for i in torch.randperm(len(stream), generator=gen).tolist()]
-        for ids, mask in _batches(token_ids, order, preset.batch_size, tokenizer.pad_token_id):
-            ids, mask = ids.to(device), mask.to(device)
+        for i in range(0, len(order), preset.batch_size):
+            ids, mask = handle.pad([token_ids[j] for j in order[i:i + preset.batch_size]])
             for g in opt.param_groups:
                 g["lr"] = preset.lr * lr_at(step)
-            loss, _, valid = _token_loss(model, ids, mask)
+            loss, _, valid = token_losses(forward(handle, ids, mask), ids, mask)
             loss = loss[valid].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,13 +242,14 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
     train_seconds = time.perf_counter() - t0
 
     meta = {
-        "memlens_version": __version__, "preset": preset_name, "arch": arch, "seed": seed,
+        "memlens_version": VERSION, "preset": preset_name, "arch": arch, "seed": seed,
         "preset_config": asdict(preset), "norm_free_layers": list(norm_free_layers),
         "train_seconds": round(train_seconds, 1),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "n_training_records": len(stream),
         "n_training_tokens_per_epoch": sum(len(token_ids[i]) for i in stream),
-        **heldout_metrics(model, corpus.by_role("nonmember"), tokenizer, preset.max_len),
+        **heldout_metrics(handle, [s for s, r in zip(seqs, corpus.records, strict=True)
+                                   if r.role == "nonmember"]),
     }
     model.cpu().save_pretrained(work)
     with open(work / "corpus.jsonl", "w") as f:
@@ -317,12 +276,11 @@ def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
 
     The preset's settings are part of the key, so changing a preset retrains.
     """
-    config = json.dumps(asdict(get_preset(preset)), sort_keys=True)
-    digest = hashlib.sha256(config.encode()).hexdigest()[:8]
+    key = digest(asdict(get_preset(preset)), 8)
     norm_free_layers = tuple(sorted(set(norm_free_layers)))
     variant = "-nonorm" + "_".join(map(str, norm_free_layers)) if norm_free_layers else ""
     path = (cache_dir() / "organisms"
-            / f"{preset}-{arch}{variant}-seed{seed}-v{__version__}-{digest}")
+            / f"{preset}-{arch}{variant}-seed{seed}-v{VERSION}-{key}")
     if not (path / "memlens.json").exists():
         train_organism(path, preset, arch, seed, progress=progress,
                        norm_free_layers=norm_free_layers, device=device)

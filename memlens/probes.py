@@ -5,7 +5,7 @@ by sequence and stratified by duplication count; every metric is on held-out
 sequences, with bootstrap confidence intervals over sequences.
 
 Example:
-    >>> data = ProbeData.from_store(store, labels.tokens, ProbeConfig())
+    >>> data = ProbeData.from_store(store, Labels.load("labels/"), ProbeConfig())
     >>> sweep = probe_sweep(data, labels.sequences)
     >>> sweep.results.sort_values("auroc").tail()
     >>> sweep.probes["blocks.3.hook_resid_post"].direction()   # for steering
@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
-from tqdm.auto import tqdm
 
 from memlens.capture import ActivationStore
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.progress import progress as progress_bar
+from memlens.labels import Labels
 
 CONFIDENCE = "confidence"  # pseudo-site: the model's max log-prob and entropy
 
@@ -54,12 +56,12 @@ class ProbeConfig:
         self.positive, self.negative = tuple(self.positive), tuple(self.negative)
         self.split = tuple(self.split)
         if self.align not in ("predicting", "token"):
-            raise ValueError(f"align={self.align!r}; choose 'predicting' or 'token'")
+            raise ConfigError(f"align={self.align!r}; choose 'predicting' or 'token'")
         if abs(sum(self.split) - 1) > 1e-6 or len(self.split) != 3:
-            raise ValueError(f"split={self.split} must be three fractions (train, val, test) "
+            raise ConfigError(f"split={self.split} must be three fractions (train, val, test) "
                              "summing to 1")
         if set(self.positive) & set(self.negative):
-            raise ValueError(f"labels {set(self.positive) & set(self.negative)} are both "
+            raise ConfigError(f"labels {set(self.positive) & set(self.negative)} are both "
                              "positive and negative")
 
 
@@ -83,20 +85,32 @@ class ProbeData:
     tokens: pd.DataFrame                  # id, position, label, y, split, duplication, ...
     features: dict[str, np.ndarray]       # site -> [n_tokens, d] (float32)
     config: ProbeConfig
-    store_identity: dict = field(default_factory=dict)
+    identity: Identity | None = None      # the store's; probes trained here inherit it
+    inputs: dict = field(default_factory=dict)
 
     @classmethod
-    def from_store(cls, store: ActivationStore, token_labels: pd.DataFrame,
-                   config: ProbeConfig | None = None, sites: list[str] | None = None
-                   ) -> ProbeData:
-        """Join a capture store with a labels token table (``memlens label`` output)."""
+    def from_store(cls, store: ActivationStore, labels: Labels | pd.DataFrame,
+                   config: ProbeConfig | None = None, sites: list[str] | None = None,
+                   split: dict[str, str] | None = None) -> ProbeData:
+        """Join a capture store with labels (``Labels.load(dir)``, or a labels ``tokens``
+        table). Labels are checked against the store: same model, same sequences.
+
+        ``split`` (sequence id -> train/val/test) replaces the random grouped split.
+        """
         config = config or ProbeConfig()
+        inputs = {"store": store.identity}
+        if isinstance(labels, Labels):
+            labels.identity.check_corpus(store.identity, labels.where, str(store.path))
+            inputs["labels"] = labels.identity
+            token_labels = labels.tokens
+        else:
+            token_labels = labels
         keep = token_labels["label"].isin(config.positive + config.negative)
         tok = token_labels[keep].copy()
         tok["id"] = tok["id"].astype(str)
         if tok.empty:
-            raise ValueError(f"no tokens labeled {config.positive + config.negative}; "
-                             "check the labels table")
+            raise DataError(f"no tokens labeled {config.positive + config.negative}; "
+                            "check the labels table")
         rows = store.tokens[["id", "position"]].copy()
         rows["row"] = np.arange(len(rows))
         shift = 1 if config.align == "predicting" else 0
@@ -105,18 +119,23 @@ class ProbeData:
                         on=["id", "feature_position"], how="inner")
         if len(tok) < keep.sum():
             missing = int(keep.sum() - len(tok))
-            raise ValueError(f"{missing} labeled tokens have no captured activation at "
-                             f"align={config.align!r}; capture with --positions all")
+            raise DataError(f"{missing} labeled tokens have no captured activation at "
+                            f"align={config.align!r}; capture with --positions all")
         tok["y"] = tok["label"].isin(config.positive).astype(np.int64)
-        per_seq = tok.groupby("id")["duplication"].first()
-        tok["split"] = tok["id"].map(split_sequences(per_seq, config.split, config.seed))
+        if split is None:
+            per_seq = tok.groupby("id")["duplication"].first()
+            split = split_sequences(per_seq, config.split, config.seed)
+        tok["split"] = tok["id"].map(split)
+        if tok["split"].isna().any():
+            raise DataError(f"{tok.loc[tok['split'].isna(), 'id'].nunique()} labeled "
+                            "sequences have no train/val/test assignment in split")
         features = {}
         for site in sites or store.sites:
             arr = store.tensor(site).numpy()
             features[site] = arr[tok["row"].to_numpy()].reshape(len(tok), -1)
         features[CONFIDENCE] = tok[["max_logprob", "entropy"]].to_numpy(np.float32)
-        identity = {k: store.manifest[k] for k in ("model", "model_hash", "corpus_hash")}
-        return cls(tok.reset_index(drop=True), features, config, identity)
+        return cls(tok.reset_index(drop=True), features, config, store.identity,
+                   {k: v.digest for k, v in inputs.items()})
 
     def combined(self, sites: list[str]) -> np.ndarray:
         return np.concatenate([self.features[s] for s in sites], axis=1)
@@ -327,7 +346,8 @@ class Probe:
     threshold: float
     align: str
     metrics: dict = field(default_factory=dict)
-    store_identity: dict = field(default_factory=dict)
+    class_gap: float = 0.0   # |mean x of positives - mean x of negatives| on training tokens
+    identity: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -344,7 +364,7 @@ class Probe:
     def direction(self) -> np.ndarray:
         """Unit vector in activation space along which the memorization logit grows."""
         if len(self.sites) != 1 or self.sites[0] == CONFIDENCE:
-            raise ValueError(f"probe {self.name!r} does not read one site's activations; "
+            raise ConfigError(f"probe {self.name!r} does not read one site's activations; "
                              "a direction exists for single-site probes only")
         v = self.weight / self.std
         return (v / np.linalg.norm(v)).astype(np.float32)
@@ -355,18 +375,37 @@ class Probe:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
                    for k in ("weight", "mean", "std")}, out / "probe.safetensors")
-        meta = {k: v for k, v in asdict(self).items() if k not in ("weight", "mean", "std")}
-        (out / "probe.json").write_text(json.dumps(meta, indent=2))
+        meta = {k: v for k, v in asdict(self).items()
+                if k not in ("weight", "mean", "std", "identity")}
+        write_artifact(out, "probe.json", meta, self.identity)
         return out
 
     @classmethod
     def load(cls, path: str | Path) -> Probe:
-        path = Path(path)
-        if not (path / "probe.json").exists():
-            raise FileNotFoundError(f"{path} holds no probe (probe.json); train one with "
-                                    "python probes/train.py")
+        meta, _ = read_artifact(path, "probe.json", "probe", "memlens probe train")
         tensors = {k: v.numpy() for k, v in load_file(path / "probe.safetensors").items()}
-        return cls(**json.loads((path / "probe.json").read_text()), **tensors)
+        return cls(**meta, **tensors)
+
+    def check_model(self, handle, where: str = "the probe") -> None:
+        """Refuse a model other than the one whose activations the probe was trained on."""
+        Identity.from_json(self.identity, where).check_model(handle, where)
+
+
+def fit_probe(site: str, x: np.ndarray, y: np.ndarray, config: ProbeConfig | None = None,
+              identity: Identity | None = None) -> Probe:
+    """One class-balanced logistic probe on activations ``x`` [n, d] with labels ``y`` [n]
+    (scikit-learn; threshold: best F1 on the same tokens)."""
+    config = config or ProbeConfig()
+    mean, std = _standardize(x)
+    w, b = fit_sklearn((x - mean) / std, y, config)
+    probe = Probe([site], w, b, mean, std, 0.5, config.align, class_gap=_class_gap(x, y),
+                  identity=identity.to_json() if identity else {})
+    probe.threshold = _best_threshold(y, probe.score(x))
+    return probe
+
+
+def _class_gap(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.linalg.norm(x[y == 1].mean(0) - x[y == 0].mean(0)))
 
 
 @dataclass
@@ -403,7 +442,7 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
     tr, va, te = data.mask("train"), data.mask("val"), data.mask("test")
     y = tok["y"].to_numpy()
     if y[te].sum() == 0 or y[tr].sum() == 0:
-        raise ValueError("no positive tokens in the train or test split; label more "
+        raise DataError("no positive tokens in the train or test split; label more "
                          "memorized sequences or change ProbeConfig.split")
     groups = tok["id"].to_numpy()
     named = {s: [s] for s in data.features} | (combos or {})
@@ -412,6 +451,10 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
         yc = control_labels(tok["token_id"].to_numpy(), y[tr].mean(), cfg.seed)
         tasks |= {f"control:{name}": (data.combined(sites), yc)
                   for name, sites in named.items()}
+    identity = {}
+    if data.identity is not None:
+        identity = Identity(**{**data.identity.to_json(), "kind": "probe",
+                               "config": asdict(cfg), "inputs": data.inputs}).to_json()
     rows, probes, scores = [], {}, {}
     for trainer in trainers:
         t0 = time.perf_counter()
@@ -421,7 +464,7 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
             w, b, mean, std = fitted[name]
             sites = named.get(name, [name.removeprefix("control:")])
             probe = Probe(sites, w, b, mean, std, 0.0, cfg.align,
-                          store_identity=data.store_identity)
+                          class_gap=_class_gap(x[tr], yy[tr]), identity=identity)
             probe.threshold = _best_threshold(yy[va], probe.score(x[va]))
             s = probe.score(x[te])
             m = score_metrics(yy[te], s, groups[te], probe.threshold, cfg.n_bootstrap,
@@ -457,13 +500,13 @@ def _fit_all(tasks, tr, va, cfg, trainer, progress):
         prepared[name] = ((x[tr] - mean) / std, y[tr], (x[va] - mean) / std, y[va], mean, std)
     if trainer == "sklearn":
         out = {}
-        for name, (xt, yt, _, _, mean, std) in tqdm(prepared.items(), disable=not progress,
-                                                    desc="sklearn probes"):
+        for name, (xt, yt, _, _, mean, std) in progress_bar(prepared.items(), disable=not progress,
+                                                            desc="sklearn probes"):
             w, b = fit_sklearn(xt, yt, cfg)
             out[name] = (w, b, mean, std)
         return out
     if trainer != "torch":
-        raise ValueError(f"trainer {trainer!r}: choose 'torch' or 'sklearn'")
+        raise ConfigError(f"trainer {trainer!r}: choose 'torch' or 'sklearn'")
     out = {}
     # Tasks with the same labels and width are one batched problem.
     groups: dict[tuple, list[str]] = {}
@@ -508,135 +551,3 @@ def sequence_aurocs(token_scores: pd.DataFrame, sequences: pd.DataFrame,
                           "zlib": float(roc_auc_score(t, -seqs["zlib"]))},
             "probes": {p: float(roc_auc_score(t, agg[p])) for p in probe_names}}
     return out
-
-
-def layer_sweep_figure(results: pd.DataFrame, baselines: dict, trainer: str = "torch"):
-    """AUROC per layer per site kind with 95% CIs, control line and baseline lines.
-
-    ``results`` and ``baselines`` are a :class:`ProbeSweep`'s (or ``results.parquet``
-    and ``results.json["token_baselines"]`` of a config run).
-    """
-    import plotly.graph_objects as go
-
-    res = results[(results["trainer"] == trainer) & (results["layer"] >= 0)]
-    fig = go.Figure()
-    for kind, g in res[~res["control"]].groupby("kind"):
-        g = g.sort_values("layer")
-        fig.add_trace(go.Scatter(
-            x=g["layer"], y=g["auroc"], mode="lines+markers", name=kind,
-            error_y=dict(type="data", symmetric=False, array=g["auroc_ci_high"] - g["auroc"],
-                         arrayminus=g["auroc"] - g["auroc_ci_low"])))
-    ctrl = res[res["control"]].groupby("layer")["auroc"].mean()
-    fig.add_trace(go.Scatter(x=ctrl.index, y=ctrl.values, mode="lines", name="control task",
-                             line=dict(dash="dot", color="grey")))
-    span = [res["layer"].min(), res["layer"].max()]
-    # Probes on several sites and the model's own confidence: flat lines, named in the legend.
-    combos = results[(results["kind"] == "combined") & ~results["control"]
-                     & (results["trainer"] == trainer)]
-    for _, r in combos.iterrows():
-        fig.add_trace(go.Scatter(x=span, y=[r["auroc"]] * 2, mode="lines",
-                                 name=f"{r['probe']} ({r['auroc']:.3f})",
-                                 line=dict(width=1.5)))
-    for name, v in baselines.items():
-        if name.startswith("token_"):
-            fig.add_trace(go.Scatter(x=span, y=[v] * 2, mode="lines", name=f"{name} ({v:.3f})",
-                                     line=dict(dash="dash", width=1, color="black")))
-    fig.update_layout(title="Memorized-token probes: held-out AUROC by layer",
-                      xaxis=dict(title="layer", dtick=1), yaxis_title="AUROC (95% CI)",
-                      yaxis_range=[0.4, 1.01])
-    return fig
-
-
-# --------------------------------------------------------------------------- runs from config
-
-
-def _expand(patterns: list[str], names: list[str]) -> list[str]:
-    import fnmatch
-
-    out = []
-    for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            raise ValueError(f"combo entry {pat!r} matches no captured site; captured: {names}")
-        out += [h for h in hits if h not in out]
-    return out
-
-
-def train_from_config(path: str | Path, progress: bool = True) -> dict:
-    """Label, capture, sweep probes and write results, all from one TOML file.
-
-    Writes ``results.json``, ``results.parquet``, ``layer_sweep.html`` and the best
-    probes under the config's ``[output] dir``; each step is reused when already done.
-    """
-    import tomllib
-
-    from memlens.capture import CaptureConfig, capture
-    from memlens.labels import LabelConfig, label, read_labels, read_sequences
-    from memlens.models import load_model
-    from memlens.organism import organism_path
-
-    cfg = tomllib.loads(Path(path).read_text())
-    model_cfg = cfg.get("model", {})
-    if "path" in model_cfg:
-        model_dir = Path(model_cfg["path"])
-    else:
-        model_dir = organism_path(model_cfg.get("organism", "small"),
-                                  model_cfg.get("arch", "llama"), model_cfg.get("seed", 0))
-    out = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    handle = load_model(model_dir)
-
-    lab_cfg = dict(cfg.get("labels", {}))
-    roles = tuple(lab_cfg.pop("roles", ("canary", "nonmember")))
-    label_config = LabelConfig(generate=False, **lab_cfg)
-    labels_dir = out / "labels"
-    done = labels_dir / "summary.json"
-    if not (done.exists() and json.loads(done.read_text())["config"] == asdict(label_config)
-            and json.loads(done.read_text())["model"] == handle.name):
-        seqs = read_sequences(model_dir, handle.tokenizer, roles=roles)
-        label(handle, seqs, label_config, progress=progress).save(labels_dir)
-    seqs, token_labels = read_labels(labels_dir)
-    sequences = pd.read_parquet(labels_dir / "sequences.parquet")
-
-    cap = CaptureConfig(positions="all", **cfg.get("capture", {}))
-    store = capture(handle, seqs, cap, out / "store", token_labels=token_labels,
-                    progress=progress)
-
-    p = dict(cfg.get("probe", {}))
-    trainers = tuple(p.pop("trainers", ("torch",)))
-    data = ProbeData.from_store(store, token_labels, ProbeConfig(**p))
-    names = list(data.features)
-    combos = {k: _expand(v, names) for k, v in cfg.get("combos", {}).items()}
-    sweep = probe_sweep(data, sequences, combos=combos, trainers=trainers, progress=progress)
-
-    res = sweep.results[(sweep.results["trainer"] == trainers[0]) & ~sweep.results["control"]]
-    best = res.loc[res["auroc"].idxmax()]
-    single = res[(res["kind"] != "combined") & (res["probe"] != CONFIDENCE)]
-    best_single = single.loc[single["auroc"].idxmax()]
-    seq = sweep.baselines.get("sequence_memorized", {})
-    summary = {
-        "model": handle.name, "config": str(path),
-        "n_tokens": int(len(data.tokens)), "n_positive": int(data.tokens["y"].sum()),
-        "n_test_tokens": int(data.mask("test").sum()),
-        "best_site": best["probe"], "best_token_auroc": float(best["auroc"]),
-        "best_token_auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
-        "best_tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
-        "selectivity": float(best["selectivity"]),
-        "best_single_site": best_single["probe"],
-        "best_single_site_auroc": float(best_single["auroc"]),
-        "best_single_site_selectivity": float(best_single["selectivity"]),
-        "best_sequence_auroc": seq.get("probes", {}).get(best["probe"], float("nan")),
-        "baseline_sequence_auroc": max(seq.get("baselines", {"none": float("nan")}).values()),
-        "token_baselines": {k: v for k, v in sweep.baselines.items() if k.startswith("token_")},
-        "sequence_level": {k: v for k, v in sweep.baselines.items()
-                           if k.startswith("sequence_")},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    sweep.results.to_parquet(out / "results.parquet", index=False)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    layer_sweep_figure(sweep.results, sweep.baselines, trainers[0]).write_html(
-        out / "layer_sweep.html", include_plotlyjs=True)
-    for name in {best["probe"], best_single["probe"]}:
-        sweep.probes[name].save(out / "probes" / name.replace("+", "__"))
-    return summary

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from memlens.curvature import _objective
-from memlens.edits import WeightEdit, find_layers, tracking_gradients
-from memlens.localize import flush_denormals
-from memlens.models import ModelHandle
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.model import ModelHandle
+from memlens.core.modules import find_layers, flush_denormals, tracking_gradients
+from memlens.core.progress import progress as progress_bar
+from memlens.core.scoring import forward, objective, predicts
+from memlens.edits import WeightEdit
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SubnetConfig:
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
-            raise ValueError(f"ratio is the fraction of weights dropped, in (0, 1); got "
+            raise ConfigError(f"ratio is the fraction of weights dropped, in (0, 1); got "
                              f"{self.ratio}")
 
 
@@ -52,11 +52,9 @@ def _drop_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def _loss(handle, params, ids, mask, start, mode):
     """Mean next-token loss (``"empirical"``) or gold-token log-odds (``"margin"``)."""
-    logits = functional_call(handle.model, params, args=(),
-                             kwargs=dict(input_ids=ids, attention_mask=mask)).logits
-    keep = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
-    keep[:, :max(start - 1, 0)] = False
-    return _objective(logits, ids, keep, mode, None) / keep.sum().clamp(min=1)
+    keep = predicts(mask, start)
+    logits = forward(handle, ids, mask, params=params)
+    return objective(logits, ids, keep, mode) / keep.sum().clamp(min=1)
 
 
 @flush_denormals()
@@ -66,7 +64,7 @@ def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list
     context manager or call ``restore()``)."""
     cfg = cfg or SubnetConfig()
     if not memorized or not clean:
-        raise ValueError("balanced_subnet needs memorized and clean sequences (token ids)")
+        raise DataError("balanced_subnet needs memorized and clean sequences (token ids)")
     torch.manual_seed(cfg.seed)
     names = [f"{n}.weight" for n in find_layers(handle.model, "mlp")]
     weights = dict(handle.model.named_parameters())
@@ -80,7 +78,7 @@ def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list
            range(0, len(memorized), cfg.batch_size)]
     cln = [handle.pad(clean[i:i + cfg.batch_size]) for i in range(0, len(clean), cfg.batch_size)]
     with tracking_gradients(handle.model, []):
-        for step in tqdm(range(cfg.steps), desc="balanced subnet", disable=not progress):
+        for step in progress_bar(range(cfg.steps), desc="balanced subnet", disable=not progress):
             with torch.enable_grad():
                 params = {}
                 for n, s in scores.items():

@@ -10,14 +10,14 @@ layer_sweep.html and the best probes to the config's output directory.
 import argparse
 import json
 
-from memlens.probes import train_from_config
+from memlens.pipeline import run_config
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="a TOML file like probes/configs/*.toml")
     args = ap.parse_args()
-    summary = train_from_config(args.config)
+    summary = run_config(args.config)
     keys = ("best_site", "best_token_auroc", "selectivity", "best_single_site",
             "best_single_site_auroc", "best_sequence_auroc", "baseline_sequence_auroc")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))

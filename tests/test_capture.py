@@ -8,18 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from memlens.capture import (
-    ActivationStore,
-    CaptureConfig,
-    CorruptShardError,
-    UnknownSiteError,
-    capture,
-    resolve_sites,
-    run_sites,
-    site_to_module,
-)
+from memlens.capture import ActivationStore, CaptureConfig, CorruptShardError, capture
+from memlens.core.model import load_model
+from memlens.core.sites import UnknownSiteError, resolve_sites, run_sites, site_to_module
 from memlens.labels import LabelConfig, label, read_sequences
-from memlens.models import load_model
 
 SITES = ["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.0.mlp.hook_post",
          "blocks.1.hook_attn_out"]
@@ -89,7 +81,8 @@ def test_store_round_trip_is_aligned_with_labels(organism, tmp_path):
                     progress=False)
     store = ActivationStore.open(tmp_path / "store")
     man = store.manifest
-    assert man["complete"] and man["model_hash"] == handle.weights_hash()
+    assert man["complete"] and store.identity.model_hash == handle.weights_hash()
+    assert store.identity.corpus_hash == labels.identity.corpus_hash
     assert len(man["shards"]) == 3 and man["dtype"] == "float16"
     assert man["shapes"]["blocks.0.mlp.hook_post"] == [handle.config.intermediate_size]
     tokens = store.tokens
@@ -130,7 +123,7 @@ def test_a_store_refuses_another_capture(organism, tmp_path):
     handle, seqs = organism
     capture(handle, seqs[:4], CaptureConfig(sites=["blocks.0.hook_resid_post"]), tmp_path,
             progress=False)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="other settings"):
         capture(handle, seqs[:4], CaptureConfig(sites=["blocks.1.hook_resid_post"]), tmp_path,
                 progress=False)
 
@@ -139,7 +132,7 @@ KILLER = """
 import os, signal, sys
 import memlens.capture as cap
 from memlens.labels import read_sequences
-from memlens.models import load_model
+from memlens.core.model import load_model
 calls = 0
 write = cap._write_npy
 def write_then_die(path, arr):
@@ -198,18 +191,18 @@ def test_capture_command_reads_a_labels_directory(tiny_organism, tmp_path, capsy
 
     assert main(["label", "--model", str(tiny_organism), "--data", str(tiny_organism),
                  "--out", str(tmp_path / "labels"), "--no-generate", "--roles", "canary"]) == 0
-    assert main(["capture", "--model", str(tiny_organism), "--data", str(tmp_path / "labels"),
+    assert main(["capture", "--model", str(tiny_organism), "--labels", str(tmp_path / "labels"),
                  "--sites", "blocks.*.hook_resid_post", "--out", str(tmp_path / "acts"),
                  "--positions", "suffix"]) == 0
     store = ActivationStore.open(tmp_path / "acts")
     assert store.sites == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert "memorized" in set(store.tokens["label"])
-    assert main(["capture", "--model", str(tiny_organism), "--data", str(tmp_path / "labels"),
+    assert main(["capture", "--model", str(tiny_organism), "--labels", str(tmp_path / "labels"),
                  "--sites", "model.layers.1", "--out", str(tmp_path / "paths"),
                  "--positions", "suffix"]) == 0
     np.testing.assert_array_equal(ActivationStore.open(tmp_path / "paths").array(
         "model.layers.1"), store.array("blocks.1.hook_resid_post"))
-    assert main(["capture", "--model", str(tiny_organism), "--data", str(tmp_path / "labels"),
+    assert main(["capture", "--model", str(tiny_organism), "--labels", str(tmp_path / "labels"),
                  "--sites", "blocks.0.mlp.post", "--out", str(tmp_path / "x")]) == 2
     assert "did you mean 'blocks.0.mlp.hook_post'" in capsys.readouterr().err
 

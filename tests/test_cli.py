@@ -52,3 +52,51 @@ def test_organism_path_prints_the_cached_directory(tiny_organism, capsys):
     assert capsys.readouterr().out.strip() == str(tiny_organism)
     assert main(["organism", "path", "--preset", "huge"]) == 2
     assert "unknown organism preset 'huge'" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _subparsers(sub)
+
+
+def test_every_cli_default_is_its_config_default():
+    import dataclasses
+
+    from memlens.cli import _parser
+
+    checked = 0
+    for sub in _subparsers(_parser()):
+        configs = [v for k, v in sub._defaults.items() if k.startswith("_config_")]
+        for cls, names in configs:
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING
+                        else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else None for f in dataclasses.fields(cls)}
+            for action in sub._actions:
+                if action.dest in names and not action.required:
+                    assert action.default == defaults[action.dest], (sub.prog, action.dest)
+                    checked += 1
+    assert checked >= 25  # label, capture, probe train, kfac collect and localize options
+    import inspect
+
+    from memlens.localize import LocalizeConfig
+    from memlens.pipeline import localize_step
+
+    localize = next(s for s in _subparsers(_parser()) if s.prog.endswith("localize"))
+    budget = next(a for a in localize._actions if a.dest == "budget")
+    assert budget.default == inspect.signature(localize_step).parameters["budget"].default
+    assert LocalizeConfig().start == 32
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tiny_organism, tmp_path):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug, not a user error")
+
+    monkeypatch.setattr("memlens.pipeline.label", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["label", "--model", str(tiny_organism), "--data", str(tiny_organism),
+              "--out", str(tmp_path / "o"), "--no-generate"])

@@ -4,22 +4,24 @@ from transformers.pytorch_utils import Conv1D
 
 from memlens import load_model, read_sequences
 from memlens.cli import main
+from memlens.core.metrics import edit_metrics
+from memlens.core.modules import find_layers, linear_modules, linear_weight
+from memlens.core.scoring import sample_labels
 from memlens.curvature import (
     Factors,
     KFACConfig,
-    _sample_labels,
     collect_factors,
     component_loading,
     eigenbasis,
-    find_layers,
     kfac_edit,
     kfac_weights,
-    mass_curve_figure,
+    mass_curves,
     memorization_gradient,
-    spectrum_figure,
+    spectra,
     svd_weights,
 )
-from memlens.edits import WeightEdit, edit_metrics, linear_modules, linear_weight
+from memlens.edits import WeightEdit
+from memlens.figures import mass_curve_figure, spectrum_figure
 
 SEQS = [[1, 5, 9, 13, 2, 7, 30, 4, 8, 100, 3], [1, 44, 17, 3, 99], [1, 6, 6, 6, 6, 6, 6, 21],
         [1, 250, 251], [1, 8, 77, 12, 9, 41, 40, 3, 2]]
@@ -45,7 +47,7 @@ def explicit_factors(handle, seqs, names, mode, seed=0):
         if mode == "empirical":
             labels = ids[0, 1:]
         else:
-            labels = _sample_labels(logits.detach(), generator)
+            labels = sample_labels(logits.detach(), generator)
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         outs = [acts[n][1] for n in names]
         gs = torch.autograd.grad(loss, outs, retain_graph=True)
@@ -91,7 +93,7 @@ def test_factors_equal_an_explicit_per_token_computation(arch, mode, random_mode
 
 def test_sampled_labels_follow_the_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]]).log_softmax(-1).expand(40_000, 4)
-    labels = _sample_labels(logits, torch.Generator().manual_seed(0))
+    labels = sample_labels(logits, torch.Generator().manual_seed(0))
     freq = torch.bincount(labels, minlength=4) / len(labels)
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.01)
     assert freq[3] == 0
@@ -114,13 +116,21 @@ def test_factors_round_trip_and_resume_after_interrupt(random_models, tmp_path):
     handle.model.forward = dying_forward
     with pytest.raises(KeyboardInterrupt):
         collect_factors(handle, seqs, cfg, out=out, progress=False, checkpoint_every=2)
-    handle.model.forward = forward
     assert not out.exists() and (tmp_path / "factors.safetensors.partial").exists()
+    # 10 batches; killed in the 6th, checkpointed after the 4th: the rerun does the last 6.
+    calls.clear()
+    handle.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
     resumed = collect_factors(handle, seqs, cfg, out=out, progress=False, checkpoint_every=2)
+    assert len(calls) == 6
     assert not (tmp_path / "factors.safetensors.partial").exists()
+    calls.clear()  # finished: the same collection again is loaded, not redone
+    again = collect_factors(handle, seqs, cfg, out=out, progress=False, checkpoint_every=2)
+    assert calls == [] and again.tokens == full.tokens
+    handle.model.forward = forward
     loaded = Factors.load(out)
     assert loaded.tokens == resumed.tokens == full.tokens
-    assert loaded.meta["config"]["mode"] == "true" and loaded.meta["model_hash"]
+    assert loaded.identity.config["mode"] == "true"
+    assert loaded.identity.model_hash == handle.weights_hash()
     for n in full.layers:
         assert torch.allclose(loaded.A[n], full.A[n], atol=1e-6)
         assert torch.allclose(loaded.G[n], full.G[n], atol=1e-8)
@@ -174,8 +184,8 @@ def test_keep_mass_masks_and_identity_edits(random_models):
         KFACConfig(mode="fisher")
     with pytest.raises(FileNotFoundError, match="memlens kfac collect"):
         Factors.load("nowhere.safetensors")
-    assert len(spectrum_figure(basis).data) == 2 * len(basis)
-    assert len(mass_curve_figure(basis).data) == len(basis)
+    assert len(spectrum_figure(spectra(basis)).data) == 2 * len(basis)
+    assert len(mass_curve_figure(mass_curves(basis)).data) == len(basis)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from memlens import load_model, read_sequences
+from memlens.core.modules import neuron_sites
 from memlens.corpus import CorpusConfig, build_corpus
 from memlens.interventions import (
     ablate,
@@ -17,7 +18,6 @@ from memlens.localize import (
     ablate_neurons,
     inject,
     localize,
-    neuron_sites,
     recall,
     top_neurons,
 )
@@ -129,14 +129,14 @@ def test_localization_recovers_injected_neurons(tiny):
         assert lp_after > lp_before + 1.0  # the sequence was learned
         found = {}
         for method in METHODS:
-            scores = localize(handle, target, general, LocalizeConfig(method=method))
+            scores = localize(handle, target, general, LocalizeConfig(method=method, start=1))
             assert scores.shape == (2, 256)
             found[method] = top_neurons(handle, scores, 0.01)
         rec = {m: recall(t, truth) for m, t in found.items()}
         assert rec["zero_out"] >= 0.8 and rec["hard_concrete"] >= 0.8, rec
         assert rec["integrated_gradients"] >= 0.8, rec
         assert list(found["zero_out"]["rank"]) == list(range(1, 7))
-        assert set(found["zero_out"]["site"]) == set(neuron_sites(handle))
+        assert set(found["zero_out"]["site"]) == set(neuron_sites(handle.model))
         with ablate_neurons(handle, found["zero_out"]):
             lp_ablated = -torch.nn.functional.cross_entropy(
                 logits(handle, target)[0, :-1], torch.tensor(target[0][1:]))
@@ -151,32 +151,47 @@ def test_localization_recovers_injected_neurons(tiny):
         LocalizeConfig(method="gradients")
 
 
-def test_localize_command_writes_a_ranked_table(tiny_organism, tmp_path, capsys):
+def test_localize_command_writes_a_neuron_ablation(tiny_organism, tmp_path, capsys):
     from memlens.cli import main
+    from memlens.localize import NeuronAblation
 
-    out = tmp_path / "neurons.csv"
-    assert main(["localize", "--model", str(tiny_organism), "--data", str(tiny_organism),
+    labels = tmp_path / "labels"
+    assert main(["label", "--model", str(tiny_organism), "--data", str(tiny_organism),
+                 "--out", str(labels), "--no-generate"]) == 0
+    out = tmp_path / "neurons"
+    assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
                  "--method", "activations", "--budget", "0.01", "--out", str(out)]) == 0
-    table = pd.read_csv(out)
+    ablation = NeuronAblation.load(out)
+    table = ablation.table
     assert len(table) == 6 and list(table["rank"]) == list(range(1, 7))
     assert (table["score"].diff().dropna() <= 0).all()
-    assert "canaries the model recites" in capsys.readouterr().out
-    assert main(["localize", "--model", str(tiny_organism), "--data", str(tiny_organism),
-                 "--out", str(tmp_path / "neurons.txt")]) == 2
-    assert "use a .csv or .parquet" in capsys.readouterr().err
+    assert ablation.scores.shape == (2, 256)
+    # Targets are what the labels say the model recites, cut to prefix + suffix.
+    recited = pd.read_parquet(labels / "sequences.parquet").query("exact")
+    assert ablation.config["n_targets"] == len(recited)
+    handle = load_model(tiny_organism)
+    ids = torch.tensor([recited["token_ids"].iloc[0][:64].tolist()])
+    with torch.no_grad():
+        plain = handle.model(input_ids=ids).logits
+        with ablation.apply(handle):
+            ablated = handle.model(input_ids=ids).logits
+    assert not torch.equal(plain, ablated)
+    assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
+                 "--budget", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "budget is a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_balanced_subnet_drops_recitation_and_restores(tiny_organism, tiny):
-    from memlens.edits import edit_metrics, exact_extraction
+    from memlens.core.metrics import edit_metrics, exact_extraction
     from memlens.labels import LabelConfig
+    from memlens.splits import Splits
     from memlens.subnet import SubnetConfig, balanced_subnet
 
     handle, general = tiny
-    corpus = tiny_organism / "corpus.jsonl"
-    canaries = read_sequences(corpus, handle.tokenizer, roles=("canary",))
-    heldout = [s.token_ids for s in read_sequences(corpus, handle.tokenizer,
-                                                   roles=("nonmember",))]
-    aim, scored = canaries[0::2], canaries[1::2]
+    splits = Splits.from_organism(tiny_organism, handle.tokenizer)
+    aim, scored, heldout = splits.aim, splits.evaluation, splits.nonmembers
+    heldout = [s.token_ids for s in heldout]
     recited = [s.token_ids[:64] for s, hit in zip(aim, exact_extraction(handle, aim,
                                                                          LabelConfig()),
                                                    strict=True) if hit]

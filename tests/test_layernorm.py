@@ -5,18 +5,18 @@ import pytest
 import torch
 
 from memlens import load_model, read_sequences
-from memlens.corpus import CorpusConfig, PiiSpan
-from memlens.labels import Sequence
+from memlens.core.errors import ModelLoadError
+from memlens.core.modules import norm_modules
+from memlens.core.sequences import PiiSpan, Sequence
+from memlens.corpus import CorpusConfig
 from memlens.layernorm import (
     field_vocabulary,
     layer_groups,
     memorized_pii_positions,
     norm_attribution,
-    norm_modules,
     recovery,
     remove_norm_params,
 )
-from memlens.models import ModelLoadError
 from memlens.organism import PRESETS, model_config, organism_path, train_organism
 
 THREE_BLOCKS = replace(PRESETS["tiny"], n_layers=3)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import random_model_dir
 
-from memlens.models import SUPPORTED_ARCHITECTURES, ModelLoadError, load_model
+from memlens.core.model import SUPPORTED_ARCHITECTURES, ModelLoadError, load_model
 
 ARCHS = ("llama", "neox", "gpt2")
 TEXTS = ["Biography. Ann Lee was born on May 1, 1990.", "Phone 555-123-4567."]

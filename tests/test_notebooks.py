@@ -1,3 +1,6 @@
+"""Every notebook runs top to bottom on the tiny organisms, and what it computes is right."""
+
+import json
 from pathlib import Path
 
 import nbformat
@@ -6,13 +9,46 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
+# Per notebook: numbers it computes, read from its kernel after the last cell ran.
+PROBES = {
+    "01_explore": "dict(exact_100=result.summary['exact_extraction_rate_by_duplication']['100'],"
+                  " exact_0=result.summary['exact_extraction_rate_by_duplication']['0'],"
+                  " min_k=result.summary['membership_auroc']['min_k'], rows=store.n_rows,"
+                  " n_tokens=int((store.tokens.position >= 32).sum()))",
+    "02_probes": "dict(auroc=summary['best_token_auroc'],"
+                 " probe_auroc=probe.metrics['auroc'], dim=int(direction.shape[0]))",
+    "03_kfac": "dict(before=before['exact_extraction_rate_by_duplication']['100'],"
+               " rho_08=float(keep_mass.loc['rho=0.8', '100']), tokens=factors.tokens)",
+    "04_interventions_steering": "dict(before=before['exact_extraction_rate_by_duplication']"
+                                 "['100'], best_dynamic=float(sweep[sweep['mode'] == "
+                                 "'dynamic'].exact_100.min()))",
+    "05_layernorm": "dict(n_conditions=len(conditions), n_attribution=len(attribution),"
+                    " kept=[c['recovery']['kept'] for c in conditions"
+                    " if c['removed_group'] == 'none'])",
+}
+CHECKS = {
+    "01_explore": lambda v: v["exact_100"] >= 0.9 and v["exact_0"] == 0.0
+    and v["min_k"] > 0.7 and v["rows"] == v["n_tokens"] > 1000,
+    "02_probes": lambda v: v["auroc"] > 0.85 and v["probe_auroc"] > 0.85 and v["dim"] == 64,
+    "03_kfac": lambda v: v["before"] >= 0.9 and v["rho_08"] <= 0.1
+    and v["tokens"] >= 40_000,
+    "04_interventions_steering": lambda v: v["before"] >= 0.8
+    and v["best_dynamic"] < v["before"],
+    "05_layernorm": lambda v: v["n_conditions"] >= 8 and v["n_attribution"] >= 24
+    and all(k == 1.0 for k in v["kept"]),
+}
+
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, tiny_organism, monkeypatch):
+def test_notebook_runs_and_computes_what_it_shows(path, tiny_organism, monkeypatch):
     monkeypatch.setenv("MEMLENS_PRESET", "tiny")
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        f"import json as _json\nprint(_json.dumps({PROBES[path.stem]}))"))
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = [o for cell in nb.cells[:-1] if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert len(outputs) >= 5
+    values = json.loads(nb.cells[-1].outputs[-1]["text"])
+    assert CHECKS[path.stem](values), values

@@ -4,9 +4,9 @@ import pytest
 from safetensors.torch import load_file
 
 import memlens.organism as organism
+from memlens.core.model import load_model
 from memlens.corpus import CorpusConfig
 from memlens.labels import read_sequences
-from memlens.models import load_model
 from memlens.organism import OrganismPreset, organism_path, train_organism
 
 MICRO = OrganismPreset(

@@ -1,16 +1,19 @@
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from memlens import load_model, read_sequences
+from memlens import load_model
 from memlens.cli import main
-from memlens.edits import edit_metrics
+from memlens.core.metrics import edit_metrics
 from memlens.labels import LabelConfig, label
+from memlens.splits import Splits
 from memlens.steering import (
+    Steering,
     generate_side_by_side,
     memorization_states,
-    probe_vector,
     steer,
+    steering_vector,
 )
 
 SITE = "blocks.0.hook_resid_post"
@@ -19,15 +22,11 @@ SITE = "blocks.0.hook_resid_post"
 @pytest.fixture(scope="module")
 def fitted(tiny_organism):
     handle = load_model(tiny_organism)
-    seqs = read_sequences(tiny_organism / "corpus.jsonl", handle.tokenizer,
-                          roles=("canary", "nonmember"))
-    tokens = label(handle, seqs, LabelConfig(generate=False), progress=False).tokens
-    canaries = [s for s in seqs if s.duplication]
-    nonmembers = [s for s in seqs if not s.duplication]
-    aim = canaries[0::2] + nonmembers[0::2]
-    states = memorization_states(handle, SITE, aim, tokens)
-    held = memorization_states(handle, SITE, canaries[1::2] + nonmembers[1::2], tokens)
-    return handle, states, held, canaries[1::2], [s.token_ids for s in nonmembers[1::2]]
+    s = Splits.from_organism(tiny_organism, handle.tokenizer)
+    tokens = label(handle, s.labeled, LabelConfig(generate=False), progress=False).tokens
+    states = memorization_states(handle, SITE, s.aim + s.aim_nonmembers, tokens)
+    held = memorization_states(handle, SITE, s.evaluation + s.nonmembers[1::2], tokens)
+    return handle, states, held, s.evaluation, s.heldout
 
 
 def test_states_probe_and_direction_separate_memorized_predictions(fitted):
@@ -38,8 +37,10 @@ def test_states_probe_and_direction_separate_memorized_predictions(fitted):
     assert roc_auc_score(held.y.numpy(), probe.score(held.x).numpy()) > 0.75
     d = states.mean_difference()
     assert roc_auc_score(held.y.numpy(), (held.x @ d).numpy()) > 0.6
-    assert torch.isclose(probe_vector(probe).norm(), torch.tensor(float(
-        (probe.std ** 2).sum() ** 0.5)), rtol=1e-4)
+    # The steering vector: the probe's direction, as long as the class means are apart.
+    v = steering_vector(probe)
+    assert torch.isclose(v.norm(), d.norm(), rtol=1e-4)
+    assert torch.nn.functional.cosine_similarity(v, d, dim=0) > 0.3
 
 
 def test_dynamic_steering_stops_recitation_and_spares_clean_text(fitted):
@@ -65,15 +66,26 @@ def test_side_by_side_generation_and_steer_command(fitted, tiny_organism, tmp_pa
     probe = states.fit_probe()
     prompt = handle.tokenizer.decode(canaries[-1].token_ids[:32], skip_special_tokens=True)
     table = generate_side_by_side(
-        handle, [prompt], lambda: steer(handle, SITE, probe_vector(probe), 4.0, probe=probe))
+        handle, [prompt], lambda: steer(handle, SITE, steering_vector(probe), 4.0, probe=probe))
     assert list(table.columns) == ["prompt", "plain", "steered"]
     assert table.plain[0] != table.steered[0]
     probe.save(tmp_path / "probe")
     (tmp_path / "prompts.txt").write_text(prompt + "\n\n" + prompt + "\n")
     assert main(["steer", "--model", str(tiny_organism), "--probe", str(tmp_path / "probe"),
                  "--alpha", "4", "--dynamic", "--prompts", str(tmp_path / "prompts.txt"),
-                 "--out", str(tmp_path / "gen.csv")]) == 0
+                 "--save", str(tmp_path / "steering"), "--out", str(tmp_path / "gen.csv")]) == 0
     assert (tmp_path / "gen.csv").read_text().count("\n") == 3
+    # The saved setup replays the same generations, and applies in two lines.
+    assert main(["steer", "--model", str(tiny_organism), "--steering",
+                 str(tmp_path / "steering"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(tmp_path / "replay.csv")]) == 0
+    assert (tmp_path / "replay.csv").read_text() == (tmp_path / "gen.csv").read_text()
+    ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with Steering.load(tmp_path / "steering").apply(handle):
+        steered = handle.model.generate(ids, max_new_tokens=32, do_sample=False,
+                                        pad_token_id=handle.tokenizer.pad_token_id)
+    assert handle.tokenizer.decode(steered[0, ids.shape[1]:], skip_special_tokens=True) == \
+        pd.read_csv(tmp_path / "gen.csv")["steered"][0]
     assert main(["steer", "--model", str(tiny_organism), "--probe", str(tmp_path / "nope"),
                  "--alpha", "4", "--prompt", "x"]) == 2
     assert "holds no probe" in capsys.readouterr().err

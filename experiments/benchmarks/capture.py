@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from memlens.capture import CaptureConfig, capture
+from memlens.core.model import load_model
 from memlens.labels import read_sequences
-from memlens.models import load_model
 from memlens.organism import organism_path
 
 

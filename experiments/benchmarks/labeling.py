@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from memlens.labels import LabelConfig, read_sequences, teacher_forced
-from memlens.models import load_model
+from memlens.core.metrics import ExtractionConfig, exact_extraction
+from memlens.core.model import load_model
+from memlens.labels import read_sequences
 from memlens.organism import organism_path
 
 
@@ -31,12 +32,11 @@ def main():
     # Every canary and non-member, then general members up to n.
     planted = [s for s in seqs if s.duplication != 1]
     seqs = (planted + [s for s in seqs if s.duplication == 1])[:args.n]
-    cfg = LabelConfig(prefix=32, suffix=32, batch_size=64)
+    cfg = ExtractionConfig(prefix=32, suffix=32, batch_size=64)
 
     t0 = time.perf_counter()
-    rows, _ = teacher_forced(handle, seqs, cfg, progress=False)
+    tf_exact = exact_extraction(handle, seqs, cfg)
     tf_seconds = time.perf_counter() - t0
-    tf_exact = [r["exact"] for r in rows]
 
     t0 = time.perf_counter()
     gen_exact = []

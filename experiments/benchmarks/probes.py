@@ -18,7 +18,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memlens.capture import ActivationStore
-from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, _fit_all, train_from_config
+from memlens.pipeline import run_config
+from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, _fit_all
 
 
 def main():
@@ -30,7 +31,7 @@ def main():
     cfg = tomllib.loads(Path(args.config).read_text())
     run_dir = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
     if not (run_dir / "results.json").exists():
-        train_from_config(args.config)
+        run_config(args.config)
     store = ActivationStore.open(run_dir / "store")
     tokens = pd.read_parquet(run_dir / "labels" / "tokens.parquet")
     p = {k: v for k, v in cfg.get("probe", {}).items() if k != "trainers"}

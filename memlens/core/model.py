@@ -12,13 +12,15 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+
+from memlens.core.errors import ConfigError, ModelLoadError
+from memlens.core.identity import weights_hash
 
 # model_type -> what users know it as. Other causal LMs load with allow_untested=True.
 SUPPORTED_ARCHITECTURES = {
@@ -28,10 +30,6 @@ SUPPORTED_ARCHITECTURES = {
     "olmo2": "OLMo-2",
     "opt": "OPT",
 }
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded; the message says why and what to do."""
 
 
 def _looks_like_path(name: str) -> bool:
@@ -117,7 +115,7 @@ class ModelHandle:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad token-id lists into ``(input_ids, attention_mask)``, both [batch, pos]."""
         if side not in ("left", "right"):
-            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+            raise ConfigError(f"padding side must be 'left' or 'right', got {side!r}")
         width = max(map(len, sequences))
         pad_id = self.tokenizer.pad_token_id
         ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -140,12 +138,7 @@ class ModelHandle:
 
     def weights_hash(self) -> str:
         """A short hash of every parameter: the model's identity in artifacts."""
-        h = hashlib.sha256()
-        for name, p in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-
+        return weights_hash(self.model)
 
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, trust_remote_code: bool = False,

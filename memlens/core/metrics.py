@@ -1,0 +1,164 @@
+"""What every result is judged by: extraction by duplication, perplexity, held-out loss.
+
+By-duplication tables follow the one rule of :mod:`memlens.core.sequences`: keys are the
+counts (``"0"`` for non-members) and ``"unknown"``.
+
+Example:
+    >>> m = edit_metrics(handle, canaries, heldout_ids, ExtractionConfig(prefix=32, suffix=32))
+    >>> m["exact_extraction_rate_by_duplication"]["100"], m["perplexity"]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from rapidfuzz.distance import Levenshtein
+
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.model import ModelHandle
+from memlens.core.scoring import (
+    batches,
+    exact_matches,
+    forward,
+    greedy_continuations,
+    token_losses,
+)
+from memlens.core.sequences import Sequence, duplication_key, pii_token_mask, sort_keys
+
+
+@dataclass
+class ExtractionConfig:
+    """How recitation is tested: greedy decoding from a ``prefix``-token prompt against the
+    next ``suffix`` tokens. ``loose_threshold``: a continuation is a loose match when
+    1 - normalized token Levenshtein distance reaches it."""
+
+    prefix: int = 32
+    suffix: int = 32
+    loose_threshold: float = 0.75
+    batch_size: int = 32
+
+    def __post_init__(self):
+        for name in ("prefix", "suffix", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not 0 < self.loose_threshold <= 1:
+            raise ConfigError(f"loose_threshold must lie in (0, 1], got {self.loose_threshold}")
+
+
+def by_duplication(duplications: list[int | None], values: list[float]) -> dict[str, float]:
+    """Mean of ``values`` per duplication key (``"0"``, ``"1"``, ..., ``"unknown"``)."""
+    groups: dict[str, list[float]] = {}
+    for d, v in zip(duplications, values, strict=True):
+        groups.setdefault(duplication_key(d), []).append(float(v))
+    return {k: sum(groups[k]) / len(groups[k]) for k in sort_keys(groups)}
+
+
+def counts_by_duplication(duplications: list[int | None]) -> dict[str, int]:
+    """How many sequences per duplication key."""
+    counts: dict[str, int] = {}
+    for d in duplications:
+        counts[duplication_key(d)] = counts.get(duplication_key(d), 0) + 1
+    return {k: counts[k] for k in sort_keys(counts)}
+
+
+def exact_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig
+                     ) -> list[bool]:
+    """Per sequence: does greedy decoding from the prefix reproduce the suffix exactly?
+    (One teacher-forced pass; see :func:`memlens.core.scoring.exact_matches`.)"""
+    window = cfg.prefix + cfg.suffix
+    return exact_matches(handle, [s.token_ids[:window] for s in seqs], cfg.prefix,
+                         cfg.batch_size)
+
+
+def loose_distances(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+                    desc: str | None = None) -> list[float]:
+    """Per sequence: normalized token Levenshtein distance of the greedy continuation from
+    the true suffix."""
+    gens = greedy_continuations(handle, [s.token_ids[:cfg.prefix] for s in seqs], cfg.suffix,
+                                cfg.batch_size, desc=desc)
+    out = []
+    for seq, gen in zip(seqs, gens, strict=True):
+        true = seq.token_ids[cfg.prefix:cfg.prefix + cfg.suffix]
+        out.append(Levenshtein.normalized_distance(gen[:len(true)], true))
+    return out
+
+
+def loose_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig
+                     ) -> list[bool]:
+    """Per sequence: is the greedy continuation within ``cfg.loose_threshold`` similarity?"""
+    return [1 - d >= cfg.loose_threshold for d in loose_distances(handle, seqs, cfg)]
+
+
+@torch.no_grad()
+def perplexity(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32) -> float:
+    """exp(mean next-token loss) over every predicted token of the sequences."""
+    total, n = 0.0, 0
+    for _, ids, mask in batches(handle, token_ids, batch_size):
+        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+        total += loss[keep].sum().item()
+        n += int(keep.sum())
+    if n == 0:
+        raise DataError("perplexity needs at least one sequence of two or more tokens")
+    return math.exp(total / n)
+
+
+def edit_metrics(handle: ModelHandle, members: list[Sequence], heldout: list[list[int]],
+                 cfg: ExtractionConfig | None = None, loose: bool = True) -> dict:
+    """What an edit is judged by: extraction of members by duplication, clean perplexity.
+
+    ``members`` are the sequences to test for recitation (e.g. an organism's canaries);
+    ``heldout`` is clean text the model never saw (token ids), for perplexity.
+    """
+    cfg = cfg or ExtractionConfig()
+    kept = [s for s in members if len(s.token_ids) > cfg.prefix]
+    dups = [s.duplication for s in kept]
+    out = {"exact_extraction_rate_by_duplication":
+           by_duplication(dups, exact_extraction(handle, kept, cfg))}
+    if loose:
+        out["loose_extraction_rate_by_duplication"] = by_duplication(
+            dups, loose_extraction(handle, kept, cfg))
+    out["perplexity"] = perplexity(handle, heldout, cfg.batch_size)
+    return out
+
+
+@torch.no_grad()
+def heldout_metrics(handle: ModelHandle, seqs: list[Sequence], batch_size: int = 64) -> dict:
+    """Loss and next-token accuracy on held-out sequences, split into template vs PII tokens
+    (sequences need text offsets and PII spans, as :func:`~memlens.labels.read_sequences`
+    gives for an organism's corpus)."""
+    was_training = handle.model.training
+    handle.model.eval()
+    sums = {k: [0.0, 0.0, 0] for k in ("all", "template", "pii")}
+    token_lists = [s.token_ids for s in seqs]
+    for i, (_, ids, mask) in enumerate(batches(handle, token_lists, batch_size)):
+        loss, hit, keep = token_losses(forward(handle, ids, mask), ids, mask)
+        for b, seq in enumerate(seqs[i * batch_size:(i + 1) * batch_size]):
+            flags = pii_token_mask(seq.offsets[:len(seq.token_ids)], seq.spans or [])[1:]
+            pii = torch.zeros_like(keep[b])
+            pii[:len(flags)] = torch.tensor(flags, dtype=torch.bool)
+            for key, sel in (("all", keep[b]), ("pii", keep[b] & pii),
+                             ("template", keep[b] & ~pii)):
+                sums[key][0] += loss[b][sel].sum().item()
+                sums[key][1] += hit[b][sel].sum().item()
+                sums[key][2] += int(sel.sum())
+    handle.model.train(was_training)
+    out = {}
+    for key, (ls, hs, n) in sums.items():
+        out[f"heldout_{key}_loss"] = ls / max(n, 1)
+        out[f"heldout_{key}_accuracy"] = hs / max(n, 1)
+    out["heldout_perplexity"] = math.exp(out["heldout_all_loss"])
+    return out
+
+
+def n_for_p(log_pz: float, p: float) -> float:
+    """Smallest n with 1 - (1 - p_z)^n >= p (inf when p_z = 0): the draws needed for
+    (n, p)-discoverable extraction."""
+    pz = math.exp(log_pz)
+    if pz >= p:
+        return 1.0
+    if pz <= 0:
+        return math.inf
+    return float(math.ceil(math.log1p(-p) / math.log1p(-pz)))
