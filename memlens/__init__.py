@@ -1,13 +1,26 @@
-"""memlens: locate, prove and remove memorization in transformer language models."""
+"""memlens: locate, prove and remove memorization in transformer language models.
+
+The names below load on first use, so ``import memlens.core.progress`` (or the command
+line's ``--help``) does not pull in torch and transformers.
+"""
+
+from importlib import import_module
 
 from memlens.core.version import VERSION
 
 __version__ = VERSION
 
-from memlens.core.model import ModelHandle, load_model  # noqa: E402
-from memlens.corpus import CorpusConfig, build_corpus  # noqa: E402
-from memlens.labels import LabelConfig, Labels, label, read_sequences  # noqa: E402
-from memlens.organism import organism_path, train_organism  # noqa: E402
+_EXPORTS = {
+    "ModelHandle": "memlens.core.model", "load_model": "memlens.core.model",
+    "CorpusConfig": "memlens.corpus", "build_corpus": "memlens.corpus",
+    "LabelConfig": "memlens.labels", "Labels": "memlens.labels", "label": "memlens.labels",
+    "read_sequences": "memlens.labels",
+    "organism_path": "memlens.organism", "train_organism": "memlens.organism",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["CorpusConfig", "LabelConfig", "Labels", "ModelHandle", "build_corpus", "label",
-           "load_model", "organism_path", "read_sequences", "train_organism"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'memlens' has no attribute {name!r}")

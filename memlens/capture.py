@@ -20,7 +20,7 @@ import json
 import os
 import random
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +225,9 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
     """Run ``sequences`` through the model and stream activations at the sites to ``out``.
 
     Given :class:`~memlens.labels.Labels` (``Labels.load(dir)``), the labeled sequences are
-    captured with each token's memorization label, after checking that the labels were made
-    with this model; the store records which labels it was captured from. A plain list of
+    captured (up to the labeled prefix + suffix, unless ``max_len`` says otherwise) with each
+    token's memorization label, after checking that the labels were made with this model;
+    the store records which labels it was captured from. A plain list of
     sequences can come with ``token_labels`` (a labels ``tokens`` table).
 
     Rerunning the same call resumes: finished shards (checked by checksum) are kept,
@@ -238,6 +239,8 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
         sequences.check_model(handle)
         inputs["labels"] = sequences.identity
         token_labels = sequences.tokens
+        if config.max_len is None:  # tokens past the labeled window have no label
+            config = replace(config, max_len=sequences.config.prefix + sequences.config.suffix)
         sequences = sequences.to_sequences()
     sites = resolve_sites(handle, config.sites)
     identity = Identity.make("store", handle, sequences, {**asdict(config), "sites": sites},
