@@ -33,6 +33,7 @@ from memlens.core.model import ModelHandle
 from memlens.core.progress import progress as progress_bar
 from memlens.core.sequences import Sequence
 from memlens.core.sites import BACKENDS, UnknownSiteError, resolve_sites, run_sites
+from memlens.core.storage import exclusive, prepare_output
 from memlens.labels import Labels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,6 +70,10 @@ class CaptureConfig:
             raise ConfigError("no sites given; name at least one, e.g. blocks.0.hook_resid_post")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        for name in ("batch_size", "shard_sequences"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got "
+                                  f"{getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
         if not (self.positions in ("all", "suffix") or _sample_n(self.positions)):
@@ -138,7 +143,12 @@ class ActivationStore:
         if not (path / "manifest.json").exists():
             raise MissingArtifactError(f"{path} is not an activation store (no manifest.json); "
                                        "make one with memlens capture")
-        store = cls(path, json.loads((path / "manifest.json").read_text()))
+        try:
+            store = cls(path, json.loads((path / "manifest.json").read_text()))
+        except ValueError as exc:
+            raise DataError(f"{path / 'manifest.json'} is not valid JSON ({exc}); capture "
+                            "again into a new directory") from None
+        store.check_paths()
         if verify:
             bad = store.verify()
             if bad:
@@ -159,6 +169,17 @@ class ActivationStore:
     @property
     def n_rows(self) -> int:
         return sum(s["rows"] for s in self.manifest["shards"])
+
+    def check_paths(self) -> None:
+        """Refuse a manifest that names files outside the store (``../``, absolute paths)."""
+        root = self.path.resolve()
+        for shard in self.manifest.get("shards", []):
+            names = [shard["tokens"], *shard["checksums"],
+                     *(f"{_site_dir(s)}/{shard['name']}.npy" for s in self.sites)]
+            for rel in names:
+                if Path(rel).is_absolute() or not (root / rel).resolve().is_relative_to(root):
+                    raise DataError(f"{self.path / 'manifest.json'} names {rel!r}, outside the "
+                                    "store; it was edited or forged: capture again")
 
     def verify(self) -> list[str]:
         """Files that are missing or whose bytes do not match the manifest."""
@@ -233,7 +254,7 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
     Rerunning the same call resumes: finished shards (checked by checksum) are kept,
     missing or corrupt ones are redone.
     """
-    out = Path(out)
+    out = prepare_output(out, "store", marker="manifest.json")
     inputs = {}
     if isinstance(sequences, Labels):
         sequences.check_model(handle)
@@ -245,6 +266,12 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
     sites = resolve_sites(handle, config.sites)
     identity = Identity.make("store", handle, sequences, {**asdict(config), "sites": sites},
                              inputs)
+    with exclusive(out, "capture"):
+        return _capture(handle, sequences, config, out, token_labels, progress, identity, sites)
+
+
+def _capture(handle, sequences, config, out, token_labels, progress, identity, sites
+             ) -> ActivationStore:
     manifest = _open_manifest(out, identity, sites, config)
     if token_labels is not None:
         token_labels = token_labels[["id", "position", "label"]].astype(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
@@ -302,7 +303,8 @@ def _capture(args) -> None:
     cfg = config_from(CaptureConfig, args)
     handle = load_model(args.model)
     source = (Labels.load(args.labels) if args.labels else
-              read_sequences(args.data, handle.tokenizer, roles=manifest_roles(args.data)))
+              read_sequences(args.data, handle.tokenizer, roles=manifest_roles(args.data),
+                             max_tokens=cfg.max_len))
     store = capture(handle, source, cfg, args.out)
     print(f"{store.n_rows} rows x {len(store.sites)} sites -> {args.out}")
     for site in store.sites:
@@ -378,7 +380,7 @@ def _kfac(args) -> None:
         handle = load_model(args.model)
         organism = manifest_roles(args.data) is not None
         roles = tuple(args.roles) if args.roles else (("general",) if organism else None)
-        seqs = read_sequences(args.data, handle.tokenizer, roles=roles)
+        seqs = read_sequences(args.data, handle.tokenizer, roles=roles, max_tokens=cfg.max_len)
         factors = collect_factors(handle, [s.token_ids for s in seqs], cfg, out=args.out)
         print(f"{factors.tokens} tokens, {len(factors.layers)} layers -> {args.out}")
         return
@@ -421,6 +423,7 @@ def _localize(args) -> None:
 def _steer(args) -> None:
     from memlens.core.errors import ConfigError
     from memlens.core.model import load_model
+    from memlens.core.storage import prepare_output
     from memlens.labels import Labels
     from memlens.pipeline import recited_targets
     from memlens.probes import Probe
@@ -432,6 +435,10 @@ def _steer(args) -> None:
         raise ConfigError("--steering replays a saved setup: its alpha and gate are fixed")
     if args.out is not None and args.out.suffix not in (".csv", ".jsonl"):
         raise ConfigError(f"--out {args.out}: use a .csv or .jsonl file name")
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; name a .csv or .jsonl file")
+    if args.save_dir is not None:
+        prepare_output(args.save_dir, "steering", marker="steering.json", allowed=("gate",))
     probe = Probe.load(args.probe) if args.probe else None
     steering = Steering.load(args.steering) if args.steering else None
     labels = Labels.load(args.labels) if args.labels else None
@@ -489,6 +496,9 @@ def _demo(args) -> None:
     run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed, fresh=args.fresh)
 
 
+# Errors of the place written to, not of memlens: no space, read-only, no permission.
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
+
 COMMANDS = {"organism": _organism, "label": _label, "capture": _capture, "probe": _probe,
             "kfac": _kfac, "localize": _localize, "steer": _steer, "demo": _demo}
 
@@ -501,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except UserError as exc:
         print(f"memlens: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        print(f"memlens: error: {exc.strerror} writing {exc.filename}; free space or choose "
+              "another output, then rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("memlens: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +27,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memlens.core.errors import ConfigError, DataError, MissingArtifactError, UserError
-from memlens.core.identity import Identity
+from memlens.core.identity import Identity, state_hash
 from memlens.core.model import ModelHandle
 from memlens.core.modules import find_layers, linear_modules, linear_weight, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, objective, predicts
+from memlens.core.storage import exclusive
 from memlens.edits import WeightEdit
 
 MODES = ("true", "empirical")
@@ -90,8 +94,11 @@ class Factors:
         tensors = dict(extra or {})
         tensors.update({f"{n}.A": a.contiguous() for n, a in self.A.items()})
         tensors.update({f"{n}.G": g.contiguous() for n, g in self.G.items()})
-        meta = {**self.meta, "tokens": self.tokens, "layers": self.layers}
-        save_file(tensors, str(path), metadata={"memlens": json.dumps(meta)})
+        meta = {**self.meta, "tokens": self.tokens, "layers": self.layers,
+                "tensors_hash": state_hash(tensors)}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"memlens": json.dumps(meta)})
+        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -102,12 +109,19 @@ class Factors:
         if not path.is_file():
             raise MissingArtifactError(f"no factor file at {path}; create one with `memlens "
                                        "kfac collect --model DIR --data ... --out FILE`")
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("memlens", "{}"))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("memlens", "{}"))
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a readable safetensors file ({exc}); it is "
+                            "truncated or not a factor file: collect the factors again") from None
         if "layers" not in meta:
             raise DataError(f"{path} is not a memlens factor file (no 'memlens' metadata)")
         Identity.from_json(meta.get("identity"), str(path)).expect_kind("factors", str(path))
-        tensors = load_file(str(path))
+        if state_hash({k: v for k, v in tensors.items()}) != meta.pop("tensors_hash", None):
+            raise DataError(f"{path} does not match its checksum (corrupted); collect the "
+                            "factors again")
         return cls({n: tensors[f"{n}.A"] for n in meta["layers"]},
                    {n: tensors[f"{n}.G"] for n in meta["layers"]}, meta.pop("tokens"), meta)
 
@@ -173,26 +187,48 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
     """
     cfg = cfg or KFACConfig()
     names = find_layers(handle.model, cfg.layers)
-    modules = linear_modules(handle.model)
-    dev = handle.device
-    dims = {n: linear_weight(modules[n]).shape for n in names}
-    A = {n: torch.zeros(d[1], d[1], device=dev) for n, d in dims.items()}
-    G = {n: torch.zeros(d[0], d[0], device=dev) for n, d in dims.items()}
     seqs = [list(s[:cfg.max_len]) for s in token_ids if len(s[:cfg.max_len]) >= 2]
     if not seqs:
         raise DataError("collect_factors needs sequences of at least two tokens")
     identity = Identity.make("factors", handle, seqs, asdict(cfg))
     meta = {"identity": identity.to_json(), "n_sequences": len(seqs)}
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed)
-    first, tokens = 0, 0
-    if out is not None and Path(out).is_file():
-        done = Factors.load(out)
+    if out is None:
+        return _accumulate(handle, seqs, names, cfg, meta, None, progress, checkpoint_every)
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name a .safetensors file")
+    if out.exists():
+        try:
+            done = Factors.load(out)
+        except DataError as exc:
+            raise ConfigError(f"--out {out} exists and is not a memlens factor file ({exc}); "
+                              "choose another path, so that it is not overwritten") from None
         if done.meta.get("identity") == meta["identity"]:
             return done  # the same collection finished before
+    with exclusive(out, "collect K-FAC factors"):
+        factors = _accumulate(handle, seqs, names, cfg, meta, out, progress, checkpoint_every)
+        factors.save(out)
+        Path(f"{out}.partial").unlink(missing_ok=True)
+    return factors
+
+
+def _accumulate(handle, seqs, names, cfg, meta, out, progress, checkpoint_every) -> Factors:
+    dev = handle.device
+    modules = linear_modules(handle.model)
+    dims = {n: linear_weight(modules[n]).shape for n in names}
+    A = {n: torch.zeros(d[1], d[1], device=dev) for n, d in dims.items()}
+    G = {n: torch.zeros(d[0], d[0], device=dev) for n, d in dims.items()}
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+    first, tokens = 0, 0
     partial = Path(f"{out}.partial") if out is not None else None
     if partial is not None and partial.is_file():
-        saved = Factors.load(partial)
-        if saved.meta.get("identity") == meta["identity"]:
+        try:
+            saved = Factors.load(partial)
+        except DataError as exc:  # a checkpoint cut short by a crash: start over
+            print(f"memlens: {partial} is unreadable ({exc}); starting from the first batch",
+                  file=sys.stderr)
+            saved = None
+        if saved is not None and saved.meta.get("identity") == meta["identity"]:
             A = {n: saved.A[n].to(dev) for n in names}
             G = {n: saved.G[n].to(dev) for n in names}
             first, tokens = saved.meta["next_batch"], saved.tokens
@@ -216,13 +252,9 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
             break
     if tokens == 0:
         raise DataError("no token had a next token to predict; check the sequences")
-    meta["seconds"] = round(time.perf_counter() - t0, 2)
-    factors = Factors({n: a / tokens for n, a in A.items()},
-                      {n: g / tokens for n, g in G.items()}, tokens, meta)
-    if out is not None:
-        factors.save(out)
-        partial.unlink(missing_ok=True)
-    return factors
+    meta = {**meta, "seconds": round(time.perf_counter() - t0, 2)}
+    return Factors({n: a / tokens for n, a in A.items()},
+                   {n: g / tokens for n, g in G.items()}, tokens, meta)
 
 
 def memorization_gradient(handle: ModelHandle, seqs: list[list[int]], layers: list[str],

@@ -30,6 +30,7 @@ from memlens.core.identity import Identity
 from memlens.core.metrics import edit_metrics
 from memlens.core.model import ModelHandle, load_model
 from memlens.core.sequences import Sequence
+from memlens.core.storage import exclusive
 from memlens.core.version import VERSION
 from memlens.figures import extraction_figure, gradient_ratio_figure, loading_figure
 from memlens.labels import LabelConfig, Labels, label
@@ -388,10 +389,15 @@ def run_demo(out: str | Path = "memlens-demo", preset: str = "small", arch: str 
              config: DemoConfig | None = None) -> dict:
     """Run every step (reusing cached ones unless ``fresh``), write OUT/report.html and
     OUT/summary.json; returns the summary."""
-    t0 = time.perf_counter()
     out = Path(out)
     (out / "steps").mkdir(parents=True, exist_ok=True)
-    config = config or DemoConfig(preset=preset, arch=arch, seed=seed)
+    with exclusive(out, "memlens demo"):
+        return _run(out, config or DemoConfig(preset=preset, arch=arch, seed=seed), fresh,
+                    progress)
+
+
+def _run(out: Path, config: DemoConfig, fresh: bool, progress: bool) -> dict:
+    t0 = time.perf_counter()
     d = Demo(out, config, progress)
     org = d.organism
     print(f"organism: {d.path}\n  {org['n_parameters']:,} parameters; held-out template "

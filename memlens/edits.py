@@ -23,6 +23,7 @@ from memlens.core.errors import ConfigError, UserError
 from memlens.core.identity import Identity, state_hash, write_artifact
 from memlens.core.model import ModelHandle
 from memlens.core.modules import linear_modules
+from memlens.core.storage import atomic_dir, exclusive, prepare_output
 
 
 class WeightEdit:
@@ -80,15 +81,16 @@ class WeightEdit:
         out = Path(out_dir)
         if out.resolve() == Path(self.handle.name).resolve():
             raise ConfigError(f"--out {out} is the model being edited; choose a new directory")
-        out.mkdir(parents=True, exist_ok=True)
-        self.handle.model.save_pretrained(out)
-        self.handle.tokenizer.save_pretrained(out)
+        prepare_output(out, "edit", marker="memlens_edit.json")
         base = state_hash({**self.handle.model.state_dict(), **self._originals})
         identity = Identity.make("edit", self.handle, config=metadata or {})
         identity = Identity(**{**identity.to_json(), "inputs": {"model": base}})
-        write_artifact(out, "memlens_edit.json", {
-            "base_model": self.handle.name, "edited_parameters": self.edited,
-            **(metadata or {})}, identity)
+        with exclusive(out, "save an edited model"), atomic_dir(out) as tmp:
+            self.handle.model.save_pretrained(tmp)
+            self.handle.tokenizer.save_pretrained(tmp)
+            write_artifact(tmp, "memlens_edit.json", {
+                "base_model": self.handle.name, "edited_parameters": self.edited,
+                **(metadata or {})}, identity)
         return out
 
     def __enter__(self) -> WeightEdit:

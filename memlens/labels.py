@@ -38,6 +38,7 @@ from memlens.core.metrics import (
 from memlens.core.model import ModelHandle
 from memlens.core.scoring import score_tokens
 from memlens.core.sequences import PiiSpan, Sequence
+from memlens.core.storage import atomic_dir, exclusive, prepare_output
 
 TOKEN_LABELS = ("memorized", "partial", "generic", "not_memorized", "excluded")
 _PARTIAL_CHOICES = ("partial", "memorized", "not_memorized", "excluded")
@@ -98,12 +99,14 @@ class Labels:
         return str(self.path) if self.path else "the labels"
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write sequences.parquet, tokens.parquet and summary.json (with the identity)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.sequences.to_parquet(out / "sequences.parquet", index=False)
-        self.tokens.to_parquet(out / "tokens.parquet", index=False)
-        write_artifact(out, "summary.json", self.summary, self.identity)
+        """Write sequences.parquet, tokens.parquet and summary.json (with the identity) to a
+        new or labels directory, whole or not at all."""
+        out = prepare_output(out_dir, "labels", marker="summary.json")
+        with exclusive(out, "write labels"), atomic_dir(out) as tmp:
+            self.sequences.to_parquet(tmp / "sequences.parquet", index=False)
+            self.tokens.to_parquet(tmp / "tokens.parquet", index=False)
+            write_artifact(tmp, "summary.json", self.summary, self.identity,
+                           files=("sequences.parquet", "tokens.parquet"))
         self.path = out
         return out
 
@@ -113,6 +116,7 @@ class Labels:
         path = Path(path)
         summary, identity = read_artifact(path, "summary.json", "labels", "memlens label")
         summary.pop("identity")
+        summary.pop("files", None)
         return cls(pd.read_parquet(path / "sequences.parquet"),
                    pd.read_parquet(path / "tokens.parquet"), summary, identity, path)
 
@@ -136,79 +140,119 @@ class Labels:
         self.identity.check_model(handle, self.where)
 
 
-def read_sequences(path: str | Path, tokenizer, roles: tuple[str, ...] | None = None
-                   ) -> list[Sequence]:
+def read_sequences(path: str | Path, tokenizer, roles: tuple[str, ...] | None = None,
+                   max_tokens: int | None = None) -> list[Sequence]:
     """Read a JSONL of sequences (an organism's ``corpus.jsonl``, or your own).
 
-    Each line is an object with ``text`` and/or ``token_ids``; optional ``id``,
-    ``duplication`` (0 = non-member, a whole number; unknown when absent), ``role`` and
-    ``spans`` (``field``, ``start``, ``end`` character offsets into ``text``). A directory
-    means its corpus.jsonl. ``roles`` keeps only lines whose ``role`` is listed.
+    Each line is an object with ``text`` (a string) and/or ``token_ids`` (whole numbers);
+    optional ``id``, ``duplication`` (0 = non-member, a whole number; unknown when absent),
+    ``role`` and ``spans`` (``field``, ``start``, ``end`` character offsets into ``text``).
+    A directory means its corpus.jsonl. ``roles`` keeps only lines whose ``role`` is
+    listed. ``max_tokens`` keeps the first tokens of each sequence only, and tokenizes no
+    more text than they need (a huge line costs what is used).
     """
     path = Path(path)
     if path.is_dir():
         path = path / "corpus.jsonl"
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path}: no such file; pass a JSONL file or an organism directory")
     vocab = len(tokenizer)
     out: list[Sequence] = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); fix or remove the line"
-                                ) from None
-            if not isinstance(obj, dict) or not ({"text", "token_ids"} & obj.keys()):
-                raise DataError(f"{where}: each line must be an object with 'text' or "
-                                "'token_ids'")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text ({exc.reason}); is it a JSONL "
+                                "file?") from None
+            if not line.strip():
+                continue
+            obj = _json_line(line, where)
             if roles is not None and obj.get("role") not in roles:
                 continue
-            out.append(_parse_sequence(obj, tokenizer, vocab, where, len(out)))
+            out.append(_parse_sequence(obj, tokenizer, vocab, where, len(out), max_tokens))
     if not out:
         what = f" with role in {list(roles)}" if roles else ""
         raise DataError(f"{path}: no sequences{what}; the file is empty")
     return out
 
 
-def _parse_sequence(obj: dict, tokenizer, vocab: int, where: str, index: int) -> Sequence:
-    text = obj.get("text")
+def _json_line(line: str, where: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg}); fix or remove the line") from None
+    if not isinstance(obj, dict) or not ({"text", "token_ids"} & obj.keys()):
+        raise DataError(f"{where}: each line must be an object with 'text' or 'token_ids'")
+    return obj
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# No BPE token covers more characters than this: cutting text here keeps the first tokens.
+_MAX_CHARS_PER_TOKEN = 64
+
+
+def _parse_sequence(obj: dict, tokenizer, vocab: int, where: str, index: int,
+                    max_tokens: int | None = None) -> Sequence:
+    text, ids = obj.get("text"), obj.get("token_ids")
+    if text is not None:
+        if not isinstance(text, str):
+            raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{where}: 'text' is not valid Unicode ({exc.reason} at character "
+                            f"{exc.start}); fix the line") from None
+        if max_tokens is not None:
+            text = text[:(max_tokens + 8) * _MAX_CHARS_PER_TOKEN]
+    elif ids is None:
+        raise DataError(f"{where}: 'text' is null; give a string or 'token_ids'")
     spans = None
     if obj.get("spans") is not None:
         if text is None:
             raise DataError(f"{where}: 'spans' need the 'text' they point into")
+        if not isinstance(obj["spans"], list):
+            raise DataError(f"{where}: 'spans' must be a list of {{field, start, end}}")
         spans = []
         for s in obj["spans"]:
-            if not (0 <= s["start"] < s["end"] <= len(text)):
+            if not (isinstance(s, dict) and isinstance(s.get("field"), str)
+                    and _whole(s.get("start")) and _whole(s.get("end"))):
+                raise DataError(f"{where}: span {s!r} needs a string 'field' and whole-number "
+                                "'start' and 'end'")
+            if not (0 <= s["start"] < s["end"] <= len(obj["text"])):
                 raise DataError(f"{where}: span {s} lies outside the text "
-                                f"(length {len(text)})")
+                                f"(length {len(obj['text'])})")
             spans.append(PiiSpan(s["field"], s["start"], s["end"]))
     offsets = None
     if text is not None:
         enc = tokenizer(text, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
-    ids = obj.get("token_ids")
     if ids is None:
         ids = enc["input_ids"]
     else:
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if not isinstance(ids, list):
+            raise DataError(f"{where}: 'token_ids' must be a list of whole numbers, got "
+                            f"{type(ids).__name__}")
+        bad = [t for t in ids if not _whole(t) or not 0 <= t < vocab]
         if bad:
-            raise DataError(f"{where}: token id {bad[0]!r} is outside the model's vocabulary "
-                            f"(0..{vocab - 1}); was it made with another tokenizer?")
+            raise DataError(f"{where}: token id {bad[0]!r} is not a whole number in the model's "
+                            f"vocabulary (0..{vocab - 1}); was it made with another tokenizer?")
+        ids = ids[:max_tokens]
         if text is not None and list(enc["input_ids"][:len(ids)]) != list(ids):
             raise DataError(f"{where}: 'token_ids' are not the tokenization of 'text' by this "
                             "model's tokenizer; give one of them, or both from this tokenizer")
     dup = obj.get("duplication")
     if dup is None and "member" in obj:
         dup = None if obj["member"] else 0
-    if dup is not None and (isinstance(dup, bool) or not isinstance(dup, int) or dup < 0):
+    if dup is not None and (not _whole(dup) or dup < 0):
         raise DataError(f"{where}: duplication {dup!r} must be a whole number >= 0 (0 = "
                         "non-member), or left out when unknown")
-    return Sequence(str(obj.get("id", index)), list(ids), text, dup, spans, offsets,
-                    obj.get("role"))
+    return Sequence(str(obj.get("id", index)), list(ids[:max_tokens]), obj.get("text"), dup,
+                    spans, offsets, obj.get("role"))
 
 
 def _token_is_candidate(seq: Sequence, pos: int) -> tuple[bool, str]:

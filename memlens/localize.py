@@ -45,6 +45,7 @@ from memlens.core.modules import (
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, predicts, sequence_logprob
 from memlens.core.sites import run_sites
+from memlens.core.storage import prepare_output
 from memlens.edits import WeightEdit
 from memlens.interventions import ablate, edit_site
 
@@ -68,6 +69,10 @@ class LocalizeConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"localization method {self.method!r} is not one of {METHODS}")
+        for name in ("start", "steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got "
+                                  f"{getattr(self, name)!r}")
         if self.method == "integrated_gradients" and self.steps > 64:
             self.steps = 16  # integration points, not optimisation steps
 
@@ -253,13 +258,15 @@ class NeuronAblation:
             yield
 
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
+        out = prepare_output(out_dir, "ablation", marker="ablation.json")
         out.mkdir(parents=True, exist_ok=True)
         self.table.to_parquet(out / "neurons.parquet", index=False)
         if self.scores is not None:
             save_file({"scores": self.scores.float().contiguous()}, out / "scores.safetensors")
         write_artifact(out, "ablation.json", {"how": "zero", "n_neurons": len(self.table),
-                                              "config": self.config}, self.identity)
+                                              "config": self.config}, self.identity,
+                       files=("neurons.parquet",) + (("scores.safetensors",)
+                                                     if self.scores is not None else ()))
         return out
 
     @classmethod

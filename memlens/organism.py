@@ -31,6 +31,7 @@ from memlens.core.modules import freeze_norm_params
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward, token_losses
 from memlens.core.sequences import Sequence
+from memlens.core.storage import exclusive
 from memlens.core.version import VERSION
 from memlens.corpus import CorpusConfig, Record, build_corpus
 
@@ -182,6 +183,11 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
     held at 1, bias at 0, the normalization kept). Interrupted runs resume from the last
     finished epoch (kept in ``out.partial``).
     """
+    with exclusive(out, "train an organism"):  # a second trainer of the same directory
+        return _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
+
+
+def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device) -> Path:
     from transformers import AutoModelForCausalLM
 
     preset_name = preset if isinstance(preset, str) else "custom"
@@ -246,6 +252,7 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
         "preset_config": asdict(preset), "norm_free_layers": list(norm_free_layers),
         "train_seconds": round(train_seconds, 1),
         "n_parameters": sum(p.numel() for p in model.parameters()),
+        "weights_hash": handle.weights_hash(),
         "n_training_records": len(stream),
         "n_training_tokens_per_epoch": sum(len(token_ids[i]) for i in stream),
         **heldout_metrics(handle, [s for s, r in zip(seqs, corpus.records, strict=True)
@@ -282,6 +289,8 @@ def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
     path = (cache_dir() / "organisms"
             / f"{preset}-{arch}{variant}-seed{seed}-v{VERSION}-{key}")
     if not (path / "memlens.json").exists():
-        train_organism(path, preset, arch, seed, progress=progress,
-                       norm_free_layers=norm_free_layers, device=device)
+        # Several processes may want it at once: one trains, the others wait and reuse it.
+        with exclusive(path, "train an organism", wait=True):
+            if not (path / "memlens.json").exists():
+                _train_organism(path, preset, arch, seed, progress, norm_free_layers, device)
     return path

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from memlens.capture import ActivationStore, CaptureConfig, capture
 from memlens.core.errors import ConfigError, DataError
-from memlens.core.identity import corpus_hash
+from memlens.core.identity import Identity, corpus_hash, read_artifact, write_artifact
 from memlens.core.model import ModelHandle
+from memlens.core.storage import exclusive, prepare_output
 from memlens.curvature import (
     Factors,
     apply_weights,
@@ -51,7 +52,9 @@ def label_step(handle: ModelHandle, data: str | Path, out: str | Path,
     """Label the sequences of ``data`` (JSONL or organism dir) into ``out``. With ``reuse``,
     labels already in ``out`` for the same model, sequences and config are loaded instead."""
     cfg = cfg or LabelConfig()
-    seqs = read_sequences(data, handle.tokenizer, roles=roles or manifest_roles(data))
+    prepare_output(out, "labels", marker="summary.json")
+    seqs = read_sequences(data, handle.tokenizer, roles=roles or manifest_roles(data),
+                          max_tokens=cfg.prefix + cfg.suffix)
     if reuse and (Path(out) / "summary.json").is_file():
         done = Labels.load(out)
         ident = done.identity
@@ -85,16 +88,23 @@ def expand_sites(patterns: list[str], names: list[str]) -> list[str]:
 def train_probes(labels: Labels | str | Path, store: ActivationStore | str | Path,
                  out: str | Path, config: ProbeConfig | None = None,
                  combos: dict[str, list[str]] | None = None, trainers=("torch",),
-                 split: dict[str, str] | None = None, progress: bool = True) -> dict:
+                 split: dict[str, str] | None = None, progress: bool = True,
+                 keep: tuple[str, ...] = ()) -> dict:
     """Fit a probe per captured site (and per combo) from a labels dir and the store captured
     from it; write results.json, results.parquet, layer_sweep.html and every single-site
-    probe, plus the best combined one, to ``out/probes/NAME``. Returns the summary."""
+    probe, plus the best combined one, to ``out/probes/NAME``. Returns the summary. ``out``
+    may already hold the labels and store directories and the files named in ``keep``."""
     t0 = time.perf_counter()
     labels = labels if isinstance(labels, Labels) else Labels.load(labels)
     store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, "probes", marker="results.json",
+                         allowed=("labels", "store", "probes", *keep))
     data = ProbeData.from_store(store, labels, config or ProbeConfig(), split=split)
+    with exclusive(out, "train probes"):
+        return _train_probes(labels, store, out, data, combos, trainers, progress, t0)
+
+
+def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> dict:
     names = list(data.features)
     combos = {k: expand_sites(v, names) for k, v in (combos or {}).items()}
     sweep = probe_sweep(data, labels.sequences, combos=combos, trainers=trainers,
@@ -122,8 +132,11 @@ def train_probes(labels: Labels | str | Path, store: ActivationStore | str | Pat
                            if k.startswith("sequence_")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    out.mkdir(parents=True, exist_ok=True)
     sweep.results.to_parquet(out / "results.parquet", index=False)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    identity = Identity(**{**data.identity.to_json(), "kind": "probes", "inputs": data.inputs,
+                           "config": json.loads(json.dumps(asdict(data.config)))})
+    write_artifact(out, "results.json", summary, identity)
     layer_sweep_figure(sweep.results, sweep.baselines, trainers[0]).write_html(
         out / "layer_sweep.html", include_plotlyjs=True)
     keep = set(single["probe"]) | {best["probe"]}
@@ -162,9 +175,10 @@ def run_config(path: str | Path, progress: bool = True) -> dict:
     p = dict(cfg.get("probe", {}))
     trainers = tuple(p.pop("trainers", ("torch",)))
     summary = train_probes(labels, store, out, ProbeConfig(**p), cfg.get("combos", {}),
-                           trainers, progress=progress)
+                           trainers, progress=progress, keep=(path.name,))
     summary["config"] = str(path)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    meta, identity = read_artifact(out, "results.json", "probes", "memlens probe train")
+    write_artifact(out, "results.json", {**meta, "config": str(path)}, identity)
     return summary
 
 
@@ -188,6 +202,9 @@ def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str 
         raise ConfigError("give exactly one of rho (keep-mass edit) or kl_budget")
     if labels is not None and kl_budget is None:
         raise ConfigError("labels aim a --kl-budget edit; drop them or use --kl-budget")
+    if Path(out).resolve() == Path(handle.name).resolve():
+        raise ConfigError(f"--out {out} is the model being edited; choose a new directory")
+    prepare_output(out, "edit", marker="memlens_edit.json")
     where = str(factors) if not isinstance(factors, Factors) else "the factors"
     factors = factors if isinstance(factors, Factors) else Factors.load(factors)
     factors.identity.check_model(handle, where)
@@ -220,6 +237,8 @@ def localize_step(handle: ModelHandle, labels: Labels, out: str | Path | None,
     """Score every MLP neuron for the sequences ``labels`` say the model recites (non-members
     as clean text), keep the top ``budget`` of each layer; saved to ``out`` with the scores."""
     labels.check_model(handle)
+    if out is not None:
+        prepare_output(out, "ablation", marker="ablation.json")
     targets = recited_targets(labels, ids)[:max_targets]
     clean = [s.token_ids for s in labels.to_sequences() if s.duplication == 0
              and (ids is None or s.id in ids)]

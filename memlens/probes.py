@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 from memlens.capture import ActivationStore
 from memlens.core.errors import ConfigError, DataError
-from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.identity import Identity, read_artifact, state_hash, write_artifact
 from memlens.core.progress import progress as progress_bar
 from memlens.labels import Labels
 
@@ -373,18 +374,37 @@ class Probe:
         """``probe.safetensors`` (weight, mean, std) + ``probe.json`` (everything else)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
-                   for k in ("weight", "mean", "std")}, out / "probe.safetensors")
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
+                   for k in ("weight", "mean", "std")}
+        save_file(tensors, out / "probe.safetensors")
         meta = {k: v for k, v in asdict(self).items()
                 if k not in ("weight", "mean", "std", "identity")}
-        write_artifact(out, "probe.json", meta, self.identity)
+        write_artifact(out, "probe.json", {**meta, "tensors_hash": state_hash(tensors)},
+                       self.identity)
         return out
 
     @classmethod
     def load(cls, path: str | Path) -> Probe:
         meta, _ = read_artifact(path, "probe.json", "probe", "memlens probe train")
-        tensors = {k: v.numpy() for k, v in load_file(path / "probe.safetensors").items()}
-        return cls(**meta, **tensors)
+        try:
+            tensors = load_file(path / "probe.safetensors")
+        except (SafetensorError, OSError) as exc:
+            raise DataError(f"{path / 'probe.safetensors'} cannot be read ({exc}); train the "
+                            "probe again") from None
+        if state_hash(tensors) != meta.pop("tensors_hash", None):
+            raise DataError(f"{path / 'probe.safetensors'} does not match its checksum "
+                            "(corrupted or edited); train the probe again")
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(meta) - known)
+        if extra:
+            raise DataError(f"{path / 'probe.json'} has keys a probe does not have: {extra}; "
+                            "it was edited or written by another program")
+        probe = cls(**meta, **{k: v.numpy() for k, v in tensors.items()})
+        numbers = [probe.bias, probe.threshold, *probe.weight, *probe.mean, *probe.std]
+        if not np.isfinite(numbers).all() or probe.weight.shape != probe.mean.shape:
+            raise DataError(f"{path} holds a probe with non-finite or mismatched numbers; "
+                            "train the probe again")
+        return probe
 
     def check_model(self, handle, where: str = "the probe") -> None:
         """Refuse a model other than the one whose activations the probe was trained on."""

@@ -142,7 +142,7 @@ def test_bad_input_files_name_file_and_line(handle, tmp_path):
         read_sequences(bad, handle.tokenizer)
     oov = tmp_path / "oov.jsonl"
     oov.write_text(json.dumps({"token_ids": [1, 2, 99999]}) + "\n")
-    with pytest.raises(DataError, match=r"oov.jsonl:1: token id 99999 is outside"):
+    with pytest.raises(DataError, match=r"oov.jsonl:1: token id 99999 is not a whole number"):
         read_sequences(oov, handle.tokenizer)
     neither = tmp_path / "neither.jsonl"
     neither.write_text(json.dumps({"id": 3}) + "\n")

@@ -78,8 +78,10 @@ def test_each_step_reads_the_artifact_before_it(chain, tiny_organism):
 
 
 def _changed_model(tiny_organism, dest):
-    """A copy of the organism with one weight nudged: other weights, same everything else."""
+    """A copy of the organism with one weight nudged, as a user's fine-tune would be: other
+    weights, same everything else (and no record of memlens having written it)."""
     shutil.copytree(tiny_organism, dest)
+    (dest / "memlens.json").unlink()
     weights = load_file(dest / "model.safetensors")
     name = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
     weights[name] = weights[name] + 1e-3 * torch.ones_like(weights[name])

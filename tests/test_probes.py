@@ -41,7 +41,9 @@ def test_config_run_writes_results_and_beats_single_sites(run):
     out, summary = run
     for name in ("results.json", "results.parquet", "layer_sweep.html"):
         assert (out / name).exists()
-    assert json.loads((out / "results.json").read_text()) == summary
+    written = json.loads((out / "results.json").read_text())
+    assert written.pop("identity")["kind"] == "probes" and len(written.pop("checksum")) == 64
+    assert written == summary
     results = pd.read_parquet(out / "results.parquet")
     probes = results[~results["control"] & (results["trainer"] == "torch")]
     assert set(probes["probe"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post",

@@ -3,7 +3,7 @@
 Every artifact memlens writes (labels, activation stores, probes, K-FAC factors, edited
 models, neuron ablations, steering setups, demo step caches) carries one header:
 
-    {"kind": "labels", "memlens_version": "0.1.0", "model": "organisms/tiny",
+    {"kind": "labels", "memlens_version": "0.2.0", "model": "organisms/tiny",
      "model_hash": "9c1e...", "corpus_hash": "51d0...", "config": {...},
      "inputs": {"labels": "<digest of the labels header it was made from>"}}
 
@@ -136,6 +136,15 @@ class Identity:
                 "labels directory you train on (memlens capture --labels DIR).")
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def read_artifact(path: Path, name: str, kind: str, make: str) -> tuple[dict, Identity]:
     """The JSON file ``path/name`` of an artifact of ``kind`` and its identity header.
 
@@ -149,16 +158,33 @@ def read_artifact(path: Path, name: str, kind: str, make: str) -> tuple[dict, Id
         meta = json.loads(where.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{where} is not valid JSON ({exc}); remake the {kind}") from None
+    if not isinstance(meta, dict) or meta.pop("checksum", None) != digest(meta, 64):
+        raise DataError(f"{where} does not match its checksum (edited or corrupted); make the "
+                        f"{kind} again")
     identity = Identity.from_json(meta.get("identity"), str(path))
-    return meta, identity.expect_kind(kind, str(path))
+    identity.expect_kind(kind, str(path))
+    for rel, want in meta.get("files", {}).items():
+        f = Path(path) / rel
+        if not f.is_file():
+            raise DataError(f"{f} is missing; the {kind} is incomplete: make it again")
+        if file_digest(f) != want:
+            raise DataError(f"{f} does not match its checksum (truncated or corrupted); make "
+                            f"the {kind} again")
+    return meta, identity
 
 
-def write_artifact(path: Path, name: str, meta: dict, identity: Identity | dict) -> Path:
+def write_artifact(path: Path, name: str, meta: dict, identity: Identity | dict,
+                   files: tuple[str, ...] = ()) -> Path:
     """Write ``meta`` with its identity header as the JSON file ``path/name``, atomically
-    (a crash leaves the old file or the new one, never half of one)."""
+    (a crash leaves the old file or the new one, never half of one). ``files`` (names in
+    ``path``, written before) get a checksum that :func:`read_artifact` verifies."""
     header = identity.to_json() if isinstance(identity, Identity) else identity
     target = Path(path) / name
     tmp = target.with_name(f".{name}.tmp")
-    tmp.write_text(json.dumps({**meta, "identity": header}, indent=2, default=str))
+    if files:
+        meta = {**meta, "files": {f: file_digest(Path(path) / f) for f in files}}
+    payload = json.loads(json.dumps({**meta, "identity": header}, default=str))
+    payload["checksum"] = digest(payload, 64)
+    tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, target)
     return target

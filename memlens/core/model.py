@@ -12,14 +12,16 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from memlens.core.errors import ConfigError, ModelLoadError
+from memlens.core.errors import ConfigError, DataError, ModelLoadError
 from memlens.core.identity import weights_hash
 
 # model_type -> what users know it as. Other causal LMs load with allow_untested=True.
@@ -72,6 +74,12 @@ class ModelHandle:
         return self.model.config
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes, where its config says (learned positions)."""
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    @property
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
@@ -117,6 +125,10 @@ class ModelHandle:
         if side not in ("left", "right"):
             raise ConfigError(f"padding side must be 'left' or 'right', got {side!r}")
         width = max(map(len, sequences))
+        if self.max_positions is not None and width > self.max_positions:
+            raise DataError(f"a sequence of {width} tokens is longer than the {self.max_positions}"
+                            f" positions {self.name} takes; cut sequences to at most that many "
+                            f"tokens (--max-len {self.max_positions})")
         pad_id = self.tokenizer.pad_token_id
         ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -183,9 +195,20 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
         except ImportError:
             raise ModelLoadError(f"device_map={device_map!r} needs the accelerate package: "
                                  "pip install accelerate") from None
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation, device_map=device_map)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, device_map=device_map,
+            output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(f"the weights of {name!r} could not be read ({exc}); they are "
+                             "missing, truncated or not a model's: save the model again") from exc
+    missing = [k for k in info["missing_keys"] if "rotary" not in k]
+    if missing:
+        raise ModelLoadError(
+            f"{len(missing)} weights of {name!r} are missing from its files (e.g. "
+            f"{missing[0]!r}); loading would leave them random. Save the model again "
+            "(model.save_pretrained) or point at the right directory.")
     model = (model if device_map is not None else model.to(device)).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -201,4 +224,22 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
             "trained with.")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelHandle(model, tokenizer, name, trust_remote_code)
+    handle = ModelHandle(model, tokenizer, name, trust_remote_code)
+    _check_recorded_hash(handle)
+    return handle
+
+
+def _check_recorded_hash(handle: ModelHandle) -> None:
+    """Directories memlens wrote (organisms, edited models) record their weights' hash:
+    refuse weights that no longer match it (a flipped byte changes what a model recites)."""
+    path = Path(handle.name)
+    recorded = None
+    for name, key in (("memlens.json", "weights_hash"), ("memlens_edit.json", "identity")):
+        if (path / name).is_file():
+            meta = json.loads((path / name).read_text())
+            value = meta.get(key)
+            recorded = value.get("model_hash") if isinstance(value, dict) else value
+    if recorded and recorded != handle.weights_hash():
+        raise ModelLoadError(f"the weights in {path} do not match the hash memlens recorded "
+                             f"when it wrote them ({recorded}): the files were corrupted or "
+                             "changed. Train or edit the model again.")

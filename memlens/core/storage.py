@@ -1,19 +1,17 @@
 """Writing artifacts safely: one writer at a time, outputs checked before any compute,
-files written whole or not at all, checksums that catch corruption on load.
+directories written whole or not at all.
 
 Example:
     >>> out = prepare_output(Path("labels/"), "labels", marker="summary.json")
-    >>> with exclusive(out, "memlens label"):      # a second writer is refused, by name
-    ...     atomic_write_text(out / "summary.json", text)
+    >>> with exclusive(out, "memlens label"), atomic_dir(out) as tmp:
+    ...     (tmp / "summary.json").write_text(text)   # out appears whole, or not at all
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from memlens.core.errors import ConfigError, DataError, UserError
+from memlens.core.errors import ConfigError, UserError
+from memlens.core.identity import Identity
 
 
 class BusyError(UserError):
@@ -68,20 +67,28 @@ def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]
 
 
 def prepare_output(out: str | Path, kind: str, marker: str | None = None,
-                   is_file: bool = False) -> Path:
+                   is_file: bool = False, allowed: tuple[str, ...] = ()) -> Path:
     """Check an output path before any compute: not an existing file where a directory is
     wanted (or the reverse), its parent writable, and an existing directory empty or
     holding an artifact of the same ``kind`` (named by its ``marker`` file, resumed or
-    replaced). Returns the path; creates nothing."""
+    replaced) or only the entries named in ``allowed``. Returns the path; creates nothing."""
     out = Path(out)
     if is_file:
         if out.is_dir():
             raise ConfigError(f"--out {out} is a directory; name a file for the {kind}")
     elif out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a directory for the {kind}")
-    elif out.is_dir() and any(out.iterdir()) and not (marker and (out / marker).exists()):
-        raise ConfigError(f"--out {out} already holds other files (no {marker}); choose an "
-                          f"empty or new directory for the {kind}")
+    elif out.is_dir() and any(p for p in out.iterdir()
+                              if not p.name.startswith(".") and p.name not in allowed):
+        if not (marker and (out / marker).is_file()):
+            raise ConfigError(f"--out {out} already holds other files (no {marker}); choose "
+                              f"an empty or new directory for the {kind}")
+        try:
+            meta = json.loads((out / marker).read_text())
+            Identity.from_json(meta.get("identity"), str(out)).expect_kind(kind, str(out))
+        except (ValueError, AttributeError):
+            raise ConfigError(f"--out {out} holds a {marker} that is not a memlens {kind} "
+                              "artifact; choose an empty or new directory") from None
     parent = out.parent if not out.exists() else out
     while not parent.exists():
         parent = parent.parent
@@ -90,39 +97,25 @@ def prepare_output(out: str | Path, kind: str, marker: str | None = None,
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Write a directory whole or not at all: the block fills a temporary sibling, which
+    replaces ``out`` only when the block finishes. Yields the temporary directory."""
+    import shutil
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def verify_digests(root: Path, digests: dict[str, str], what: str) -> None:
-    """Refuse files under ``root`` that are missing or whose bytes changed."""
-    for rel, want in digests.items():
-        f = root / rel
-        if not f.is_file():
-            raise DataError(f"{f} is missing; the {what} is incomplete: make it again")
-        if file_digest(f) != want:
-            raise DataError(f"{f} does not match its checksum (truncated or corrupted); "
-                            f"make the {what} again")
-
-
-def command_line() -> str:
-    return " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

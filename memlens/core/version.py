@@ -1,3 +1,3 @@
 """The memlens version (one place; the package and every artifact header read it)."""
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
