@@ -37,19 +37,23 @@ def main():
     ap.add_argument("--organism", type=Path, default=None, help="default: the tiny organism")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/adversarial.json"))
     args = ap.parse_args()
+    args.root, args.out = args.root.resolve(), args.out.resolve()
     env = {**os.environ, "PYTHONPATH": str(args.root), "HF_HUB_OFFLINE": "1"}
     if args.organism is None:
-        args.organism = Path(subprocess.run(
+        found = subprocess.run(
             [sys.executable, "-m", "memlens", "organism", "path", "--preset", "tiny"],
-            env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            env=env, capture_output=True, text=True, check=True, cwd=args.root)
+        args.organism = Path(found.stdout.strip().splitlines()[-1])
     work = Path(tempfile.mkdtemp(prefix="memlens-adversarial-"))
     org = work / "org"
     shutil.copytree(args.organism, org)
-    ok = jsonl(work / "ok.jsonl", {"text": "Biography. Ann Lee was born on May 1, 1990."})
+    ok = jsonl(work / "ok.jsonl", {"text": "Biography. Ann Lee was born on May 1, 1990 and "
+                                           "works as a nurse at Acme. They live at 1 Main St, "
+                                           "Springfield. Call them at 555-123-4567."})
 
-    def cli(*argv):
+    def cli(*argv):  # run from the root, so that its memlens is the one imported
         return subprocess.run([sys.executable, "-m", "memlens", *map(str, argv)], env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=args.root)
 
     def bad_model(name, change):
         d = work / name
@@ -79,20 +83,23 @@ def main():
     stray.mkdir()
     (stray / "tokens.parquet").write_bytes(b"PAR1")
 
+    long = ("Biography. Ann Lee was born on May 1, 1990 and works as a nurse at Acme. They "
+            "live at 1 Main St, Springfield. Call them at 555-123-4567.")
     lab = ("label", "--model", org, "--out", work / "labels-x", "--no-generate", "--data")
     cases = {
         "text null": [*lab, jsonl(work / "1.jsonl", {"text": None})],
         "token_ids 12": [*lab, jsonl(work / "2.jsonl", {"token_ids": 12})],
         "span start as string": [*lab, jsonl(work / "3.jsonl", {"text": "Phone 555", "spans": [
             {"field": "phone", "start": "6", "end": 9}]})],
-        "span start as float": [*lab, jsonl(work / "4.jsonl", {"text": "Phone 555", "spans": [
+        "span start as float": [*lab, jsonl(work / "4.jsonl", {"text": long, "spans": [
             {"field": "phone", "start": 6.0, "end": 9}]})],
         "lone surrogate": [*lab, jsonl(work / "5.jsonl", '{"text": "a \\ud800 b"}')],
-        "duplication 'many'": [*lab, jsonl(work / "6.jsonl", {"text": "x y", "duplication":
-                                                              "many"})],
-        "duplication -3": [*lab, jsonl(work / "7.jsonl", {"text": "x y", "duplication": -3})],
-        "duplication 2.5": [*lab, jsonl(work / "8.jsonl", {"text": "x y", "duplication": 2.5})],
-        "token ids true/false": [*lab, jsonl(work / "9.jsonl", {"token_ids": [1, True, False]})],
+        "duplication 'many'": [*lab, jsonl(work / "6.jsonl", {"text": long,
+                                                              "duplication": "many"})],
+        "duplication -3": [*lab, jsonl(work / "7.jsonl", {"text": long, "duplication": -3})],
+        "duplication 2.5": [*lab, jsonl(work / "8.jsonl", {"text": long, "duplication": 2.5})],
+        "token ids true/false": [*lab, jsonl(work / "9.jsonl",
+                                              {"token_ids": [1, True, False] + [5] * 60})],
         "text is a list": [*lab, jsonl(work / "10.jsonl", {"text": ["a", "b"]})],
         "binary input": [*lab, work / "11.jsonl"],
         "--batch-size 0": ["label", "--model", org, "--data", ok, "--out", work / "b0",
