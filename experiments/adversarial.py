@@ -15,7 +15,9 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,9 +53,14 @@ def main():
                                            "works as a nurse at Acme. They live at 1 Main St, "
                                            "Springfield. Call them at 555-123-4567."})
 
-    def cli(*argv):  # run from the root, so that its memlens is the one imported
+    def cli(*argv, max_file_bytes=None):  # from the root, so that its memlens is imported
+        def full_disk():  # the OS refuses any file beyond the limit, as a full disk would
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, resource.RLIM_INFINITY))
+
         return subprocess.run([sys.executable, "-m", "memlens", *map(str, argv)], env=env,
-                              capture_output=True, text=True, cwd=args.root)
+                              capture_output=True, text=True, cwd=args.root,
+                              preexec_fn=full_disk if max_file_bytes else None)
 
     def bad_model(name, change):
         d = work / name
@@ -129,12 +136,31 @@ def main():
         "flipped byte in model weights": ["label", "--model", bad_model("m-flip", flip),
                                           "--data", ok, "--out", work / "l2"],
     }
+    labels = work / "labels"
+    cli("label", "--model", org, "--data", org, "--out", labels, "--no-generate", "--roles",
+        "canary")
+    store = work / "store"
+    cli("capture", "--model", org, "--labels", labels, "--sites", "blocks.0.hook_resid_post",
+        "--out", store)
+    full = {"disk full: label": 20_000, "disk full: capture": 20_000,
+            "disk full: kfac collect": 20_000}
+    cases.update({
+        "disk full: label": ["label", "--model", org, "--data", org, "--out", work / "l3"],
+        "disk full: capture": ["capture", "--model", org, "--labels", labels, "--sites",
+                               "blocks.1.hook_resid_post", "--out", work / "s1"],
+        "disk full: kfac collect": ["kfac", "collect", "--model", org, "--data", org,
+                                    "--out", work / "f2.safetensors", "--max-tokens", "300"],
+        "other capture into a finished --out": [
+            "capture", "--model", org, "--labels", labels, "--sites",
+            "blocks.1.hook_resid_post", "--out", store],
+    })
     (work / "11.jsonl").write_bytes(b'{"text": "ok"}\n\xff\xfe\x00 binary')
-    protected = [a_file, foreign / "summary.json", org / "model.safetensors", factors]
+    protected = [a_file, foreign / "summary.json", org / "model.safetensors", factors,
+                 store / "manifest.json"]
     before = {p: digest(p) for p in protected}
     rows = []
     for name, argv in cases.items():
-        run = cli(*argv)
+        run = cli(*argv, max_file_bytes=full.get(name))
         changed = [str(p) for p in protected if digest(p) != before[p]]
         if "unrecognized arguments" in run.stderr or "required:" in run.stderr:
             verdict = "skipped"

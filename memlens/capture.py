@@ -33,7 +33,7 @@ from memlens.core.model import ModelHandle
 from memlens.core.progress import progress as progress_bar
 from memlens.core.sequences import Sequence
 from memlens.core.sites import BACKENDS, UnknownSiteError, resolve_sites, run_sites
-from memlens.core.storage import exclusive, prepare_output
+from memlens.core.storage import exclusive, prepare_output, writing
 from memlens.labels import Labels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -227,10 +227,14 @@ def _write_npy(path: Path, arr: np.ndarray) -> str:
     arr = np.ascontiguousarray(arr)
     digest = _Checksum()
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in (header.getbuffer(), memoryview(arr.reshape(-1).view(np.uint8))):
-            digest.update(chunk)
-            f.write(chunk)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (header.getbuffer(), memoryview(arr.reshape(-1).view(np.uint8))):
+                digest.update(chunk)
+                f.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return digest.hexdigest()
 
@@ -266,7 +270,7 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
     sites = resolve_sites(handle, config.sites)
     identity = Identity.make("store", handle, sequences, {**asdict(config), "sites": sites},
                              inputs)
-    with exclusive(out, "capture"):
+    with exclusive(out, "capture"), writing(out):
         return _capture(handle, sequences, config, out, token_labels, progress, identity, sites)
 
 
@@ -278,20 +282,19 @@ def _capture(handle, sequences, config, out, token_labels, progress, identity, s
             {"id": str, "position": "int64"})
     chunks = range(0, len(sequences), config.shard_sequences)
     done = {s["name"] for s in manifest["shards"]}
-    bar = progress_bar(total=len(chunks), initial=len(done), disable=not progress,
-                       desc="capture", unit="shard")
-    for start in chunks:
-        name = f"shard_{start // config.shard_sequences:05d}"
-        if name in done:
-            continue
-        shard = _capture_shard(handle, sequences[start:start + config.shard_sequences],
-                               sites, config, out, name, token_labels)
-        manifest["shapes"].update(shard.pop("shapes"))
-        manifest["shards"].append(shard)
-        manifest["shards"].sort(key=lambda s: s["name"])
-        _write_manifest(out, manifest)
-        bar.update()
-    bar.close()
+    with progress_bar(total=len(chunks), initial=len(done), disable=not progress,
+                      desc="capture", unit="shard") as bar:
+        for start in chunks:
+            name = f"shard_{start // config.shard_sequences:05d}"
+            if name in done:
+                continue
+            shard = _capture_shard(handle, sequences[start:start + config.shard_sequences],
+                                   sites, config, out, name, token_labels)
+            manifest["shapes"].update(shard.pop("shapes"))
+            manifest["shards"].append(shard)
+            manifest["shards"].sort(key=lambda s: s["name"])
+            _write_manifest(out, manifest)
+            bar.update()
     manifest["complete"] = True
     _write_manifest(out, manifest)
     return ActivationStore(out, manifest)
@@ -313,13 +316,20 @@ def _open_manifest(out: Path, identity: Identity, sites: list[str], config: Capt
         manifest["complete"] = False
         return manifest
     out.mkdir(parents=True, exist_ok=True)
-    return {"format_version": FORMAT_VERSION, "identity": identity.to_json(), "sites": sites,
-            "dtype": config.dtype, "shapes": {}, "shards": [], "complete": False}
+    manifest = {"format_version": FORMAT_VERSION, "identity": identity.to_json(),
+                "sites": sites, "dtype": config.dtype, "shapes": {}, "shards": [],
+                "complete": False}
+    _write_manifest(out, manifest)  # first: a rerun after any failure knows the directory
+    return manifest
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out / "manifest.json")
 
 
@@ -359,7 +369,11 @@ def _capture_shard(handle, seqs, sites, config, out, name, token_labels) -> dict
         checksums[f"{_site_dir(s)}/{name}.npy"] = _write_npy(d / f"{name}.npy", arr)
     (out / "tokens").mkdir(exist_ok=True)
     tok_path = out / "tokens" / f"{name}.parquet"
-    tokens.to_parquet(tok_path.with_suffix(".tmp"), index=False)
+    try:
+        tokens.to_parquet(tok_path.with_suffix(".tmp"), index=False)
+    except BaseException:
+        tok_path.with_suffix(".tmp").unlink(missing_ok=True)
+        raise
     os.replace(tok_path.with_suffix(".tmp"), tok_path)
     checksums[f"tokens/{name}.parquet"] = _file_checksum(tok_path)
     return {"name": name, "rows": len(tokens), "tokens": f"tokens/{name}.parquet",

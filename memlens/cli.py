@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import sys
 from pathlib import Path
 
@@ -496,15 +495,13 @@ def _demo(args) -> None:
     run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed, fresh=args.fresh)
 
 
-# Errors of the place written to, not of memlens: no space, read-only, no permission.
-_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
-
 COMMANDS = {"organism": _organism, "label": _label, "capture": _capture, "probe": _probe,
             "kfac": _kfac, "localize": _localize, "steer": _steer, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     from memlens.core.errors import UserError
+    from memlens.core.storage import disk_error
 
     args = _parser().parse_args(argv)
     try:
@@ -512,11 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"memlens: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        if exc.errno not in _DISK_ERRORS:
+    except Exception as exc:
+        reason = disk_error(exc)
+        if reason is None:
             raise
-        print(f"memlens: error: {exc.strerror} writing {exc.filename}; free space or choose "
-              "another output, then rerun the same command", file=sys.stderr)
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"memlens: error: {reason}{where}; free space or choose another output, then "
+              "rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("memlens: interrupted; rerun the same command to resume", file=sys.stderr)

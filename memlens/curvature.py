@@ -36,7 +36,7 @@ from memlens.core.model import ModelHandle
 from memlens.core.modules import find_layers, linear_modules, linear_weight, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, objective, predicts
-from memlens.core.storage import exclusive
+from memlens.core.storage import exclusive, writing
 from memlens.edits import WeightEdit
 
 MODES = ("true", "empirical")
@@ -97,7 +97,12 @@ class Factors:
         meta = {**self.meta, "tokens": self.tokens, "layers": self.layers,
                 "tensors_hash": state_hash(tensors)}
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"memlens": json.dumps(meta)})
+        try:
+            with writing(path):
+                save_file(tensors, str(tmp), metadata={"memlens": json.dumps(meta)})
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         return path
 

@@ -45,7 +45,7 @@ from memlens.core.modules import (
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, predicts, sequence_logprob
 from memlens.core.sites import run_sites
-from memlens.core.storage import prepare_output
+from memlens.core.storage import atomic_dir, exclusive, prepare_output
 from memlens.edits import WeightEdit
 from memlens.interventions import ablate, edit_site
 
@@ -259,14 +259,16 @@ class NeuronAblation:
 
     def save(self, out_dir: str | Path) -> Path:
         out = prepare_output(out_dir, "ablation", marker="ablation.json")
-        out.mkdir(parents=True, exist_ok=True)
-        self.table.to_parquet(out / "neurons.parquet", index=False)
-        if self.scores is not None:
-            save_file({"scores": self.scores.float().contiguous()}, out / "scores.safetensors")
-        write_artifact(out, "ablation.json", {"how": "zero", "n_neurons": len(self.table),
-                                              "config": self.config}, self.identity,
-                       files=("neurons.parquet",) + (("scores.safetensors",)
-                                                     if self.scores is not None else ()))
+        files = ("neurons.parquet",) + (("scores.safetensors",) if self.scores is not None
+                                        else ())
+        with exclusive(out, "save a neuron ablation"), atomic_dir(out) as tmp:
+            self.table.to_parquet(tmp / "neurons.parquet", index=False)
+            if self.scores is not None:
+                save_file({"scores": self.scores.float().contiguous()},
+                          tmp / "scores.safetensors")
+            write_artifact(tmp, "ablation.json", {"how": "zero", "n_neurons": len(self.table),
+                                                  "config": self.config}, self.identity,
+                           files=files)
         return out
 
     @classmethod

@@ -31,7 +31,7 @@ from memlens.core.modules import freeze_norm_params
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward, token_losses
 from memlens.core.sequences import Sequence
-from memlens.core.storage import exclusive
+from memlens.core.storage import cache_dir, exclusive, writing
 from memlens.core.version import VERSION
 from memlens.corpus import CorpusConfig, Record, build_corpus
 
@@ -154,7 +154,11 @@ def _save_checkpoint(path: Path, model, opt, epoch: int):
     for i, p in enumerate(model.parameters()):
         for k, v in opt.state.get(p, {}).items():
             state[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
-    save_file(state, path / "checkpoint.tmp")
+    try:
+        save_file(state, path / "checkpoint.tmp")
+    except BaseException:
+        (path / "checkpoint.tmp").unlink(missing_ok=True)
+        raise
     os.replace(path / "checkpoint.tmp", path / "checkpoint.safetensors")
     (path / "checkpoint.json").write_text(json.dumps({"epochs_done": epoch}))
 
@@ -183,7 +187,7 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
     held at 1, bias at 0, the normalization kept). Interrupted runs resume from the last
     finished epoch (kept in ``out.partial``).
     """
-    with exclusive(out, "train an organism"):  # a second trainer of the same directory
+    with exclusive(out, "train an organism"), writing(out):  # one trainer per directory
         return _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
 
 
@@ -223,28 +227,27 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     start_epoch = _load_checkpoint(work, model, opt)
-    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, disable=not progress,
-                       desc=f"train {preset_name}/{arch}", unit="step")
-    model.train()
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, preset.epochs):
-        gen = torch.Generator().manual_seed(seed * 10_007 + epoch)
-        order = [stream[i] for i in torch.randperm(len(stream), generator=gen).tolist()]
-        for i in range(0, len(order), preset.batch_size):
-            ids, mask = handle.pad([token_ids[j] for j in order[i:i + preset.batch_size]])
-            for g in opt.param_groups:
-                g["lr"] = preset.lr * lr_at(step)
-            loss, _, valid = token_losses(forward(handle, ids, mask), ids, mask)
-            loss = loss[valid].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        _save_checkpoint(work, model, opt, epoch + 1)
-    bar.close()
+    with progress_bar(total=total, initial=start_epoch * steps_per_epoch, disable=not progress,
+                      desc=f"train {preset_name}/{arch}", unit="step") as bar:
+        model.train()
+        step = start_epoch * steps_per_epoch
+        for epoch in range(start_epoch, preset.epochs):
+            gen = torch.Generator().manual_seed(seed * 10_007 + epoch)
+            order = [stream[i] for i in torch.randperm(len(stream), generator=gen).tolist()]
+            for i in range(0, len(order), preset.batch_size):
+                ids, mask = handle.pad([token_ids[j] for j in order[i:i + preset.batch_size]])
+                for g in opt.param_groups:
+                    g["lr"] = preset.lr * lr_at(step)
+                loss, _, valid = token_losses(forward(handle, ids, mask), ids, mask)
+                loss = loss[valid].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            _save_checkpoint(work, model, opt, epoch + 1)
     train_seconds = time.perf_counter() - t0
 
     meta = {
@@ -269,11 +272,6 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
         shutil.rmtree(out)
     os.replace(work, out)
     return out
-
-
-def cache_dir() -> Path:
-    """Where trained organisms are cached: ``$MEMLENS_CACHE`` or ``~/.cache/memlens``."""
-    return Path(os.environ.get("MEMLENS_CACHE", Path.home() / ".cache" / "memlens"))
 
 
 def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,

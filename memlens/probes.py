@@ -29,6 +29,7 @@ from memlens.capture import ActivationStore
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity, read_artifact, state_hash, write_artifact
 from memlens.core.progress import progress as progress_bar
+from memlens.core.storage import atomic_dir
 from memlens.labels import Labels
 
 CONFIDENCE = "confidence"  # pseudo-site: the model's max log-prob and entropy
@@ -373,14 +374,14 @@ class Probe:
     def save(self, out_dir: str | Path) -> Path:
         """``probe.safetensors`` (weight, mean, std) + ``probe.json`` (everything else)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), np.float32))
                    for k in ("weight", "mean", "std")}
-        save_file(tensors, out / "probe.safetensors")
         meta = {k: v for k, v in asdict(self).items()
                 if k not in ("weight", "mean", "std", "identity")}
-        write_artifact(out, "probe.json", {**meta, "tensors_hash": state_hash(tensors)},
-                       self.identity)
+        with atomic_dir(out) as tmp:
+            save_file(tensors, tmp / "probe.safetensors")
+            write_artifact(tmp, "probe.json", {**meta, "tensors_hash": state_hash(tensors)},
+                           self.identity)
         return out
 
     @classmethod

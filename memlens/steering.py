@@ -34,7 +34,7 @@ from memlens.core.model import ModelHandle
 from memlens.core.scoring import greedy_continuations
 from memlens.core.sequences import Sequence
 from memlens.core.sites import run_sites
-from memlens.core.storage import prepare_output
+from memlens.core.storage import atomic_dir, exclusive, prepare_output
 from memlens.interventions import add_vector
 from memlens.probes import Probe, ProbeConfig, fit_probe
 
@@ -155,13 +155,13 @@ class Steering:
         """``steering.json`` (site, alpha, identity), ``vector.safetensors`` and, when
         gated, the gate probe in ``gate/``."""
         out = prepare_output(out_dir, "steering", marker="steering.json", allowed=("gate",))
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({"vector": self.vector.float().contiguous()}, out / "vector.safetensors")
-        if self.gate is not None:
-            self.gate.save(out / "gate")
-        write_artifact(out, "steering.json", {"site": self.site, "alpha": self.alpha,
-                                              "gated": self.gate is not None}, self.identity,
-                       files=("vector.safetensors",))
+        with exclusive(out, "save steering"), atomic_dir(out) as tmp:
+            save_file({"vector": self.vector.float().contiguous()}, tmp / "vector.safetensors")
+            if self.gate is not None:
+                self.gate.save(tmp / "gate")
+            write_artifact(tmp, "steering.json", {"site": self.site, "alpha": self.alpha,
+                                                  "gated": self.gate is not None},
+                           self.identity, files=("vector.safetensors",))
         return out
 
     @classmethod

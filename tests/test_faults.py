@@ -2,6 +2,7 @@
 training and labeling; each kill is followed by a rerun whose result equals an
 uninterrupted run."""
 
+import json
 import os
 import random
 import subprocess
@@ -17,7 +18,7 @@ POINTS = 10  # kills per operation
 # the operation, and is SIGKILLed after the given delay if it has not finished. (One thread:
 # a process that started no thread pool forks safely.)
 ZYGOTE = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)
 org = sys.argv[1]
@@ -49,17 +50,24 @@ def work(op, out):
 
 print("ready", flush=True)
 for line in sys.stdin:
-    op, out, delay = line.split()
+    op, out, delay, fsize = line.split()
     t0 = time.perf_counter()
+    errors_r, errors_w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(errors_r)
+        if fsize != "none":  # a disk that takes no file beyond fsize bytes
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE,
+                               (int(fsize), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         try:
             work(op, out)
             os._exit(0)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
+        except BaseException as exc:
+            os.write(errors_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
             os._exit(1)
+    os.close(errors_w)
     deadline = None if delay == "none" else t0 + float(delay)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -71,8 +79,10 @@ for line in sys.stdin:
             status = "killed"
             break
         time.sleep(0.005)
+    error = os.read(errors_r, 4096).decode()
+    os.close(errors_r)
     result = "killed" if status == "killed" else ("ok" if status == 0 else "failed")
-    print(result, time.perf_counter() - t0, flush=True)
+    print(result, time.perf_counter() - t0, json.dumps(error), flush=True)
 """
 
 
@@ -87,15 +97,20 @@ def zygote(tiny_organism):
     proc.wait(timeout=60)
 
 
-def run(zygote, op, out, kill_after=None) -> float | None:
+def run(zygote, op, out, kill_after=None, max_file_bytes=None) -> float | None:
     """Run ``op`` into ``out`` in a fresh child; with ``kill_after`` (s), SIGKILL it then.
     Returns how long the work took, or None if it was killed."""
-    delay = "none" if kill_after is None else f"{kill_after:.4f}"
-    zygote.stdin.write(f"{op} {out} {delay}\n")
-    zygote.stdin.flush()
-    result, seconds = zygote.stdout.readline().split()
-    assert result in ("ok", "killed"), f"{op} into {out} failed (see the captured stderr)"
+    result, seconds, error = _run(zygote, op, out, kill_after, max_file_bytes)
+    assert result in ("ok", "killed"), f"{op} into {out} failed: {error}"
     return float(seconds) if result == "ok" else None
+
+
+def _run(zygote, op, out, kill_after=None, max_file_bytes=None) -> tuple[str, str, str]:
+    delay = "none" if kill_after is None else f"{kill_after:.4f}"
+    zygote.stdin.write(f"{op} {out} {delay} {max_file_bytes or 'none'}\n")
+    zygote.stdin.flush()
+    result, seconds, error = zygote.stdout.readline().split(" ", 2)
+    return result, seconds, json.loads(error)
 
 
 def snapshot(op, out):
@@ -149,3 +164,36 @@ def test_killed_runs_rerun_to_the_uninterrupted_result(op, zygote, tmp_path):
     leftovers = [p for p in tmp_path.rglob("*")
                  if p.is_file() and p.name.endswith((".tmp", ".partial"))]
     assert leftovers == []
+
+
+def _litter(root):
+    return [p for p in root.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("op", ["capture", "kfac", "label", "organism"])
+def test_a_full_disk_fails_by_name_and_a_rerun_completes(op, zygote, tmp_path):
+    """A disk that refuses writes (here: a file-size limit, which the OS enforces like a full
+    disk) stops the run with an error naming the output; nothing half-written is left that
+    a later run could take for finished work, and the rerun gives the uninterrupted result."""
+    reference = tmp_path / "reference"
+    run(zygote, op, reference)
+    want = snapshot(op, reference)
+    sizes = sorted(p.stat().st_size for p in ([reference] if reference.is_file()
+                                              else reference.rglob("*")) if p.is_file())
+    rng = random.Random(f"disk:{op}")
+    for trial in range(3):
+        out = tmp_path / f"run{trial}"
+        limit = rng.randint(1, sizes[-1] - 1)  # below the largest file: some write fails
+        result, _, error = _run(zygote, op, out, max_file_bytes=limit)
+        assert result == "failed", f"{op} wrote every file under a {limit}-byte limit"
+        assert error.startswith("OutputError: could not write") and str(out) in error, error
+        assert "File too large" in error and "rerun the same command" in error, error
+        assert _litter(tmp_path) == [], f"{op} left temporary files after a refused write"
+        if op == "label":
+            assert not out.exists()  # whole or nothing
+        elif op == "kfac":
+            assert not out.exists()  # only a checkpoint at OUT.partial
+        elif op == "capture" and (out / "manifest.json").exists():
+            assert not json.loads((out / "manifest.json").read_text())["complete"]
+        run(zygote, op, out)
+        assert close(snapshot(op, out), want), f"{op}: rerun {trial} differs from the reference"

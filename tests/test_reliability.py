@@ -93,6 +93,28 @@ def test_a_second_writer_is_refused_by_name_and_a_killed_one_leaves_no_lock(
             pass
 
 
+def test_two_captures_racing_into_one_directory_end_with_one_store_and_one_refusal(
+        tiny_organism, labeled, tmp_path):
+    store = tmp_path / "store"
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    procs = [subprocess.Popen([sys.executable, "-m", "memlens", "capture", "--model",
+                               str(tiny_organism), "--labels", str(labeled), "--sites", site,
+                               "--out", str(store)],
+                              env=_env(tmp_path), stderr=subprocess.PIPE, text=True)
+             for site in sites]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], errs
+    winner, loser = codes.index(0), codes.index(2)
+    # Overlapping, the loser meets the lock; after the winner, its finished store.
+    assert ("is being written by process" in errs[loser]
+            or "holds a capture with other" in errs[loser]), errs[loser]
+    assert "Traceback" not in errs[loser]
+    opened = ActivationStore.open(store)
+    assert opened.manifest["complete"] and opened.sites == [sites[winner]]
+    assert opened.verify() == []
+
+
 def test_outputs_are_checked_before_any_work(tiny_organism, labeled, tmp_path, capsys):
     org = str(tiny_organism)
     a_file = tmp_path / "file.txt"
@@ -114,6 +136,24 @@ def test_outputs_are_checked_before_any_work(tiny_organism, labeled, tmp_path, c
     assert a_file.read_text() == "keep me"
     assert (foreign / "summary.json").read_text() == '{"mine": true}'
     assert not (tmp_path / "b").exists()
+
+
+def test_a_read_only_place_is_refused_before_any_work(tiny_organism, tmp_path, monkeypatch,
+                                                      capsys):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    access = os.access
+    # As root every directory is writable; a read-only mount answers access() like this.
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if str(p) == str(read_only) and mode & os.W_OK else access(p, mode, **kw)))
+    import memlens.pipeline
+
+    monkeypatch.setattr(memlens.pipeline, "label", lambda *a, **k: pytest.fail("labeled"))
+    org = str(tiny_organism)
+    assert main(["label", "--model", org, "--data", org, "--out",
+                 str(read_only / "labels")]) == 2
+    assert f"{read_only} is not writable" in capsys.readouterr().err
+    assert list(read_only.iterdir()) == []
 
 
 def test_a_factor_file_never_replaces_a_model_and_an_edit_never_its_source(

@@ -9,8 +9,11 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -27,6 +30,50 @@ class BusyError(UserError):
     """Another process is writing the same output; the message names it."""
 
 
+class OutputError(UserError):
+    """The place written to refused the write (full, file too large, read-only)."""
+
+
+# Errors of the place written to, not of memlens. Libraries report them differently:
+# OSError with an errno (Python, pyarrow), "(os error N)" in the text (safetensors), or a
+# short write without an errno (numpy).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
+_DISK_TEXT = re.compile(r"os error (\d+)|errno (\d+)|requested and \d+ written")
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """Why ``exc`` is a failed write of the disk's making (e.g. "No space left on device"),
+    or None when it is anything else."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return os.strerror(exc.errno)
+    match = _DISK_TEXT.search(str(exc)) if isinstance(exc, Exception) else None
+    if match is None:
+        return None
+    if not (match.group(1) or match.group(2)):
+        return "the disk took only part of a write (no space left?)"
+    code = int(match.group(1) or match.group(2))
+    return os.strerror(code) if code in _DISK_ERRNOS else None
+
+
+@contextmanager
+def writing(out: str | Path) -> Iterator[None]:
+    """Report a write the disk refused as an :class:`OutputError` naming ``out`` and the fix.
+
+    Example:
+        >>> with writing(out):
+        ...     save_file(tensors, out)   # no space: "could not write OUT: No space left ..."
+    """
+    try:
+        yield
+    except Exception as exc:
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        raise OutputError(f"could not write {out}: {reason}. Free space or choose another "
+                          "output, then rerun the same command (finished work is kept)"
+                          ) from exc
+
+
 def _lock_paths(path: Path) -> tuple[Path, Path]:
     path = Path(path)
     return (path.with_name(f".{path.name}.lock"), path.with_name(f".{path.name}.holder"))
@@ -39,6 +86,12 @@ def _holder_text(holder: Path) -> str:
                 f"{time.strftime('%H:%M:%S', time.localtime(info['since']))})")
     except (OSError, ValueError, KeyError):
         return "another process"
+
+
+def cache_dir() -> Path:
+    """Where memlens caches models it builds (organisms, packaged pretrained models):
+    ``$MEMLENS_CACHE`` or ``~/.cache/memlens``."""
+    return Path(os.environ.get("MEMLENS_CACHE", Path.home() / ".cache" / "memlens"))
 
 
 @contextmanager
@@ -58,8 +111,9 @@ def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]
         raise BusyError(f"{path} is being written by {_holder_text(holder)}; wait for it to "
                         f"finish or choose another output") from None
     try:
-        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                      "command": what, "since": time.time()}))
+        with writing(path):
+            holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                          "command": what, "since": time.time()}))
         yield
     finally:
         holder.unlink(missing_ok=True)
@@ -101,15 +155,14 @@ def prepare_output(out: str | Path, kind: str, marker: str | None = None,
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Write a directory whole or not at all: the block fills a temporary sibling, which
     replaces ``out`` only when the block finishes. Yields the temporary directory."""
-    import shutil
-
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
-        yield tmp
+        with writing(out):
+            tmp.mkdir(parents=True)
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
