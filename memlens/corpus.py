@@ -14,9 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
 import random
 import re
+import sysconfig
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from faker import Faker
 
@@ -115,17 +120,24 @@ class CorpusConfig:
     duplication_counts: tuple[int, ...] = (1, 5, 10, 25, 100)
     n_nonmembers: int = 200
     seed: int = 0
+    # "template": general records are PII records like the canaries (organisms trained from
+    # scratch); "natural": English prose (for continued pre-training of a real model).
+    general: str = "template"
+    n_heldout: int = 0  # natural-text chunks kept out of training, for held-out perplexity
 
     def __post_init__(self):
         self.duplication_counts = tuple(int(c) for c in self.duplication_counts)
         if any(c < 1 for c in self.duplication_counts):
             raise ConfigError(f"duplication_counts must be >= 1, got {self.duplication_counts}")
+        if self.general not in ("template", "natural"):
+            raise ConfigError(f"general must be 'template' or 'natural', got {self.general!r}")
 
 
 @dataclass
 class Corpus:
     config: CorpusConfig
     records: list[Record]
+    heldout: list[str] = field(default_factory=list)  # natural text never trained on
 
     def by_role(self, role: str) -> list[Record]:
         return [r for r in self.records if r.role == role]
@@ -187,19 +199,88 @@ class _PiiFactory:
         return Record(rid, "".join(parts), content_type, template_id, role, duplication, spans)
 
 
+def _is_prose(paragraph: str) -> bool:
+    words = paragraph.split()
+    letters = sum(c.isalpha() or c.isspace() or c in ",.;:'-()" for c in paragraph)
+    return (len(words) >= 20 and paragraph.endswith(".") and ">>>" not in paragraph
+            and letters / len(paragraph) >= 0.93)
+
+
+@functools.cache
+def _stdlib_prose() -> tuple[tuple[str, str], ...]:
+    """(module, paragraph) pairs of English prose from the docstrings of the standard
+    library's top-level modules, read without importing them."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found, seen = [], set()  # some docstrings appear in two modules (abc and _py_abc)
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)):
+                for para in (ast.get_docstring(node) or "").split("\n\n"):
+                    para = " ".join(para.split())
+                    if _is_prose(para) and para not in seen:
+                        seen.add(para)
+                        found.append((path.stem, para))
+    return tuple(found)
+
+
+def natural_texts(chars: int = 500) -> tuple[list[str], list[str]]:
+    """English prose available offline on every machine: the standard library's docstrings
+    (prose paragraphs only, no code), joined into chunks of about ``chars`` characters.
+    Returns (training chunks, held-out chunks); the held-out ones come from other modules,
+    so no paragraph is shared."""
+    chunks: dict[bool, list[str]] = {False: [], True: []}
+    current, module = "", None
+    for mod, para in (*_stdlib_prose(), ("", "")):
+        if current and (mod != module or len(current) + len(para) > chars):
+            heldout = hashlib.sha256(module.encode()).digest()[0] % 5 == 0
+            chunks[heldout].append(current)
+            current = ""
+        current, module = (f"{current} {para}".strip(), mod)
+    return chunks[False], chunks[True]
+
+
 def build_corpus(config: CorpusConfig | None = None) -> Corpus:
     """Draw the corpus deterministically from ``config.seed``."""
     config = config or CorpusConfig()
     factory = _PiiFactory(config.seed)
-    plan = [("general", 1)] * config.n_general
-    for count in config.duplication_counts:
-        plan += [("canary", count)] * config.canaries_per_count
-    plan += [("nonmember", 0)] * config.n_nonmembers
+    if config.general == "natural":
+        return _natural_corpus(config, factory)
+    return Corpus(config, _pii_records(factory, [("general", 1)] * config.n_general
+                                       + _canaries_and_nonmembers(config)))
+
+
+def _canaries_and_nonmembers(config: CorpusConfig) -> list[tuple[str, int]]:
+    return [("canary", c) for c in config.duplication_counts
+            for _ in range(config.canaries_per_count)] + [("nonmember", 0)] * config.n_nonmembers
+
+
+def _pii_records(factory: _PiiFactory, plan: list[tuple[str, int]], first_id: int = 0
+                 ) -> list[Record]:
+    """One PII record per (role, duplication) in ``plan``, every text unique."""
     records, seen = [], set()
     for role, dup in plan:
-        rec = factory.record(len(records), role, dup)
-        while rec.text in seen:  # vanishingly rare; keeps every text unique
-            rec = factory.record(len(records), role, dup)
+        rec = factory.record(first_id + len(records), role, dup)
+        while rec.text in seen:  # vanishingly rare
+            rec = factory.record(first_id + len(records), role, dup)
         seen.add(rec.text)
         records.append(rec)
-    return Corpus(config, records)
+    return records
+
+
+def _natural_corpus(config: CorpusConfig, factory: _PiiFactory) -> Corpus:
+    """Natural prose seen once each, PII canaries repeated, PII non-members, held-out prose."""
+    train, heldout = natural_texts()
+    rng = random.Random(config.seed)
+    if config.n_general > len(train) or config.n_heldout > len(heldout):
+        raise ConfigError(f"this Python's standard library gives {len(train)} training and "
+                          f"{len(heldout)} held-out prose chunks; n_general="
+                          f"{config.n_general} and n_heldout={config.n_heldout} ask for more")
+    records = [Record(i, text, "natural", -1, "general", 1)
+               for i, text in enumerate(rng.sample(train, config.n_general))]
+    records += _pii_records(factory, _canaries_and_nonmembers(config), len(records))
+    return Corpus(config, records, rng.sample(heldout, config.n_heldout))

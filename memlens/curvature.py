@@ -349,6 +349,11 @@ def _rho_for(rho: float | dict[str, float], name: str) -> float | None:
     return rho
 
 
+def rho_layers(names: list[str], rho: float | dict[str, float]) -> list[str]:
+    """The layers among ``names`` that a keep-mass ``rho`` edits."""
+    return [n for n in names if _rho_for(rho, n) is not None]
+
+
 def kfac_weights(handle: ModelHandle, basis: dict[str, LayerBasis],
                  rho: float | dict[str, float]) -> dict[str, torch.Tensor]:
     """Edited [out, in(+1)] weights: keep-mass ``rho`` (one value, or per layer name/glob)."""

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from memlens.core.errors import ConfigError
+from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import digest
 from memlens.core.metrics import heldout_metrics
 from memlens.core.model import ModelHandle
@@ -46,16 +47,30 @@ class OrganismPreset:
     """Everything that decides an organism besides its architecture and seed."""
 
     corpus: CorpusConfig
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_mlp: int
     epochs: int
+    vocab_size: int = 0
+    d_model: int = 0
+    n_layers: int = 0
+    n_heads: int = 0
+    d_mlp: int = 0
     batch_size: int = 32
     lr: float = 3e-3
     warmup_frac: float = 0.05
     max_len: int = 128
+    # Continued pre-training of a pretrained model (a name load_model knows, e.g.
+    # "smollm2-135m") instead of a model trained from scratch; its size fields stay 0.
+    base: str | None = None
+    train_blocks: int | None = None  # train only the top blocks and final norm (None: all)
+
+    def __post_init__(self):
+        size = (self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.d_mlp)
+        if (self.base is None and 0 in size) or (self.base is not None and any(size)):
+            raise ConfigError(f"an organism preset gives either its size (vocab_size, "
+                              f"d_model, n_layers, n_heads, d_mlp = {size}) or a pretrained "
+                              f"base (here {self.base!r}), not both")
+        if self.train_blocks is not None and (self.base is None or self.train_blocks < 1):
+            raise ConfigError(f"train_blocks={self.train_blocks} needs a pretrained base and "
+                              "must be >= 1 (None trains every block)")
 
 
 PRESETS: dict[str, OrganismPreset] = {
@@ -72,6 +87,22 @@ PRESETS: dict[str, OrganismPreset] = {
     "tiny-deep": OrganismPreset(
         corpus=CorpusConfig(n_general=1500, canaries_per_count=10, n_nonmembers=50),
         vocab_size=1024, d_model=64, n_layers=6, n_heads=4, d_mlp=256, epochs=7, max_len=80),
+    # SmolLM2-135M continued on natural prose with planted PII canaries. On 2 CPU cores a
+    # training step runs ~20 tokens/s with every weight trained, so the CPU presets train the
+    # top blocks only (memorization can then live only there); "smollm2" trains all of it
+    # and belongs on a GPU (organism_path("smollm2", device="cuda")).
+    "smollm2-tiny": OrganismPreset(  # for tests: a few canaries, minutes on 2 cores
+        corpus=CorpusConfig(general="natural", n_general=24, canaries_per_count=6,
+                            duplication_counts=(1, 25), n_nonmembers=6, n_heldout=6),
+        base="smollm2-135m", train_blocks=2, epochs=3, batch_size=8, lr=1e-3, max_len=64),
+    "smollm2-cpu": OrganismPreset(
+        corpus=CorpusConfig(general="natural", n_general=150, canaries_per_count=3,
+                            n_nonmembers=15, n_heldout=30),
+        base="smollm2-135m", train_blocks=4, epochs=2, batch_size=8, lr=1e-3, max_len=96),
+    "smollm2": OrganismPreset(
+        corpus=CorpusConfig(general="natural", n_general=800, canaries_per_count=40,
+                            n_nonmembers=200, n_heldout=150),
+        base="smollm2-135m", epochs=3, batch_size=16, lr=1e-4, max_len=128),
 }
 
 
@@ -139,6 +170,32 @@ def model_config(arch: str, preset: OrganismPreset, tokenizer):
     return cfg
 
 
+def _pretrained_start(preset: OrganismPreset, arch: str, work: Path, device: str):
+    """The base model to continue training, with only its top ``train_blocks`` blocks and
+    final norm left trainable; its tokenizer saved into ``work``."""
+    from memlens.core.model import load_model
+    from memlens.core.modules import block_path, is_norm
+
+    base = load_model(preset.base, device=device, dtype=torch.float32)
+    if base.config.model_type != arch:
+        raise ConfigError(f"preset base {preset.base!r} is a {base.config.model_type} model; "
+                          f"pass arch={base.config.model_type!r}")
+    model = base.model
+    if preset.train_blocks is not None:
+        root = block_path(model)
+        n = len(model.get_submodule(root))
+        if preset.train_blocks > n:
+            raise ConfigError(f"train_blocks={preset.train_blocks} but {preset.base!r} has "
+                              f"{n} blocks")
+        keep = {f"{root}.{i}." for i in range(n - preset.train_blocks, n)}
+        final_norms = {f"{path}." for path, module in model.named_modules()
+                       if is_norm(module) and not path.startswith(root)}
+        for name, param in model.named_parameters():
+            param.requires_grad_(any(name.startswith(k) for k in keep | final_norms))
+    base.tokenizer.save_pretrained(work)
+    return model, base.tokenizer, json.loads((Path(base.name) / "memlens.json").read_text())
+
+
 def _sequences(records: list[Record], tokenizer, max_len: int) -> list[Sequence]:
     """Records as sequences cut at ``max_len`` tokens (as in training), with offsets."""
     out = []
@@ -150,7 +207,10 @@ def _sequences(records: list[Record], tokenizer, max_len: int) -> list[Sequence]
 
 
 def _save_checkpoint(path: Path, model, opt, epoch: int):
-    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    # The trained parameters only (the rest is the start model's, made again on resume);
+    # named_parameters lists a tied embedding once.
+    state = {f"model.{k}": p.detach().contiguous() for k, p in model.named_parameters()
+             if p.requires_grad}
     for i, p in enumerate(model.parameters()):
         for k, v in opt.state.get(p, {}).items():
             state[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
@@ -167,7 +227,14 @@ def _load_checkpoint(path: Path, model, opt) -> int:
     if not (path / "checkpoint.json").exists():
         return 0
     state = load_file(path / "checkpoint.safetensors")
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    trained = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+    result = model.load_state_dict(trained, strict=False)
+    params = dict(model.named_parameters())
+    missing = [k for k in result.missing_keys if k in params and params[k].requires_grad]
+    if result.unexpected_keys or missing:
+        raise DataError(f"{path / 'checkpoint.safetensors'} does not fit this organism "
+                        f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}); "
+                        f"delete {path} to start over")
     for i, p in enumerate(model.parameters()):
         # Adam keeps its step count on the CPU; moments live with the parameter.
         keys = {k.split(".", 2)[2]: v if k.endswith(".step") else v.to(p.device)
@@ -204,15 +271,22 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
     t0 = time.perf_counter()
 
     corpus = build_corpus(replace(preset.corpus, seed=seed))
-    tokenizer = train_tokenizer([r.text for r in corpus.by_role("general")],
-                                preset.vocab_size, work)
+    torch.manual_seed(seed)
+    base_meta = None
+    if preset.base is not None:
+        model, tokenizer, base_meta = _pretrained_start(preset, arch, work, device)
+    else:
+        tokenizer = train_tokenizer([r.text for r in corpus.by_role("general")],
+                                    preset.vocab_size, work)
+        model = AutoModelForCausalLM.from_config(model_config(arch, preset, tokenizer)
+                                                 ).to(device)
     seqs = _sequences(corpus.records, tokenizer, preset.max_len)
     token_ids = [s.token_ids for s in seqs]
     stream = [r.id for r in corpus.training_stream()]
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(arch, preset, tokenizer)).to(device)
     handle = ModelHandle(model, tokenizer, str(out))
+    heldout = _sequences([Record(i, text, "natural", -1, "heldout", 0)
+                          for i, text in enumerate(corpus.heldout)], tokenizer, preset.max_len)
+    heldout_before = heldout_metrics(handle, heldout) if heldout else {}
     norm_free_layers = tuple(sorted(set(norm_free_layers)))
     freeze_norm_params(model, norm_free_layers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=preset.lr,
@@ -261,6 +335,16 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
         **heldout_metrics(handle, [s for s, r in zip(seqs, corpus.records, strict=True)
                                    if r.role == "nonmember"]),
     }
+    if heldout:  # natural text never trained on, before and after the continued training
+        meta["heldout_text"] = {"n_sequences": len(heldout), "before": heldout_before,
+                                "after": heldout_metrics(handle, heldout)}
+        with open(work / "heldout.jsonl", "w") as f:
+            for seq in heldout:
+                f.write(json.dumps({"id": f"heldout-{seq.id}", "text": seq.text,
+                                    "duplication": 0,
+                                    "role": "heldout"}) + "\n")
+    if base_meta is not None:
+        meta["base"] = base_meta
     model.cpu().save_pretrained(work)
     with open(work / "corpus.jsonl", "w") as f:
         for rec, ids in zip(corpus.records, token_ids, strict=True):
@@ -281,7 +365,10 @@ def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
 
     The preset's settings are part of the key, so changing a preset retrains.
     """
-    key = digest(asdict(get_preset(preset)), 8)
+    chosen = get_preset(preset)
+    # Natural text comes from this Python's standard library: part of what the key covers.
+    python = list(sys.version_info[:2]) if chosen.corpus.general == "natural" else None
+    key = digest({**asdict(chosen), **({"python": python} if python else {})}, 8)
     norm_free_layers = tuple(sorted(set(norm_free_layers)))
     variant = "-nonorm" + "_".join(map(str, norm_free_layers)) if norm_free_layers else ""
     path = (cache_dir() / "organisms"

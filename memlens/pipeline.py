@@ -39,6 +39,7 @@ from memlens.curvature import (
     eigenbasis,
     kfac_weights,
     memorization_gradient,
+    rho_layers,
 )
 from memlens.figures import layer_sweep_figure
 from memlens.labels import LabelConfig, Labels, label, labelable, manifest_roles, read_sequences
@@ -208,7 +209,13 @@ def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str 
     where = str(factors) if not isinstance(factors, Factors) else "the factors"
     factors = factors if isinstance(factors, Factors) else Factors.load(factors)
     factors.identity.check_model(handle, where)
-    basis = eigenbasis(factors)
+    # Layers a keep-mass edit leaves alone need no eigendecomposition.
+    edited = rho_layers(factors.layers, rho) if rho is not None else None
+    if edited == []:
+        raise ConfigError(f"rho {rho!r} names none of the factor file's layers (e.g. "
+                          f"{factors.layers[:2]}); use 'mlp'-style globs like "
+                          "'model.layers.3.*=0.6' or one number for every layer")
+    basis = eigenbasis(factors, edited)
     meta: dict = {"factors": where}
     if rho is not None:
         weights = kfac_weights(handle, basis, rho)

