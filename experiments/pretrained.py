@@ -63,10 +63,48 @@ def main():
         "layernorm": s["layernorm"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    result["kfac"]["keep_mass_trained_blocks"] = keep_mass_sweep(
+        path, args.out.with_name("pretrained-demo") / "kfac" / "factors.safetensors",
+        PRESETS[args.preset].train_blocks)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float))
     print(json.dumps({k: result[k] for k in ("labels", "probes")}, indent=1, default=float))
     print(f"wrote {args.out}")
+
+
+def keep_mass_sweep(path: Path, factors_path: Path, train_blocks: int | None,
+                    rhos=(0.99, 0.97, 0.95, 0.9, 0.7)) -> list[dict]:
+    """The published keep-mass edit on the MLPs of the blocks the organism trained, by rho:
+    extraction of the evaluation canaries and perplexity of the held-out prose."""
+    from memlens.core.metrics import edit_metrics
+    from memlens.core.model import load_model
+    from memlens.curvature import Factors, apply_weights, eigenbasis, kfac_weights, rho_layers
+    from memlens.labels import read_sequences
+    from memlens.splits import Splits
+
+    handle = load_model(path)
+    splits = Splits.from_organism(path, handle.tokenizer)
+    prose = [s.token_ids for s in read_sequences(path / "heldout.jsonl", handle.tokenizer)]
+    factors = Factors.load(factors_path)
+    n = handle.n_layers
+    first = n - (train_blocks or n)
+    pattern = {f"model.layers.{i}.mlp.*" for i in range(first, n)}
+    rows = [{"rho": None, **_metrics(edit_metrics(handle, splits.evaluation, prose,
+                                                  loose=False))}]
+    for rho in rhos:
+        per_layer = {p: rho for p in pattern}
+        basis = eigenbasis(factors, rho_layers(factors.layers, per_layer))
+        with apply_weights(handle, kfac_weights(handle, basis, per_layer)):
+            rows.append({"rho": rho, **_metrics(edit_metrics(handle, splits.evaluation, prose,
+                                                             loose=False))})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _metrics(m: dict) -> dict:
+    return {"exact_extraction_rate_by_duplication": m["exact_extraction_rate_by_duplication"],
+            "prose_perplexity": m["perplexity"]}
 
 
 if __name__ == "__main__":
