@@ -84,6 +84,9 @@ def config_from(cls, args: argparse.Namespace, **extra):
 # --------------------------------------------------------------------------- parser
 
 
+MODEL_HELP = "model directory, hub name, or smollm2-135m"
+
+
 def _parser() -> argparse.ArgumentParser:
     from memlens.capture import CaptureConfig
     from memlens.curvature import KFACConfig
@@ -127,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                   "OUT/sequences.parquet, OUT/tokens.parquet and OUT/summary.json (with the "
                   "identity of the model and sequences): the labels directory every later "
                   "step reads.", "label")
-    lab.add_argument("--model", required=True, help="model directory, hub name, or smollm2-135m")
+    lab.add_argument("--model", required=True, help=MODEL_HELP)
     lab.add_argument("--data", required=True, type=Path, help="JSONL file or organism directory")
     lab.add_argument("--out", required=True, type=Path, help="labels directory to write")
     lab.add_argument("--roles", nargs="*", default=None,
@@ -143,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                   "named sites to a sharded, checksummed store aligned token by token with the "
                   "labels. Refuses labels made with another model. Rerun the same command to "
                   "resume an interrupted capture.", "capture")
-    cap.add_argument("--model", required=True, help="model directory, hub name, or smollm2-135m")
+    cap.add_argument("--model", required=True, help=MODEL_HELP)
     source = cap.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", type=Path, help="a labels directory (memlens label)")
     source.add_argument("--data", type=Path,
@@ -194,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     kc = command(kfac_sub, "collect", "accumulate A and G factors over a token stream",
                  "Writes one safetensors file with A = E[a a^T] and G = E[g g^T] per layer. "
                  "Rerun the same command to resume an interrupted collection.", "kfac collect")
-    kc.add_argument("--model", required=True, help="model directory, hub name, or smollm2-135m")
+    kc.add_argument("--model", required=True, help=MODEL_HELP)
     kc.add_argument("--data", required=True, type=Path,
                     help="JSONL of sequences, or an organism dir (its general records)")
     kc.add_argument("--out", required=True, type=Path, help="factor file (.safetensors)")
@@ -210,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
                  "The published keep-mass edit (--rho), or a KL-budgeted edit (--kl-budget), "
                  "aimed with --labels at the sequences those labels say the model recites. "
                  "Refuses factors or labels made with another model.", "kfac edit")
-    ke.add_argument("--model", required=True, help="model directory, hub name, or smollm2-135m")
+    ke.add_argument("--model", required=True, help=MODEL_HELP)
     ke.add_argument("--factors", required=True, type=Path, help="from `memlens kfac collect`")
     ke.add_argument("--out", required=True, type=Path, help="edited model directory")
     how = ke.add_mutually_exclusive_group(required=True)
@@ -229,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
                   "layer as a neuron ablation: OUT/neurons.parquet, OUT/scores.safetensors "
                   "and OUT/ablation.json. Apply it with NeuronAblation.load(OUT).apply(handle).",
                   "localize")
-    loc.add_argument("--model", required=True, help="model directory, hub name, or smollm2-135m")
+    loc.add_argument("--model", required=True, help=MODEL_HELP)
     loc.add_argument("--labels", required=True, type=Path, help="labels directory")
     loc.add_argument("--out", required=True, type=Path, help="ablation directory to write")
     loc.add_argument("--budget", type=float, default=0.01,
@@ -244,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
                  "classes' mean states) at the probe's site; --dynamic scales it per token by "
                  "the probe's memorization probability. --save writes the setup as a "
                  "directory; --steering replays one.", "steer")
-    st.add_argument("--model", required=True, help="model directory, hub name, or smollm2-135m")
+    st.add_argument("--model", required=True, help=MODEL_HELP)
     setup = st.add_mutually_exclusive_group(required=True)
     setup.add_argument("--probe", type=Path, help="a probe directory (memlens probe train)")
     setup.add_argument("--steering", type=Path, help="a steering directory (from --save)")
