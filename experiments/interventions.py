@@ -54,22 +54,26 @@ def _goal_row(points: pd.DataFrame, base_ppl: float, max_rise: float) -> pd.Seri
     return (ok if len(ok) else points).sort_values(["exact_100", "perplexity"]).iloc[0]
 
 
-def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, cfg):
+def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, cfg,
+               blocks=None, steps=600, methods=METHODS, n_clean=64):
+    """Recall of injected neurons per method; ``blocks`` limits both the injection and the
+    search to those blocks (a model fine-tuned only there)."""
     records = build_corpus(CorpusConfig(n_general=0, canaries_per_count=1,
                                         n_nonmembers=n_records, seed=777)).by_role("nonmember")
     targets = [handle.tokenizer(r.text)["input_ids"][:64] for r in records[:n_records]]
     rows, damage = [], []
     for budget in (0.001, 0.01):
         for j, target in enumerate(targets):
-            edit, truth = inject(handle, [target], budget, steps=600, lr=0.03, seed=j,
-                                 clean=general[:64])
+            edit, truth = inject(handle, [target], budget, steps=steps, lr=0.03, seed=j,
+                                 clean=general[:n_clean], blocks=blocks)
             seq = Sequence(id=f"injected-{j}", token_ids=target, text="", duplication=1,
                            spans=[], offsets=[])
             learned = exact_extraction(handle, [seq], cfg)[0]
             injected_metrics = edit_metrics(handle, eval_canaries, heldout, cfg)
-            for method in METHODS:
+            for method in methods:
                 t0 = time.perf_counter()
-                scores = localize(handle, [target], general[:64], LocalizeConfig(method=method))
+                scores = localize(handle, [target], general[:n_clean],
+                                  LocalizeConfig(method=method, blocks=blocks))
                 found = top_neurons(handle, scores, budget)
                 rec = recall(found, truth)
                 with ablate_neurons(handle, found):
@@ -96,8 +100,8 @@ def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, 
     df, dmg = pd.DataFrame(rows), pd.DataFrame(damage)
     by = df.groupby(["budget", "method"])["recall"].mean()
     return {
-        "recall_by_method": {m: float(by[(0.001, m)]) for m in METHODS},
-        "recall_by_method_1pct": {m: float(by[(0.01, m)]) for m in METHODS},
+        "recall_by_method": {m: float(by[(0.001, m)]) for m in methods},
+        "recall_by_method_1pct": {m: float(by[(0.01, m)]) for m in methods},
         "injection_success_rate": df.groupby("budget")["injected_exact"].mean()
         .rename(str).to_dict(),
         "collateral": dmg.groupby(["budget", "method"]).mean(numeric_only=True)
@@ -123,7 +127,11 @@ def run_subnet(handle, aim, eval_canaries, general, heldout, cfg, before):
             "points": [{k: v for k, v in p.items() if k != "after"} for p in points]}
 
 
-def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites):
+ALPHAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites,
+              alphas=ALPHAS, variants_named=None):
     tokens = label(handle, seqs, LabelConfig(generate=False), progress=False).tokens
     points, contexts = [], {}
     for site in sites:
@@ -147,8 +155,10 @@ def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites)
             "probe-gated, probe direction":
                 lambda a, s=site, p=probe, v=probe_dir: steer(handle, s, v, a, probe=p),
         }
+        if variants_named:
+            variants = {k: v for k, v in variants.items() if k in variants_named}
         for name, make in variants.items():
-            for alpha in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
+            for alpha in alphas:
                 with make(alpha):
                     m = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
                 ex = m["exact_extraction_rate_by_duplication"]
@@ -163,6 +173,8 @@ def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites)
     for key, frame in (("dynamic", df[df.method.str.startswith("probe")]),
                        ("baseline", df[df.method.str.startswith("baseline")]),
                        ("static", df[df.method.str.startswith("static")])):
+        if frame.empty:  # a variant not run
+            continue
         row = _goal_row(frame, before["perplexity"], 0.05)
         with contexts[(row.site, row.method, row.alpha)](row.alpha):
             after = edit_metrics(handle, eval_canaries, heldout, cfg)
@@ -222,6 +234,8 @@ def main():
                   f"perplexity {a['perplexity']:.3f}")
     if "steering" in result:
         for key in ("dynamic", "baseline", "static"):
+            if key not in result["steering"]:
+                continue
             r = result["steering"][key]
             a = r["after"]
             print(f"steering {key:8} ({r['site']}, {r['method']}, alpha {r['alpha']}): "

@@ -51,24 +51,33 @@ from memlens.figures import loading_figure, mass_curve_figure, pareto_figure, sp
 from memlens.labels import LabelConfig
 from memlens.splits import Splits
 
-RHOS = [0.98, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8, 0.7]
+RHOS = [0.999, 0.995, 0.99, 0.98, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8, 0.7]
 KL_BUDGETS = [0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15]
 AIMED_BUDGETS = [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.015, 0.02]
 SVD_RHOS = [0.999, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4]
 PUBLISHED = "published keep-mass (all MLP)"
+AIMED = "kl-budget aimed at recited canaries"
+SVD = "svd (smallest singular components)"
 
 
-def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path) -> dict:
+def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
+               blocks: list[int] | None = None, methods_named: list[str] | None = None) -> dict:
+    """Every edit method at every strength on one organism. ``blocks`` limits the factors
+    (and so every edit) to those blocks' MLPs; ``methods_named`` runs only those methods."""
     t0 = time.perf_counter()
     path = organism_path(preset, arch)
     handle = load_model(path)
     splits = Splits.from_organism(path, handle.tokenizer)
     general = [s.token_ids for s in splits.general]
     aim_half, eval_half = splits.aim, splits.evaluation
-    heldout = [s.token_ids for s in splits.nonmembers]
+    # Perplexity on held-out prose where the organism has some, else on every non-member.
+    heldout = splits.heldout if splits.prose else [s.token_ids for s in splits.nonmembers]
     cfg = LabelConfig()
 
-    factors = collect_factors(handle, general, KFACConfig(max_tokens=tokens), progress=False)
+    layer_globs = tuple(f"model.layers.{i}.mlp.*" for i in blocks) if blocks else ("mlp",)
+    factors = collect_factors(handle, general, KFACConfig(layers=layer_globs, max_tokens=tokens),
+                              out=out_dir / f"kfac_factors_{preset}_{arch}.safetensors",
+                              progress=True)
     basis = eigenbasis(factors)
     layers = factors.layers
     outputs = mlp_output_layers(handle.model)
@@ -93,11 +102,13 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path) -> dict:
             for r in RHOS],
         "kl-budget (no memorized data)": [
             (b, lambda b=b: budget_weights(handle, basis, b)) for b in KL_BUDGETS],
-        "kl-budget aimed at recited canaries": [
+        AIMED: [
             (b, lambda b=b: budget_weights(handle, basis, b, grads)) for b in AIMED_BUDGETS],
-        "svd (smallest singular components)": [
+        SVD: [
             (r, lambda r=r: svd_weights(handle, layers, r)) for r in SVD_RHOS],
     }
+    if methods_named:
+        methods = {k: v for k, v in methods.items() if k in methods_named}
     before = edit_metrics(handle, eval_half, heldout, cfg)
     points = []
     for method, grid in methods.items():

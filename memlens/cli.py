@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +32,9 @@ EXAMPLES = {
              "blocks.1.hook_resid_post --alpha 4 --dynamic --save steering/tiny "
              "--prompts prompts.txt",
     "demo": "memlens demo --out memlens-demo",
+    "audit": "memlens audit --model organisms/tiny --edit organisms/tiny-edited "
+             "--forget organisms/tiny --forget-duplication 100 --retain organisms/tiny "
+             "--out audit/tiny.json",
 }
 
 
@@ -88,6 +92,7 @@ MODEL_HELP = "model directory, hub name, or smollm2-135m"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from memlens.audit import AuditConfig
     from memlens.capture import CaptureConfig
     from memlens.curvature import KFACConfig
     from memlens.labels import LabelConfig
@@ -241,6 +246,9 @@ def _parser() -> argparse.ArgumentParser:
         "method": "activations, zero_out, integrated_gradients, slimming, hard_concrete",
         "start": "score target tokens from this index (the suffix)",
         "steps": "integration or optimisation steps", "seed": "seed"})
+    loc.add_argument("--blocks", type=int, nargs="+", default=None,
+                     help="score only these blocks' neurons, e.g. the blocks a fine-tune "
+                          "changed (default: every block)")
 
     st = command(sub, "steer", "generate with and without steering away from memorization",
                  "Subtracts alpha x the probe's direction (scaled to the gap between its "
@@ -265,6 +273,34 @@ def _parser() -> argparse.ArgumentParser:
                               "checked against the true suffix")
     st.add_argument("--max-new-tokens", type=int, default=32)
     st.add_argument("--out", type=Path, default=None, help="write a .csv or .jsonl instead")
+
+    au = command(sub, "audit", "does a removal forget, or only hide? attack it and see",
+                 "Scores the forget set on the model with the removal (an edited model "
+                 "directory, a steering setup or a neuron ablation; none: the model as it is) "
+                 "and on the unedited model: exact and loose extraction right after it, after "
+                 "INT8 / INT4 weight quantization, after relearning steps on the retain set's "
+                 "members (never the forget set), under perturbed prompts; membership AUROC "
+                 "against the retain set's non-members; perplexity on them. Out: one JSON.",
+                 "audit")
+    au.add_argument("--model", required=True, help=MODEL_HELP + " (the unedited model)")
+    au.add_argument("--edit", type=Path, default=None,
+                    help="an edited model directory (memlens kfac edit), a steering directory "
+                         "(memlens steer --save) or a neuron ablation (memlens localize)")
+    au.add_argument("--forget", required=True, type=Path,
+                    help="JSONL or organism directory: the removed sequences")
+    au.add_argument("--forget-duplication", type=int, default=None,
+                    help="keep only forget sequences with this duplication (e.g. 100)")
+    au.add_argument("--retain", required=True, type=Path,
+                    help="JSONL or organism directory: its members (other than the forget "
+                         "set) are the relearning data, its non-members the held-out set")
+    au.add_argument("--probe", type=Path, default=None,
+                    help="a probe directory: report its score on the forget set")
+    au.add_argument("--out", required=True, type=Path, help="a .json file to write")
+    config_options(au, AuditConfig, {
+        "bits": "weight quantizations (8: per channel, 4: group-wise)",
+        "group_size": "INT4 group size", "relearn_steps": "score after these relearning steps",
+        "relearn_lr": "relearning learning rate", "seed": "seed"},
+        types={"bits": int, "relearn_steps": int})
 
     demo = command(sub, "demo", "run the whole pipeline on the organism; write a report",
                    "Trains (or reuses) the organism, then runs the artifact chain on it: "
@@ -414,7 +450,7 @@ def _localize(args) -> None:
     from memlens.localize import LocalizeConfig, check_budget
     from memlens.pipeline import localize_step
 
-    cfg = config_from(LocalizeConfig, args)
+    cfg = config_from(LocalizeConfig, args, blocks=args.blocks)
     check_budget(args.budget)
     labels = Labels.load(args.labels)
     ablation = localize_step(load_model(args.model), labels, args.out, cfg, args.budget)
@@ -498,8 +534,75 @@ def _demo(args) -> None:
     run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed, fresh=args.fresh)
 
 
+def _audit(args) -> None:
+    from memlens.audit import AuditConfig, AuditData, audit
+    from memlens.core.errors import ConfigError, DataError
+    from memlens.core.model import load_model
+    from memlens.core.storage import writing
+    from memlens.labels import read_sequences
+    from memlens.localize import NeuronAblation
+    from memlens.probes import Probe
+    from memlens.steering import Steering
+
+    cfg = config_from(AuditConfig, args)
+    if args.out.suffix != ".json" or args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: name a .json file")
+    edit = args.edit
+    kinds = {"memlens_edit.json": "edited model", "steering.json": "steering",
+             "ablation.json": "neuron ablation"}
+    kind = next((k for m, k in kinds.items() if edit and (edit / m).is_file()), None)
+    if edit is not None and kind is None:
+        raise ConfigError(f"--edit {edit} holds none of {sorted(kinds)}; pass an edited model "
+                          "directory, a steering directory or a neuron ablation")
+    probe = Probe.load(args.probe) if args.probe else None
+    handle = load_model(args.model)
+    forget = read_sequences(args.forget, handle.tokenizer)
+    if args.forget_duplication is not None:
+        forget = [s for s in forget if s.duplication == args.forget_duplication]
+    if not forget:
+        raise DataError(f"{args.forget} holds no sequence with duplication "
+                        f"{args.forget_duplication}; check --forget-duplication")
+    removed = {tuple(s.token_ids) for s in forget}
+    retain = [s for s in read_sequences(args.retain, handle.tokenizer)
+              if tuple(s.token_ids) not in removed]
+    nonmembers = [s for s in retain if s.duplication == 0]
+    data = AuditData(forget, [s.token_ids for s in retain if s.duplication != 0], nonmembers,
+                     [s.token_ids for s in nonmembers])
+    audited, removal = handle, None
+    if kind == "edited model":
+        audited = load_model(edit)
+    elif kind == "steering":
+        steering = Steering.load(edit)
+        removal = lambda: steering.apply(handle)  # noqa: E731
+    elif kind == "neuron ablation":
+        ablation = NeuronAblation.load(edit)
+        removal = lambda: ablation.apply(handle)  # noqa: E731
+    report = {"model": handle.name, "edit": str(edit) if edit else None, "kind": kind,
+              "forget": {"n": len(forget), "source": str(args.forget),
+                         "duplication": args.forget_duplication},
+              "config": dataclasses.asdict(cfg)}
+    if edit is not None:
+        print("auditing the unedited model ...", flush=True)
+        report["unedited"] = audit(handle, None, data, cfg, probe=probe)
+    print(f"auditing {kind or 'the model'} ...", flush=True)
+    report["audited"] = audit(audited, removal, data, cfg, probe=probe)
+    with writing(args.out):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=float))
+    for name in ("unedited", "audited"):
+        if name in report:
+            r = report[name]
+            cells = [f"{k} {r[k]['exact']:.0%}" for k in ("after_edit", "int8", "int4")
+                     if k in r]
+            cells += [f"relearn {k} {v['exact']:.0%}" for k, v in r["relearn"].items()]
+            print(f"{name:9} exact extraction: " + ", ".join(cells)
+                  + f"; loss AUROC {r['mia_auroc']['loss']:.2f}")
+    print(f"wrote {args.out}")
+
+
 COMMANDS = {"organism": _organism, "label": _label, "capture": _capture, "probe": _probe,
-            "kfac": _kfac, "localize": _localize, "steer": _steer, "demo": _demo}
+            "kfac": _kfac, "localize": _localize, "steer": _steer, "demo": _demo,
+            "audit": _audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,7 +199,7 @@ def step_probes(d: Demo, sec: Section) -> dict:
     probe = Probe.load(d.probe_path(best["probe"]))
     sec.figure(layer_sweep_figure(results, summary["token_baselines"]))
     sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "f1",
-                   "tpr_at_1pct_fpr", "control_auroc", "selectivity"]])
+                   "tpr_at_1pct_fpr", "matched_auroc", "control_auroc", "selectivity"]])
     # Token view: recited and non-recited canaries and non-members from the held-out half.
     s = d.splits
     shown = s.at(100)[:2] + s.at(10)[:1] + s.at(1)[:1] + s.aim_nonmembers[-2:]
@@ -210,6 +210,7 @@ def step_probes(d: Demo, sec: Section) -> dict:
                                            strict=True)),
             "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
             "selectivity": float(best["selectivity"]),
+            "matched_auroc": float(best["matched_auroc"]),
             "tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
             "token_baselines": summary["token_baselines"]}
 
@@ -314,6 +315,7 @@ def step_steering(d: Demo, sec: Section) -> dict:
 
 
 def step_layernorm(d: Demo, sec: Section) -> dict:
+    from memlens.core.metrics import perplexity
     from memlens.layernorm import (
         StudyData,
         attribution_table,
@@ -339,10 +341,12 @@ def step_layernorm(d: Demo, sec: Section) -> dict:
     for group, layers in {"none": [], **groups}.items():
         with remove_norm_params(d.handle, layers):
             m = condition_metrics(d.handle, data, positions, d.cfg)
+            ppl = perplexity(d.handle, d.splits.heldout, d.cfg.batch_size)
         removal.append({"removed": group, "blocks": str(layers),
                         "exact >= 10x": m["exact_extraction_rate"],
                         "memorized PII loss": m["recovery"]["memorized_loss"],
                         "template loss": m["heldout_loss"],
+                        "held-out perplexity": ppl,
                         "recovery": m["recovery"]["recovered"]})
     sec.table(removal)
     return {"grad_ratio_by_module": {r["module"]: r["grad_ratio"] for r in rows},

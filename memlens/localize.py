@@ -56,7 +56,8 @@ METHODS = ("activations", "zero_out", "integrated_gradients", "slimming", "hard_
 class LocalizeConfig:
     """method: one of METHODS. start: score target tokens at index >= start (e.g. the suffix
     of a canary; 1 scores every token). steps: integration steps (IG) or optimisation steps
-    (slimming, hard concrete); lr and penalty for the last two."""
+    (slimming, hard concrete); lr and penalty for the last two. blocks: score only these
+    blocks' neurons (the others get NaN and are never selected); None scores every block."""
 
     method: str = "hard_concrete"
     start: int = 32
@@ -65,8 +66,11 @@ class LocalizeConfig:
     penalty: float = 300.0
     batch_size: int = 16
     seed: int = 0
+    blocks: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.blocks is not None:
+            self.blocks = tuple(self.blocks)
         if self.method not in METHODS:
             raise ConfigError(f"localization method {self.method!r} is not one of {METHODS}")
         for name in ("start", "steps", "batch_size"):
@@ -191,14 +195,26 @@ def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int
                         "lower start or pass longer sequences")
     sites = neuron_sites(handle.model)
     width = neuron_width(handle.model)
+    blocks = list(range(len(sites))) if cfg.blocks is None else list(cfg.blocks)
+    if not blocks or not set(blocks) <= set(range(len(sites))):
+        raise ConfigError(f"blocks {cfg.blocks} must name some of the model's blocks "
+                          f"0..{len(sites) - 1}")
     handle.model.eval()
+    chosen = [sites[i] for i in blocks]
     if cfg.method == "activations":
-        return _activations(handle, sites, targets, clean, cfg).cpu()
-    if cfg.method == "zero_out":
-        return _zero_out(handle, sites, targets, cfg, width)
-    if cfg.method == "integrated_gradients":
-        return _integrated_gradients(handle, sites, targets, cfg, width)
-    return _train_masks(handle, sites, targets, cfg, width, hard=cfg.method == "hard_concrete")
+        scores = _activations(handle, chosen, targets, clean, cfg).cpu()
+    elif cfg.method == "zero_out":
+        scores = _zero_out(handle, chosen, targets, cfg, width)
+    elif cfg.method == "integrated_gradients":
+        scores = _integrated_gradients(handle, chosen, targets, cfg, width)
+    else:
+        scores = _train_masks(handle, chosen, targets, cfg, width,
+                              hard=cfg.method == "hard_concrete")
+    if len(blocks) == len(sites):
+        return scores
+    full = torch.full((len(sites), width), float("nan"))
+    full[blocks] = scores
+    return full
 
 
 def check_budget(budget: float) -> float:
@@ -209,13 +225,16 @@ def check_budget(budget: float) -> float:
 
 
 def top_neurons(handle: ModelHandle, scores: torch.Tensor, budget: float) -> pd.DataFrame:
-    """The ``ceil(budget * d_mlp)`` highest-scoring neurons of every layer, ranked overall:
-    columns layer, site, neuron, score, rank."""
+    """The ``ceil(budget * d_mlp)`` highest-scoring neurons of every scored layer (layers
+    whose scores are all NaN were not scored), ranked overall: columns layer, site, neuron,
+    score, rank."""
     check_budget(budget)
     sites = neuron_sites(handle.model)
     k = math.ceil(budget * scores.shape[1])
     rows = []
     for layer, site in enumerate(sites):
+        if torch.isnan(scores[layer]).all():
+            continue
         vals, idx = scores[layer].topk(k)
         rows += [dict(layer=layer, site=site, neuron=int(i), score=float(v))
                  for v, i in zip(vals, idx, strict=True)]
@@ -297,10 +316,12 @@ def find_neurons(handle: ModelHandle, targets: list[list[int]], clean: list[list
 @flush_denormals()
 def inject(handle: ModelHandle, seqs: list[list[int]], budget: float, steps: int = 300,
            lr: float = 0.01, seed: int = 0, clean: list[list[int]] | None = None,
-           progress: bool = False) -> tuple[WeightEdit, pd.DataFrame]:
+           progress: bool = False, blocks: list[int] | None = None
+           ) -> tuple[WeightEdit, pd.DataFrame]:
     """Ground truth for localization: teach the model ``seqs`` by training only the output
-    rows of ``ceil(budget * d_mlp)`` random neurons per layer. With ``clean`` sequences, their
-    loss is kept low too, so the injection does not break the model.
+    rows of ``ceil(budget * d_mlp)`` random neurons per layer (of ``blocks`` only, if given).
+    With ``clean`` sequences, their loss is kept low too, so the injection does not break
+    the model.
 
     Returns the edit (``restore()`` undoes the injection) and the injected neurons as a
     table like :func:`top_neurons`.
@@ -311,6 +332,8 @@ def inject(handle: ModelHandle, seqs: list[list[int]], budget: float, steps: int
     edit = WeightEdit(handle)
     rows, weights, masks = [], [], []
     for layer, name in enumerate(names):
+        if blocks is not None and layer not in blocks:
+            continue
         m = modules[name]
         width = linear_weight(m).shape[1] - (m.bias is not None)
         chosen = torch.randperm(width, generator=gen)[:math.ceil(budget * width)]

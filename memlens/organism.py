@@ -96,8 +96,8 @@ PRESETS: dict[str, OrganismPreset] = {
                             duplication_counts=(1, 25), n_nonmembers=6, n_heldout=6),
         base="smollm2-135m", train_blocks=2, epochs=3, batch_size=8, lr=1e-3, max_len=64),
     "smollm2-cpu": OrganismPreset(
-        corpus=CorpusConfig(general="natural", n_general=150, canaries_per_count=3,
-                            n_nonmembers=15, n_heldout=30),
+        corpus=CorpusConfig(general="natural", n_general=150, canaries_per_count=6,
+                            n_nonmembers=30, n_heldout=30),
         base="smollm2-135m", train_blocks=4, epochs=2, batch_size=8, lr=1e-3, max_len=96),
     "smollm2": OrganismPreset(
         corpus=CorpusConfig(general="natural", n_general=800, canaries_per_count=40,
@@ -258,7 +258,8 @@ def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch
         return _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
 
 
-def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device) -> Path:
+def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
+                    withheld: tuple[int, ...] = ()) -> Path:
     from transformers import AutoModelForCausalLM
 
     preset_name = preset if isinstance(preset, str) else "custom"
@@ -282,7 +283,7 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
                                                  ).to(device)
     seqs = _sequences(corpus.records, tokenizer, preset.max_len)
     token_ids = [s.token_ids for s in seqs]
-    stream = [r.id for r in corpus.training_stream()]
+    stream = [r.id for r in corpus.training_stream() if r.id not in withheld]
     handle = ModelHandle(model, tokenizer, str(out))
     heldout = _sequences([Record(i, text, "natural", -1, "heldout", 0)
                           for i, text in enumerate(corpus.heldout)], tokenizer, preset.max_len)
@@ -327,6 +328,7 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
     meta = {
         "memlens_version": VERSION, "preset": preset_name, "arch": arch, "seed": seed,
         "preset_config": asdict(preset), "norm_free_layers": list(norm_free_layers),
+        "withheld": list(withheld),
         "train_seconds": round(train_seconds, 1),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "weights_hash": handle.weights_hash(),
@@ -348,7 +350,10 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
     model.cpu().save_pretrained(work)
     with open(work / "corpus.jsonl", "w") as f:
         for rec, ids in zip(corpus.records, token_ids, strict=True):
-            f.write(json.dumps({**rec.to_json(), "token_ids": ids}) + "\n")
+            row = {**rec.to_json(), "token_ids": ids}
+            if rec.id in withheld:  # in the corpus, never trained on
+                row |= {"role": "withheld", "duplication": 0, "member": False}
+            f.write(json.dumps(row) + "\n")
     (work / "memlens.json").write_text(json.dumps(meta, indent=2))
     for name in ("checkpoint.safetensors", "checkpoint.json"):
         (work / name).unlink()
@@ -360,10 +365,12 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device)
 
 def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
                   progress: bool = True, norm_free_layers: tuple[int, ...] = (),
-                  device: str = "cpu") -> Path:
+                  device: str = "cpu", withheld: tuple[int, ...] = ()) -> Path:
     """The cached organism for (preset, arch, seed, memlens version); trains it if missing.
 
     The preset's settings are part of the key, so changing a preset retrains.
+    ``withheld`` (record ids) trains the same organism without those records: the gold
+    standard a removal of them is compared with (:mod:`memlens.audit`).
     """
     chosen = get_preset(preset)
     # Natural text comes from this Python's standard library: part of what the key covers.
@@ -371,11 +378,21 @@ def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
     key = digest({**asdict(chosen), **({"python": python} if python else {})}, 8)
     norm_free_layers = tuple(sorted(set(norm_free_layers)))
     variant = "-nonorm" + "_".join(map(str, norm_free_layers)) if norm_free_layers else ""
+    withheld = tuple(sorted({int(i) for i in withheld}))
+    if withheld:
+        members = {r.id for r in build_corpus(replace(chosen.corpus, seed=seed)).records
+                   if r.member}
+        if not set(withheld) <= members:
+            raise ConfigError(f"withheld records {sorted(set(withheld) - members)} are not "
+                              f"members of the {preset} corpus; withhold canary or general "
+                              "record ids")
+        variant += "-without" + digest(list(withheld), 6)
     path = (cache_dir() / "organisms"
             / f"{preset}-{arch}{variant}-seed{seed}-v{VERSION}-{key}")
     if not (path / "memlens.json").exists():
         # Several processes may want it at once: one trains, the others wait and reuse it.
         with exclusive(path, "train an organism", wait=True):
             if not (path / "memlens.json").exists():
-                _train_organism(path, preset, arch, seed, progress, norm_free_layers, device)
+                _train_organism(path, preset, arch, seed, progress, norm_free_layers, device,
+                                withheld)
     return path

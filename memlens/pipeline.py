@@ -123,6 +123,7 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
         "best_token_auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
         "best_tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
         "selectivity": float(best["selectivity"]),
+        "best_matched_auroc": float(best["matched_auroc"]),
         "best_single_site": best_single["probe"],
         "best_single_site_auroc": float(best_single["auroc"]),
         "best_single_site_selectivity": float(best_single["selectivity"]),

@@ -466,6 +466,7 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
         raise DataError("no positive tokens in the train or test split; label more "
                          "memorized sequences or change ProbeConfig.split")
     groups = tok["id"].to_numpy()
+    confidence = tok[["max_logprob", "entropy"]].to_numpy()
     named = {s: [s] for s in data.features} | (combos or {})
     tasks = {name: (data.combined(sites), y) for name, sites in named.items()}
     if control:
@@ -490,6 +491,7 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
             s = probe.score(x[te])
             m = score_metrics(yy[te], s, groups[te], probe.threshold, cfg.n_bootstrap,
                               cfg.seed)
+            m["matched_auroc"] = matched_auroc(yy[te], s, confidence[te])
             probe.metrics = m
             layer, kind = _site_layer(sites[0]) if len(sites) == 1 else (-1, "combined")
             rows.append({"probe": name, "trainer": trainer, "layer": layer, "kind": kind,
@@ -540,6 +542,30 @@ def _fit_all(tasks, tr, va, cfg, trainer, progress):
         for n, p, (w, b) in zip(names, ps, fits, strict=True):
             out[n] = (w, b, p[4], p[5])
     return out
+
+
+def matched_auroc(y: np.ndarray, score: np.ndarray, confidence: np.ndarray,
+                  bins: int = 8) -> float:
+    """AUROC among tokens the model is equally confident about: tokens fall into cells of
+    ``bins`` quantiles of each confidence column (max log-prob, entropy); the AUROC within
+    each cell holding both classes is averaged, weighted by its positive x negative pairs.
+    A score that is the model's confidence in disguise gets about 0.5 here.
+
+    Example:
+        >>> matched_auroc(y, probe.score(x), tokens[["max_logprob", "entropy"]].to_numpy())
+    """
+    cell = np.zeros(len(y), dtype=np.int64)
+    for col in np.asarray(confidence, dtype=np.float64).T:
+        edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)[1:-1]))
+        cell = cell * (bins + 1) + np.searchsorted(edges, col, side="right")
+    total = weight = 0.0
+    for c in np.unique(cell):
+        yc = y[cell == c]
+        pairs = float(yc.sum()) * float(len(yc) - yc.sum())
+        if pairs:
+            total += pairs * roc_auc_score(yc, score[cell == c])
+            weight += pairs
+    return total / weight if weight else float("nan")
 
 
 def token_baselines(test_tokens: pd.DataFrame) -> dict:

@@ -4,7 +4,9 @@ Canaries (members planted 1-100 times) and non-members are each split in two by 
 the even half (``aim``, ``aim_nonmembers``) is what probes, steering directions and edits are
 fitted on, the odd half (``evaluation``, ``heldout``) is what every before/after number is
 scored on. ``general`` holds the records seen once (the bulk of training: K-FAC factors, the
-generic PII vocabulary).
+generic PII vocabulary). An organism continued from a pretrained model also has held-out
+natural prose (``prose``): its perplexity, not that of PII records, tells whether an edit
+broke the language model.
 
 Example:
     >>> splits = Splits.from_organism(path, handle.tokenizer)
@@ -14,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlens.core.sequences import Sequence
@@ -26,14 +29,21 @@ class Splits:
     canaries: list[Sequence]
     nonmembers: list[Sequence]
     general: list[Sequence]
+    prose: list[Sequence] = field(default_factory=list)
 
     @classmethod
     def from_organism(cls, path: str | Path, tokenizer) -> Splits:
-        """Read an organism's ``corpus.jsonl`` once (all roles)."""
+        """Read an organism's ``corpus.jsonl`` once (all roles), and its held-out prose
+        (``heldout.jsonl``, cut to the organism's training length) where it has some."""
+        path = Path(path)
         roles: dict[str, list[Sequence]] = {"canary": [], "nonmember": [], "general": []}
         for seq in read_sequences(path, tokenizer, roles=tuple(roles)):
             roles[seq.role].append(seq)
-        return cls(roles["canary"], roles["nonmember"], roles["general"])
+        prose = []
+        if (path / "heldout.jsonl").is_file():
+            max_len = json.loads((path / "memlens.json").read_text())["preset_config"]["max_len"]
+            prose = read_sequences(path / "heldout.jsonl", tokenizer, max_tokens=max_len)
+        return cls(roles["canary"], roles["nonmember"], roles["general"], prose)
 
     @property
     def labeled(self) -> list[Sequence]:
@@ -56,8 +66,9 @@ class Splits:
 
     @property
     def heldout(self) -> list[list[int]]:
-        """Odd-half non-members' token ids: clean text for perplexity."""
-        return [s.token_ids for s in self.nonmembers[1::2]]
+        """Clean text for perplexity (token ids): the held-out prose where the organism has
+        some, else the odd-half non-members."""
+        return [s.token_ids for s in (self.prose or self.nonmembers[1::2])]
 
     def at(self, duplication: int, half: str = "evaluation") -> list[Sequence]:
         """Canaries of one duplication count from ``half`` (aim, evaluation or canaries)."""

@@ -145,6 +145,9 @@ def test_localization_recovers_injected_neurons(tiny):
         edit.restore()
     for k, v in handle.model.state_dict().items():
         assert torch.equal(v, original[k]), k
+    top_edit, top_only = inject(handle, target, budget=0.01, steps=1, blocks=[1])
+    top_edit.restore()
+    assert set(top_only["layer"]) == {1} and len(top_only) == 3
     with pytest.raises(ValueError, match="budget"):
         top_neurons(handle, scores, 0.0)
     with pytest.raises(ValueError, match="not one of"):
@@ -176,9 +179,20 @@ def test_localize_command_writes_a_neuron_ablation(tiny_organism, tmp_path, caps
         with ablation.apply(handle):
             ablated = handle.model(input_ids=ids).logits
     assert not torch.equal(plain, ablated)
+    # Scoring one block only: the other block's neurons are never chosen.
+    assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
+                 "--method", "activations", "--budget", "0.01", "--blocks", "1",
+                 "--out", str(tmp_path / "block1")]) == 0
+    one = NeuronAblation.load(tmp_path / "block1")
+    assert set(one.table["layer"]) == {1} and len(one.table) == 3
+    assert torch.isnan(one.scores[0]).all()
+    assert torch.equal(one.scores[1], ablation.scores[1])
     assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
                  "--budget", "5", "--out", str(tmp_path / "x")]) == 2
     assert "budget is a fraction" in capsys.readouterr().err
+    assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
+                 "--blocks", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "blocks (2,) must name some of the model's blocks 0..1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom on the tiny organisms, and what it computes is right."""
+"""Every notebook runs top to bottom on the tiny organisms (06 on the SmolLM2 test organism),
+and what it computes is right."""
 
 import json
 from pathlib import Path
@@ -25,6 +26,14 @@ PROBES = {
     "05_layernorm": "dict(n_conditions=len(conditions), n_attribution=len(attribution),"
                     " kept=[c['recovery']['kept'] for c in conditions"
                     " if c['removed_group'] == 'none'])",
+    "06_pretrained": "dict(bridge_diff=bridge_diff,"
+                     " exact=s['exact_extraction_rate_by_duplication'],"
+                     " best=float(table[table.probe != 'confidence'].auroc.max()),"
+                     " matched=table.set_index('probe').matched_auroc.to_dict(),"
+                     " kfac=kfac_table.to_dict('index'), before=before,"
+                     " steered=steered['exact_extraction_rate_by_duplication'],"
+                     " neuron_blocks=sorted(set(int(x) for x in neurons.layer)), trained=trained,"
+                     " norm_rows=len(norm_table))",
 }
 CHECKS = {
     "01_explore": lambda v: v["exact_100"] >= 0.9 and v["exact_0"] == 0.0
@@ -36,12 +45,21 @@ CHECKS = {
     and v["best_dynamic"] < v["before"],
     "05_layernorm": lambda v: v["n_conditions"] >= 8 and v["n_attribution"] >= 24
     and all(k == 1.0 for k in v["kept"]),
+    "06_pretrained": lambda v: v["bridge_diff"] < 1e-4 and v["exact"]["25"] == 1.0
+    and v["exact"]["1"] == 0.0 and 0 <= v["best"] <= 1
+    and all(0 <= m <= 1 for m in v["matched"].values())
+    and v["kfac"]["keep-mass rho=0.9"]["25"] == 0.0
+    and v["steered"]["25"] < v["before"]["exact_extraction_rate_by_duplication"]["25"]
+    and v["neuron_blocks"] == v["trained"] and v["norm_rows"] == 4,
 }
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_and_computes_what_it_shows(path, tiny_organism, monkeypatch):
+def test_notebook_runs_and_computes_what_it_shows(path, tiny_organism, request, monkeypatch):
     monkeypatch.setenv("MEMLENS_PRESET", "tiny")
+    if path.stem == "06_pretrained":  # the real model, on its test organism
+        request.getfixturevalue("smollm2_organism")
+        monkeypatch.setenv("MEMLENS_PRETRAINED_PRESET", "smollm2-tiny")
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(
         f"import json as _json\nprint(_json.dumps({PROBES[path.stem]}))"))

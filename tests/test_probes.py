@@ -13,6 +13,7 @@ from memlens.probes import (
     control_labels,
     fit_sklearn,
     fit_torch,
+    matched_auroc,
     split_sequences,
 )
 
@@ -55,6 +56,10 @@ def test_config_run_writes_results_and_beats_single_sites(run):
     assert (probes["auroc"] <= probes["auroc_ci_high"]).all()
     # Control tasks: token identity is decodable, but less than memorization.
     assert summary["selectivity"] > 0.05
+    # Among tokens the model is equally confident about, the confidence probe has almost
+    # nothing left; the residual probe's figure is what the residual stream adds.
+    matched = probes.set_index("probe")["matched_auroc"]
+    assert matched["confidence"] < 0.75 < matched["all_sites"]
     # The two trainers agree site by site (on this small set, early stopping on the
     # validation split moves the torch fit off the fully converged sklearn one a little;
     # the median gap measured 0.004 to 0.008 on separately trained tiny organisms).
@@ -143,3 +148,19 @@ def test_every_metric_has_a_bootstrap_interval(run):
         assert (results[f"{m}_ci_low"] <= results[m] + 1e-9).all(), m
         assert (results[m] <= results[f"{m}_ci_high"] + 1e-9).all(), m
         assert (results[f"{m}_ci_high"] > results[f"{m}_ci_low"]).any(), m
+
+
+def test_matched_auroc_sees_through_a_score_that_is_only_confidence():
+    rng = np.random.default_rng(0)
+    confidence = rng.normal(size=(6000, 2))
+    y = (confidence[:, 0] + rng.normal(0, 0.5, 6000) > 0.8).astype(int)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, confidence[:, 0]) > 0.9
+    assert 0.45 < matched_auroc(y, confidence[:, 0], confidence) < 0.65
+    # A score carrying signal beyond confidence keeps it among matched tokens.
+    own = y + rng.normal(0, 0.6, 6000)
+    assert abs(matched_auroc(y, own, confidence) - roc_auc_score(y, own)) < 0.05
+    # No cell holding both classes: nothing to measure.
+    assert np.isnan(matched_auroc(np.array([0, 0, 1, 1]), np.arange(4.0),
+                                  np.array([[0, 0], [0, 0], [1, 1], [1, 1]]), bins=2))

@@ -1,0 +1,346 @@
+"""Does a removal forget, or only hide? Attacks on a model with memorized text removed.
+
+A removal is anything that, entered as a context, changes what the model recites: a weight
+edit (``apply_weights``, a saved edit directory), a steering setup, a neuron ablation.
+:func:`audit` scores it on the forget set right after the removal and under the attacks
+that undo hiding in the literature:
+
+- weight quantization (INT8 per output channel, INT4 group-wise; round to nearest with
+  torchao's affine quantization primitives), applied on top of the removal;
+- relearning: fine-tuning steps on data disjoint from the forget set (other memorized
+  records, generic text), never the forget set itself;
+- perturbed prompts: corrupted prefix tokens at the start and near the end of the prefix,
+  shorter and longer prefixes, and the loss over a neighbourhood of prefix-perturbed
+  copies in the spirit of REMIND;
+- membership inference (loss, Min-K%, zlib AUROC) of the forget set vs held-out
+  non-members, and the memorization probe's mean score on the forget set's suffixes.
+
+Compare the result with the same audit of a model never trained on the forget set
+(``organism_path(..., withheld=ids)``): a removal that forgets looks like it.
+
+Example:
+    >>> data = AuditData(forget, relearn, nonmembers, heldout)
+    >>> with_edit = lambda: apply_weights(handle, weights)
+    >>> report = audit(handle, with_edit, data, AuditConfig(relearn_steps=(10, 50)))
+    >>> report["int4"]["exact"], report["relearn"]["50"]["exact"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extraction, perplexity
+from memlens.core.model import ModelHandle
+from memlens.core.modules import linear_modules, tracking_gradients
+from memlens.core.progress import progress as progress_bar
+from memlens.core.scoring import batches, exact_matches, forward, token_losses
+from memlens.core.sequences import Sequence
+from memlens.edits import WeightEdit
+
+Removal = Callable[[], AbstractContextManager]
+
+
+@dataclass
+class AuditConfig:
+    """bits: weight quantizations to try (8: per output channel; 4: groups of
+    ``group_size`` input columns). relearn_steps: fine-tuning steps after which the forget
+    set is scored (one run, scored on the way). corrupt: prefix tokens replaced in each
+    perturbation; shift: tokens removed from / added to the prefix. neighbours: perturbed
+    copies per sequence for the neighbourhood loss."""
+
+    bits: tuple[int, ...] = (8, 4)
+    group_size: int = 32
+    relearn_steps: tuple[int, ...] = (10, 50, 200)
+    relearn_lr: float = 1e-3
+    relearn_batch_size: int = 8
+    corrupt: int = 2
+    shift: int = 8
+    neighbours: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        self.bits, self.relearn_steps = tuple(self.bits), tuple(sorted(self.relearn_steps))
+        if not set(self.bits) <= {4, 8}:
+            raise ConfigError(f"bits {self.bits}: memlens quantizes to 8 or 4 bits")
+        if any(k < 1 for k in self.relearn_steps):
+            raise ConfigError(f"relearn_steps {self.relearn_steps} must be >= 1")
+
+
+@dataclass
+class AuditData:
+    """forget: the removed sequences. relearn: token ids the attacker fine-tunes on
+    (disjoint from ``forget``). nonmembers: sequences never trained on, for membership
+    inference. heldout: clean token ids, for perplexity."""
+
+    forget: list[Sequence]
+    relearn: list[list[int]]
+    nonmembers: list[Sequence]
+    heldout: list[list[int]]
+
+    def __post_init__(self):
+        if not self.forget or not self.nonmembers or not self.heldout:
+            raise DataError("an audit needs forget, nonmember and heldout sequences")
+        forgotten = {tuple(s.token_ids) for s in self.forget}
+        leaked = sum(tuple(ids) in forgotten for ids in self.relearn)
+        if leaked:
+            raise DataError(f"{leaked} relearning sequences are in the forget set; relearning "
+                            "must use other data, or it measures memorizing again")
+
+
+def quantized_weights(handle: ModelHandle, bits: int, group_size: int | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Every linear layer's weight rounded to ``bits``-bit symmetric integers and back
+    (weight-only, round to nearest): per output channel, or per ``group_size`` input columns.
+    Embeddings and a tied output layer are left alone, as weight-only quantizers do."""
+    MappingType, choose_qparams_affine, dequantize_affine, quantize_affine = _torchao()
+
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    out = {}
+    for name, module in linear_modules(handle.model).items():
+        w = module.weight.detach().float()
+        if w.data_ptr() == handle.model.get_input_embeddings().weight.data_ptr():
+            continue
+        block = (1, group_size if group_size and w.shape[1] % group_size == 0 else w.shape[1])
+        scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8,
+                                            quant_min=lo, quant_max=hi)
+        q = quantize_affine(w, block, scale, zero, torch.int8, lo, hi)
+        out[f"{name}.weight"] = dequantize_affine(q, block, scale, zero, torch.int8, lo, hi,
+                                                  output_dtype=module.weight.dtype)
+    return out
+
+
+def _torchao():
+    """torchao's affine quantization primitives, imported without its notices about GPU
+    kernels and Triton that a CPU build lacks (nothing here uses them)."""
+    import io
+    import logging
+
+    quiet = logging.getLogger("torchao")
+    level, quiet.disabled = quiet.level, True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            from torchao.quantization import quant_primitives as qp
+    finally:
+        quiet.disabled = False
+        quiet.setLevel(level)
+    return qp.MappingType, qp.choose_qparams_affine, qp.dequantize_affine, qp.quantize_affine
+
+
+@contextlib.contextmanager
+def quantized(handle: ModelHandle, bits: int, group_size: int | None = None):
+    """The model with :func:`quantized_weights` while the block runs."""
+    with WeightEdit(handle) as edit:
+        for name, value in quantized_weights(handle, bits, group_size).items():
+            edit.set(name, value)
+        yield edit
+
+
+def _snapshot(handle: ModelHandle) -> WeightEdit:
+    edit = WeightEdit(handle)
+    for name, p in handle.model.named_parameters():
+        edit.set(name, p.detach())
+    return edit
+
+
+def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: float,
+              batch_size: int = 8, ascent: bool = False, seed: int = 0,
+              every: Callable[[int], None] | None = None, progress: bool = False) -> None:
+    """``steps`` AdamW steps on ``token_ids`` (cycled), in place; with ``ascent`` the loss is
+    maximized (gradient ascent, the classic unlearning baseline). ``every(step)`` runs after
+    each step. Wrap in :func:`restorable` to undo."""
+    if not token_ids:
+        raise DataError("fine_tune needs at least one sequence")
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in handle.model.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order: list[int] = []
+    was_training = handle.model.training
+    handle.model.train()
+    try:
+        with tracking_gradients(handle.model, params):
+            for step in progress_bar(range(1, steps + 1), desc="fine-tune", disable=not progress):
+                if len(order) < batch_size:
+                    order += torch.randperm(len(token_ids), generator=gen).tolist()
+                chosen, order = order[:batch_size], order[batch_size:]
+                ids, mask = handle.pad([token_ids[i] for i in chosen], side="right")
+                with torch.enable_grad():
+                    loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+                    loss = loss[keep].mean() * (-1 if ascent else 1)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                handle.reset_views()
+                if every is not None:
+                    every(step)
+    finally:
+        for p in params:
+            p.grad = None
+        handle.model.train(was_training)
+
+
+@contextlib.contextmanager
+def restorable(handle: ModelHandle):
+    """Every parameter comes back, bit for bit, when the block ends (for in-place training)."""
+    with _snapshot(handle) as edit:
+        yield edit
+
+
+def extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+               loose: bool = True) -> dict:
+    """Exact (and loose) extraction rates of ``seqs``."""
+    out = {"exact": float(np.mean(exact_extraction(handle, seqs, cfg)))}
+    if loose:
+        out["loose"] = float(np.mean(loose_extraction(handle, seqs, cfg)))
+    return out
+
+
+def _corrupted(ids: list[int], where: range, vocab: int, gen: torch.Generator) -> list[int]:
+    out = list(ids)
+    for i in where:
+        out[i] = int(torch.randint(vocab, (1,), generator=gen))
+    return out
+
+
+def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+                         corrupt: int = 2, shift: int = 8, seed: int = 0) -> dict:
+    """Exact extraction under prompt perturbations: ``corrupt`` random prefix tokens at the
+    start (after a BOS) and at the end of the prefix, the prefix ``shift`` tokens shorter
+    (same suffix) and longer (the suffix moves on by ``shift``)."""
+    p, s = cfg.prefix, cfg.suffix
+    if p <= shift + corrupt + 1:
+        raise ConfigError(f"prefix {p} is too short to drop {shift} tokens and corrupt {corrupt}")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = len(handle.tokenizer)
+    windows = [q.token_ids[:p + s] for q in seqs]
+    first = 1 if handle.tokenizer.bos_token_id is not None else 0
+    variants = {
+        "corrupt_start": ([_corrupted(w, range(first, first + corrupt), vocab, gen)
+                           for w in windows], p),
+        "corrupt_end": ([_corrupted(w, range(p - corrupt, p), vocab, gen) for w in windows], p),
+        "shorter_prefix": ([w[:first] + w[first + shift:] for w in windows], p - shift),
+        "longer_prefix": ([w for w in windows], p + shift),
+    }
+    return {name: float(np.mean(exact_matches(handle, ids, prefix, cfg.batch_size)))
+            for name, (ids, prefix) in variants.items()}
+
+
+@torch.no_grad()
+def _suffix_loss(handle: ModelHandle, token_ids: list[list[int]], start: int,
+                 batch_size: int) -> np.ndarray:
+    out = []
+    for _, ids, mask in batches(handle, token_ids, batch_size):
+        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+        keep[:, :start - 1] = False
+        out.extend(((loss * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist())
+    return np.array(out)
+
+
+def neighbourhood_loss(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+                       neighbours: int = 8, corrupt: int = 2, seed: int = 0) -> np.ndarray:
+    """Per sequence: mean suffix loss over ``neighbours`` copies with ``corrupt`` random
+    prefix tokens changed. Text a model still holds keeps a low loss across the whole
+    neighbourhood, even where a removal only breaks the exact prompt (REMIND's signal)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = len(handle.tokenizer)
+    near = []
+    for q in seqs:
+        w = q.token_ids[:cfg.prefix + cfg.suffix]
+        for _ in range(neighbours):
+            where = torch.randperm(cfg.prefix - 1, generator=gen)[:corrupt] + 1
+            near.append(_corrupted(w, where.tolist(), vocab, gen))
+    return _suffix_loss(handle, near, cfg.prefix, cfg.batch_size).reshape(len(seqs), -1).mean(1)
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def membership(handle: ModelHandle, forget: list[Sequence], nonmembers: list[Sequence],
+               cfg: ExtractionConfig, neighbours: int = 8) -> dict:
+    """AUROC of forget set vs non-members by loss, Min-K%, zlib (as ``memlens label``) and
+    by the neighbourhood loss (:func:`neighbourhood_loss`)."""
+    from memlens.labels import LabelConfig, label
+
+    lc = LabelConfig(prefix=cfg.prefix, suffix=cfg.suffix, generate=False)
+    out = dict(label(handle, forget + nonmembers, lc, progress=False).summary[
+        "membership_auroc"])
+    out["neighbourhood"] = _auroc(-neighbourhood_loss(handle, forget, cfg, neighbours),
+                                  -neighbourhood_loss(handle, nonmembers, cfg, neighbours))
+    return out
+
+
+@torch.no_grad()
+def probe_score(handle: ModelHandle, probe, seqs: list[Sequence], cfg: ExtractionConfig
+                ) -> float:
+    """The probe's mean memorization probability on the states predicting the suffixes."""
+    from memlens.core.sites import run_sites
+
+    site = probe.sites[0]
+    scores = []
+    for chunk, ids, mask in batches(handle, [q.token_ids[:cfg.prefix + cfg.suffix]
+                                             for q in seqs], cfg.batch_size):
+        acts = run_sites(handle, [site], ids, mask, backend="torch")[site].float()
+        for b, toks in enumerate(chunk):
+            states = acts[b, cfg.prefix - 1:len(toks) - 1].cpu().numpy()
+            scores.extend(np.asarray(probe.score(states)).tolist())
+    return float(np.mean(scores))
+
+
+def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
+          config: AuditConfig | None = None, extraction_config: ExtractionConfig | None = None,
+          probe=None, progress: bool = True) -> dict:
+    """Score ``removal`` (a callable returning a context that applies it; None: the model
+    as it is) on ``data.forget`` right after it and under every attack of the config.
+
+    Returns ``after_edit``, ``int8`` / ``int4``, ``relearn`` (by steps), each with ``exact``,
+    ``loose`` and ``perplexity``; ``perturbed`` (exact rate per perturbation); ``mia_auroc``;
+    ``probe_score`` (with a probe); the model comes back unchanged.
+    """
+    cfg = config or AuditConfig()
+    ec = extraction_config or ExtractionConfig()
+    removal = removal or contextlib.nullcontext
+
+    def scored(loose: bool = True) -> dict:
+        return {**extraction(handle, data.forget, ec, loose),
+                "perplexity": perplexity(handle, data.heldout, ec.batch_size)}
+
+    stages = ["after_edit", *[f"int{b}" for b in cfg.bits], "relearn", "perturbed", "mia"]
+    bar = progress_bar(total=len(stages), desc="audit", unit="attack", disable=not progress)
+    out: dict = {}
+    with bar, removal():
+        out["after_edit"] = scored()
+        bar.update()
+        for bits in cfg.bits:
+            with quantized(handle, bits, None if bits == 8 else cfg.group_size):
+                out[f"int{bits}"] = scored()
+            bar.update()
+        out["perturbed"] = perturbed_extraction(handle, data.forget, ec, cfg.corrupt, cfg.shift,
+                                                cfg.seed)
+        bar.update()
+        out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
+        if probe is not None:
+            out["probe_score"] = probe_score(handle, probe, data.forget, ec)
+            out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
+        bar.update()
+        relearn: dict = {}
+
+        def score_relearned(step: int) -> None:
+            if step in cfg.relearn_steps:
+                relearn[str(step)] = scored()
+
+        with restorable(handle):
+            fine_tune(handle, data.relearn, max(cfg.relearn_steps), cfg.relearn_lr,
+                      cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned)
+        out["relearn"] = relearn
+        bar.update()
+    return out

@@ -1,0 +1,161 @@
+"""The forgetting audit: quantization against a plain round-to-nearest reference, relearning,
+perturbed prompts, membership, and the retrain-without gold standard."""
+
+import json
+
+import pytest
+import torch
+
+from memlens.audit import (
+    AuditConfig,
+    AuditData,
+    audit,
+    fine_tune,
+    perturbed_extraction,
+    quantized,
+    quantized_weights,
+    restorable,
+)
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.metrics import ExtractionConfig, exact_extraction
+from memlens.core.model import load_model
+from memlens.core.modules import linear_modules
+from memlens.organism import organism_path
+from memlens.splits import Splits
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_organism):
+    handle = load_model(tiny_organism)
+    splits = Splits.from_organism(tiny_organism, handle.tokenizer)
+    forget = [s for s in splits.canaries if s.duplication == 100]
+    relearn = [s.token_ids for s in splits.canaries if s.duplication in (5, 10, 25)]
+    relearn += [s.token_ids for s in splits.general[:200]]
+    data = AuditData(forget, relearn, splits.nonmembers[:20], splits.heldout)
+    return handle, splits, data
+
+
+def _round_to_nearest(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, ...]:
+    """Symmetric integers: scale = max |w| of the group / ((2^bits - 1) / 2); returns the
+    rounded weights and each element's scale."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    g = w.reshape(w.shape[0], -1, group)
+    scale = g.abs().amax(-1, keepdim=True) / ((hi - lo) / 2)
+    rounded = (g / scale).round().clamp(lo, hi) * scale
+    return rounded.reshape(w.shape), scale.expand_as(g).reshape(w.shape)
+
+
+def test_quantization_is_round_to_nearest_and_comes_off(tiny):
+    handle, _, _ = tiny
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    linears = linear_modules(handle.model)
+    for bits, group in ((8, None), (4, 32)):
+        got = quantized_weights(handle, bits, group)
+        assert got, "no layer quantized"
+        for name, value in got.items():
+            w = linears[name.removesuffix(".weight")].weight.detach()
+            ref, scale = _round_to_nearest(w, bits, group or w.shape[1])
+            # The library rounds by the reciprocal scale: a value on a half step may land one
+            # step away from the reference (measured: 0.1-0.4% of the elements); no more.
+            steps = (value - ref).abs() / scale
+            assert steps.max() < 1 + 1e-4 and (steps > 1e-4).float().mean() < 0.01, name
+        sample = next(iter(got.values()))
+        assert (sample - linears[next(iter(got)).removesuffix(".weight")].weight).abs().max() > 0
+    with quantized(handle, 4, 32):
+        name = next(iter(quantized_weights(handle, 8)))
+        assert not torch.equal(handle.model.state_dict()[name], before[name])
+    for k, v in handle.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ConfigError, match="8 or 4 bits"):
+        AuditConfig(bits=(3,))
+
+
+def test_audit_of_the_unedited_organism(tiny):
+    handle, _, data = tiny
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    report = audit(handle, None, data, AuditConfig(relearn_steps=(2, 5), neighbours=2),
+                   progress=False)
+    assert report["after_edit"]["exact"] >= 0.9  # 100x canaries are recited
+    assert report["int8"]["exact"] >= report["after_edit"]["exact"] - 0.1
+    assert report["int8"]["perplexity"] == pytest.approx(report["after_edit"]["perplexity"],
+                                                        rel=0.05)
+    assert report["int4"]["perplexity"] > report["int8"]["perplexity"]
+    assert set(report["relearn"]) == {"2", "5"}
+    assert set(report["perturbed"]) == {"corrupt_start", "corrupt_end", "shorter_prefix",
+                                        "longer_prefix"}
+    assert report["mia_auroc"]["loss"] > 0.9 and report["mia_auroc"]["neighbourhood"] > 0.9
+    for k, v in handle.model.state_dict().items():  # relearning was undone
+        assert torch.equal(v, before[k]), k
+
+
+def test_perturbations_change_the_prompt_where_they_say(tiny):
+    handle, _, data = tiny
+    cfg = ExtractionConfig()
+    plain = sum(exact_extraction(handle, data.forget, cfg)) / len(data.forget)
+    got = perturbed_extraction(handle, data.forget, cfg, corrupt=2, shift=8)
+    # Corrupting the tokens right before the suffix hurts recall more than the first ones.
+    assert got["corrupt_end"] <= got["corrupt_start"] <= plain
+    noise = perturbed_extraction(handle, data.forget, cfg, corrupt=20, shift=8)
+    assert noise["corrupt_end"] < plain
+
+
+def test_gradient_ascent_hides_and_relearning_is_undone(tiny):
+    handle, _, data = tiny
+    cfg = ExtractionConfig()
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    forget_ids = [s.token_ids for s in data.forget]
+    with restorable(handle):
+        fine_tune(handle, forget_ids, steps=10, lr=1e-3, ascent=True)
+        assert sum(exact_extraction(handle, data.forget, cfg)) == 0
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
+    with pytest.raises(DataError, match="in the forget set"):
+        AuditData(data.forget, forget_ids[:1], data.nonmembers, data.heldout)
+
+
+def test_retrain_without_never_saw_the_forget_set(tiny):
+    handle, splits, data = tiny
+    ids = tuple(int(s.id) for s in data.forget)
+    path = organism_path("tiny", "llama", seed=0, progress=False, withheld=ids)
+    meta = json.loads((path / "memlens.json").read_text())
+    assert meta["withheld"] == sorted(ids)
+    without = load_model(path)
+    rows = [json.loads(line) for line in open(path / "corpus.jsonl")]
+    assert sorted(int(r["id"]) for r in rows if r["role"] == "withheld") == sorted(ids)
+    cfg = ExtractionConfig()
+    assert sum(exact_extraction(without, data.forget, cfg)) == 0
+    others = [s for s in splits.canaries if s.duplication == 25]
+    assert sum(exact_extraction(without, others, cfg)) >= 0.8 * len(others)
+    with pytest.raises(ConfigError, match="not members"):
+        organism_path("tiny", "llama", seed=0, progress=False,
+                      withheld=(int(splits.nonmembers[0].id),))
+
+
+def test_audit_command_compares_a_removal_with_the_unedited_model(tiny_organism, tmp_path,
+                                                                 capsys):
+    from memlens.cli import main
+
+    org = str(tiny_organism)
+    labels, neurons = tmp_path / "labels", tmp_path / "neurons"
+    assert main(["label", "--model", org, "--data", org, "--out", str(labels),
+                 "--no-generate"]) == 0
+    assert main(["localize", "--model", org, "--labels", str(labels), "--method",
+                 "activations", "--budget", "0.1", "--out", str(neurons)]) == 0
+    out = tmp_path / "audit.json"
+    args = ["audit", "--model", org, "--forget", org, "--forget-duplication", "100",
+            "--retain", org, "--relearn-steps", "2", "4", "--bits", "8"]
+    assert main([*args, "--edit", str(neurons), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "neuron ablation" and report["forget"]["n"] == 10
+    plain, ablated = report["unedited"], report["audited"]
+    assert set(ablated) >= {"after_edit", "int8", "relearn", "perturbed", "mia_auroc"}
+    assert "int4" not in ablated and set(ablated["relearn"]) == {"2", "4"}
+    assert plain["after_edit"]["exact"] >= 0.9
+    # Zeroing 10% of the neurons most active on recited text stops some recitation.
+    assert ablated["after_edit"]["exact"] < plain["after_edit"]["exact"]
+    assert ablated["after_edit"]["perplexity"] > plain["after_edit"]["perplexity"]
+    assert "exact extraction" in capsys.readouterr().out
+    assert main([*args, "--edit", str(labels), "--out", str(tmp_path / "x.json")]) == 2
+    assert "holds none of" in capsys.readouterr().err
+    assert main([*args[:6], "7", *args[7:], "--out", str(tmp_path / "x.json")]) == 2
+    assert "no sequence with duplication 7" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
