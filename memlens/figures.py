@@ -270,3 +270,32 @@ def layer_heatmap_figure(conditions: list[dict]):
                       "metric, coloured by the change relative to the unedited model "
                       "(clipped at ±100%)")
     return fig
+
+
+def audit_heatmap(methods: list[dict]) -> go.Figure:
+    """Removal x attack: exact extraction of the forget set after each attack, and the
+    membership AUROCs (forget set vs non-members), from :func:`memlens.audit.audit` results
+    (each with a ``name``). A removal that forgets matches the retrain-without row."""
+    steps = list(methods[0]["relearn"])
+    cols = (["after the removal", "INT8", "INT4"] + [f"relearn {k} steps" for k in steps]
+            + ["worst perturbed prompt", "membership AUROC (loss)",
+               "membership AUROC (neighbourhood)"])
+    z, text = [], []
+    for m in methods:
+        row = [m["after_edit"]["exact"], m.get("int8", {}).get("exact", float("nan")),
+               m.get("int4", {}).get("exact", float("nan")),
+               *[m["relearn"][k]["exact"] for k in steps], max(m["perturbed"].values()),
+               m["mia_auroc"]["loss"], m["mia_auroc"]["neighbourhood"]]
+        z.append(row)
+        text.append([f"{v:.0%}" for v in row[:-2]] + [f"{v:.2f}" for v in row[-2:]])
+    names = [f"{m['name']} (ppl {m['after_edit']['perplexity']:.2f})" for m in methods]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=names, zmin=0, zmax=1, colorscale="Reds", text=text,
+        texttemplate="%{text}", colorbar=dict(title="extraction<br>/ AUROC"),
+        hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>"))
+    fig.update_layout(title="Does the removal forget? Exact extraction of the forget set under "
+                      "each attack, and how well membership inference still finds it",
+                      yaxis=dict(autorange="reversed", title="removal"),
+                      xaxis=dict(title="attack", tickangle=-30),
+                      height=160 + 40 * len(methods), width=1200)
+    return fig

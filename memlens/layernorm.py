@@ -50,14 +50,20 @@ def layer_groups(n_layers: int) -> dict[str, list[int]]:
     return {name: chunk.tolist() for name, chunk in zip(GROUPS, chunks, strict=True)}
 
 
-def remove_norm_params(handle: ModelHandle, layers: list[int] | tuple[int, ...]) -> WeightEdit:
-    """Gain 1 and bias 0 for the norms of blocks ``layers``: a :class:`WeightEdit`, so use it
-    in a ``with`` block (or call ``restore()``) to get the trained parameters back."""
+def remove_norm_params(handle: ModelHandle, layers: list[int] | tuple[int, ...],
+                       strength: float = 1.0) -> WeightEdit:
+    """Gain 1 and bias 0 for the norms of blocks ``layers`` (with ``strength`` < 1, that
+    fraction of the way there): a :class:`WeightEdit`, so use it in a ``with`` block (or
+    call ``restore()``) to get the trained parameters back."""
+    if not 0 < strength <= 1:
+        raise ConfigError(f"strength {strength} must lie in (0, 1]: the fraction of the way "
+                          "from the trained parameters to gain 1 and bias 0")
     edit = WeightEdit(handle)
     try:
         for path, module in norm_modules(handle.model, layers).items():
             for pname, value in identity_norm_params(module).items():
-                edit.set(f"{path}.{pname}", value)
+                trained = getattr(module, pname).detach()
+                edit.set(f"{path}.{pname}", trained + strength * (value - trained))
     except BaseException:
         edit.restore()
         raise

@@ -65,6 +65,19 @@ def test_remove_norm_params_is_exact_and_reversible(arch, saved_tokenizer, tmp_p
     assert torch.equal(handle.model(ids).logits, before)
     with pytest.raises(ValueError, match="blocks 0..2"):
         remove_norm_params(handle, [3])
+    with torch.no_grad():  # trained-looking parameters, then a quarter of the way removed
+        for m in norms.values():
+            m.weight.mul_(3.0)
+            m.bias.add_(0.4)
+    trained = {n: (m.weight.clone(), m.bias.clone()) for n, m in norms.items()}
+    with remove_norm_params(handle, [1], strength=0.25):
+        for n, m in norms.items():
+            w, b = trained[n]
+            torch.testing.assert_close(m.weight, w + 0.25 * (1 - w))
+            torch.testing.assert_close(m.bias, 0.75 * b)
+    assert all(torch.equal(m.weight, trained[n][0]) for n, m in norms.items())
+    with pytest.raises(ValueError, match="strength 0 must lie in"):
+        remove_norm_params(handle, [1], strength=0)
 
 
 def test_post_ln_final_norm_is_in_the_last_block(saved_tokenizer, tmp_path):

@@ -34,6 +34,9 @@ PROBES = {
                      " steered=steered['exact_extraction_rate_by_duplication'],"
                      " neuron_blocks=sorted(set(int(x) for x in neurons.layer)), trained=trained,"
                      " norm_rows=len(norm_table))",
+    "07_audit": "dict(rows={r['name']: dict(exact=r['after_edit']['exact'],"
+                " int4=r['int4']['exact'], relearn=r['relearn']['50']['exact'],"
+                " auroc=r['mia_auroc']['loss']) for r in results})",
 }
 CHECKS = {
     "01_explore": lambda v: v["exact_100"] >= 0.9 and v["exact_0"] == 0.0
@@ -51,6 +54,10 @@ CHECKS = {
     and v["kfac"]["keep-mass rho=0.9"]["25"] == 0.0
     and v["steered"]["25"] < v["before"]["exact_extraction_rate_by_duplication"]["25"]
     and v["neuron_blocks"] == v["trained"] and v["norm_rows"] == 4,
+    "07_audit": lambda v: len(v["rows"]) == 4
+    and v["rows"]["unedited"]["exact"] >= 0.9 and v["rows"]["retrain without"]["exact"] == 0
+    and v["rows"]["retrain without"]["auroc"] < 0.75 < v["rows"]["unedited"]["auroc"]
+    and all(r["exact"] <= 0.5 for k, r in v["rows"].items() if k.startswith(("K-FAC", "Bal"))),
 }
 
 
