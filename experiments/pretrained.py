@@ -173,7 +173,8 @@ def kfac_part(args, trained: list[int], out_dir: Path) -> dict:
     r = sweep_arch(args.preset, "llama", args.kfac_tokens, out_dir, blocks=trained,
                    methods_named=[PUBLISHED, AIMED, SVD])
     scope = f"the MLPs of the trained blocks {trained}"
-    return {"before": r["before"], "factor_tokens": r["factor_tokens"], "scope": scope,
+    return {"before": r["before"], "after": r["kfac"]["after"],
+            "factor_tokens": r["factor_tokens"], "scope": scope,
             "n_aim_recited": r["n_aim_recited"],
             "best": r["kfac"], "published": r["published"], "svd": r["svd"],
             "svd_best_within_10pct": r["svd_best_within_10pct"],
