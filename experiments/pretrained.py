@@ -60,7 +60,9 @@ def main():
     ap.add_argument("--kfac-tokens", type=int, default=20_000)
     ap.add_argument("--records", type=int, default=1, help="injected records per budget")
     ap.add_argument("--inject-steps", type=int, default=100)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 1.5, 2.0, 4.0, 8.0])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 1.5, 1.75, 2.0, 4.0, 8.0])
+    ap.add_argument("--steer-blocks", type=int, nargs="+", default=None,
+                    help="residual streams to steer at (default: the trained blocks but the last)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/pretrained.json"))
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -206,7 +208,7 @@ def localize_part(args, path: Path, trained: list[int]) -> dict:
 def steer_part(args, path: Path, trained: list[int]) -> dict:
     handle, splits, cfg, before = _organism(path)
     aim_ids = {s.id for s in splits.aim + splits.aim_nonmembers}
-    sites = [f"blocks.{i}.hook_resid_post" for i in trained[:-1]]
+    sites = [f"blocks.{i}.hook_resid_post" for i in (args.steer_blocks or trained[:-1])]
     r = run_steer(handle, splits.labeled, aim_ids, splits.evaluation, splits.heldout, cfg,
                   before, sites, alphas=args.alphas, variants_named=STEER_VARIANTS)
     return {"steering": r}
