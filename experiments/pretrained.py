@@ -186,14 +186,11 @@ def kfac_part(args, trained: list[int], out_dir: Path) -> dict:
 
 def _organism(path: Path):
     handle = load_model(path)
-    splits = Splits.from_organism(path, handle.tokenizer)
-    cfg = LabelConfig()
-    before = edit_metrics(handle, splits.evaluation, splits.heldout, cfg)
-    return handle, splits, cfg, before
+    return handle, Splits.from_organism(path, handle.tokenizer), LabelConfig()
 
 
 def localize_part(args, path: Path, trained: list[int]) -> dict:
-    handle, splits, cfg, _ = _organism(path)
+    handle, splits, cfg = _organism(path)
     general = [s.token_ids for s in splits.general]
     r = run_inject(handle, splits.labeled, general, splits.evaluation, splits.heldout,
                    args.records, cfg, blocks=trained, steps=args.inject_steps,
@@ -206,7 +203,8 @@ def localize_part(args, path: Path, trained: list[int]) -> dict:
 
 
 def steer_part(args, path: Path, trained: list[int]) -> dict:
-    handle, splits, cfg, before = _organism(path)
+    handle, splits, cfg = _organism(path)
+    before = edit_metrics(handle, splits.evaluation, splits.heldout, cfg)
     aim_ids = {s.id for s in splits.aim + splits.aim_nonmembers}
     sites = [f"blocks.{i}.hook_resid_post" for i in (args.steer_blocks or trained[:-1])]
     r = run_steer(handle, splits.labeled, aim_ids, splits.evaluation, splits.heldout, cfg,
@@ -217,7 +215,7 @@ def steer_part(args, path: Path, trained: list[int]) -> dict:
 def layernorm_part(args, path: Path, trained: list[int]) -> dict:
     """Norm parameters moved part of the way to gain 1 per group: extraction of the
     canaries seen 10x or more and held-out prose perplexity, by strength."""
-    handle, splits, cfg, _ = _organism(path)
+    handle, splits, cfg = _organism(path)
     often = [s for s in splits.canaries if s.duplication >= 10]
     rows = []
     for strength in (0.0, 0.01, 0.03, 0.1, 0.3, 1.0):

@@ -37,7 +37,7 @@ import torch
 
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extraction, perplexity
-from memlens.core.model import ModelHandle
+from memlens.core.model import ModelHandle, quiet_torchao
 from memlens.core.modules import linear_modules, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, exact_matches, forward, token_losses
@@ -117,19 +117,10 @@ def quantized_weights(handle: ModelHandle, bits: int, group_size: int | None = N
 
 
 def _torchao():
-    """torchao's affine quantization primitives, imported without its notices about GPU
-    kernels and Triton that a CPU build lacks (nothing here uses them)."""
-    import io
-    import logging
+    """torchao's affine quantization primitives (imported without its notices)."""
+    quiet_torchao()
+    from torchao.quantization import quant_primitives as qp
 
-    quiet = logging.getLogger("torchao")
-    level, quiet.disabled = quiet.level, True
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            from torchao.quantization import quant_primitives as qp
-    finally:
-        quiet.disabled = False
-        quiet.setLevel(level)
     return qp.MappingType, qp.choose_qparams_affine, qp.dequantize_affine, qp.quantize_affine
 
 
@@ -140,13 +131,6 @@ def quantized(handle: ModelHandle, bits: int, group_size: int | None = None):
         for name, value in quantized_weights(handle, bits, group_size).items():
             edit.set(name, value)
         yield edit
-
-
-def _snapshot(handle: ModelHandle) -> WeightEdit:
-    edit = WeightEdit(handle)
-    for name, p in handle.model.named_parameters():
-        edit.set(name, p.detach())
-    return edit
 
 
 def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: float,
@@ -189,7 +173,9 @@ def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: f
 @contextlib.contextmanager
 def restorable(handle: ModelHandle):
     """Every parameter comes back, bit for bit, when the block ends (for in-place training)."""
-    with _snapshot(handle) as edit:
+    with WeightEdit(handle) as edit:
+        for name, p in handle.model.named_parameters():
+            edit.set(name, p.detach())
         yield edit
 
 

@@ -154,9 +154,10 @@ class ModelHandle:
         return weights_hash(self.model)
 
 @cache
-def _quiet_torchao() -> None:
+def quiet_torchao() -> None:
     """transformers imports torchao (when installed) on the first model load, and torchao
-    then reports, on stderr, every GPU kernel a CPU build lacks; import it once, quietly."""
+    then reports, on stderr, every GPU kernel a CPU build lacks; import it once, quietly.
+    Call before importing torchao yourself."""
     import contextlib
     import importlib.util
     import io
@@ -201,7 +202,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
             raise ModelLoadError(f"{name!r} has no config.json; it is not a Hugging Face model "
                                  "directory (save one with model.save_pretrained(dir))")
         name = str(path.resolve())
-    _quiet_torchao()
+    quiet_torchao()
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as exc:
