@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from memlens.core import distributed
 from memlens.core.errors import ConfigError, DataError, MissingArtifactError
 from memlens.core.identity import Identity
 from memlens.core.model import ModelHandle
@@ -270,34 +271,74 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
     sites = resolve_sites(handle, config.sites)
     identity = Identity.make("store", handle, sequences, {**asdict(config), "sites": sites},
                              inputs)
-    with exclusive(out, "capture"), writing(out):
+    distributed.barrier()  # every rank has checked ``out`` before rank 0 writes to it
+    with distributed.only_main(exclusive(out, "capture")), writing(out):
         return _capture(handle, sequences, config, out, token_labels, progress, identity, sites)
 
 
 def _capture(handle, sequences, config, out, token_labels, progress, identity, sites
              ) -> ActivationStore:
-    manifest = _open_manifest(out, identity, sites, config)
+    # Under torchrun, rank r captures the shards c with c % world_size == r and lists them
+    # in its own rank file; rank 0 merges those into the manifest at the end (and, after a
+    # killed run, at the start).
+    with distributed.main_first():
+        manifest = (_open_manifest(out, identity, sites, config) if distributed.is_main()
+                    else json.loads((out / "manifest.json").read_text()))
     if token_labels is not None:
         token_labels = token_labels[["id", "position", "label"]].astype(
             {"id": str, "position": "int64"})
-    chunks = range(0, len(sequences), config.shard_sequences)
+    size, rank = distributed.world_size(), distributed.rank()
+    chunks = [(c, start) for c, start in enumerate(range(0, len(sequences),
+                                                          config.shard_sequences))
+              if c % size == rank]
     done = {s["name"] for s in manifest["shards"]}
-    with progress_bar(total=len(chunks), initial=len(done), disable=not progress,
-                      desc="capture", unit="shard") as bar:
-        for start in chunks:
-            name = f"shard_{start // config.shard_sequences:05d}"
-            if name in done:
-                continue
+    mine = {"shapes": {}, "shards": []}
+    todo = [(c, start) for c, start in chunks if f"shard_{c:05d}" not in done]
+    with progress_bar(total=len(chunks), initial=len(chunks) - len(todo),
+                      disable=not progress, desc="capture", unit="shard") as bar:
+        for c, start in todo:
+            name = f"shard_{c:05d}"
             shard = _capture_shard(handle, sequences[start:start + config.shard_sequences],
                                    sites, config, out, name, token_labels)
-            manifest["shapes"].update(shard.pop("shapes"))
-            manifest["shards"].append(shard)
-            manifest["shards"].sort(key=lambda s: s["name"])
-            _write_manifest(out, manifest)
+            if size == 1:
+                _add_shards(manifest, {"shapes": shard.pop("shapes"), "shards": [shard]})
+                _write_manifest(out, manifest)
+            else:
+                _add_shards(mine, {"shapes": shard.pop("shapes"), "shards": [shard]})
+                _write_manifest(out, mine, _rank_file(rank))
             bar.update()
-    manifest["complete"] = True
-    _write_manifest(out, manifest)
+    distributed.barrier()  # every rank's shards are written
+    if distributed.is_main():
+        _merge_rank_files(out, manifest)
+        manifest["complete"] = True
+        _write_manifest(out, manifest)
+    distributed.barrier()
+    if not distributed.is_main():
+        manifest = json.loads((out / "manifest.json").read_text())
     return ActivationStore(out, manifest)
+
+
+def _rank_file(rank: int) -> str:
+    return f".manifest.rank{rank:03d}.json"
+
+
+def _add_shards(manifest: dict, part: dict) -> None:
+    names = {s["name"] for s in manifest["shards"]}
+    manifest["shapes"].update(part["shapes"])
+    manifest["shards"] += [s for s in part["shards"] if s["name"] not in names]
+    manifest["shards"].sort(key=lambda s: s["name"])
+
+
+def _merge_rank_files(out: Path, manifest: dict) -> None:
+    """Move the shards the ranks list in their rank files into the manifest (atomically),
+    then delete the rank files."""
+    files = sorted(out.glob(".manifest.rank*.json"))
+    for f in files:
+        _add_shards(manifest, json.loads(f.read_text()))
+    if files:
+        _write_manifest(out, manifest)
+    for f in files:
+        f.unlink()
 
 
 def _open_manifest(out: Path, identity: Identity, sites: list[str], config: CaptureConfig
@@ -309,6 +350,7 @@ def _open_manifest(out: Path, identity: Identity, sites: list[str], config: Capt
         if changed:
             raise ConfigError(f"{out} holds a capture with other {', '.join(changed)}; choose "
                               "a new --out or delete it")
+        _merge_rank_files(out, manifest)  # shards ranks of a killed torchrun run finished
         store = ActivationStore(out, manifest)
         bad = {rel.split("/")[-1].removesuffix(".npy").removesuffix(".parquet")
                for rel in store.verify()}
@@ -323,14 +365,14 @@ def _open_manifest(out: Path, identity: Identity, sites: list[str], config: Capt
     return manifest
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / "manifest.json.tmp"
+def _write_manifest(out: Path, manifest: dict, name: str = "manifest.json") -> None:
+    tmp = out / f".{name}.tmp"
     try:
         tmp.write_text(json.dumps(manifest, indent=1))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, out / "manifest.json")
+    os.replace(tmp, out / name)
 
 
 def _capture_shard(handle, seqs, sites, config, out, name, token_labels) -> dict:

@@ -89,6 +89,53 @@ def config_from(cls, args: argparse.Namespace, **extra):
 
 
 MODEL_HELP = "model directory, hub name, or smollm2-135m"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def model_options(parser: argparse.ArgumentParser, required: bool = True,
+                  help_: str = MODEL_HELP, device: bool = True) -> None:
+    """``--model`` and where it runs: ``--device`` (unless the command has its own),
+    ``--model-dtype``, ``--device-map``."""
+    parser.add_argument("--model", required=required, help=help_)
+    if device:
+        parser.add_argument("--device", default="auto",
+                            help="cpu, cuda, cuda:1 ... (default auto: this rank's GPU if "
+                                 "there is one, else the CPU)")
+    parser.add_argument("--model-dtype", default="auto", choices=DTYPES,
+                        help="the weights' dtype (default auto: as saved)")
+    parser.add_argument("--device-map", default=None,
+                        help="'auto' spreads a model too large for one device over the GPUs "
+                             "(and CPU); needs accelerate")
+    parser.add_argument("--max-memory", nargs="+", default=None, metavar="DEVICE=SIZE",
+                        help="with --device-map: the most each device may hold, e.g. "
+                             "0=20GiB 1=20GiB cpu=60GiB")
+
+
+def load_from_args(args: argparse.Namespace, name: str | None = None):
+    """The model ``--model`` (or ``name``) names, placed as ``model_options`` say."""
+    import torch
+
+    from memlens.core import distributed
+    from memlens.core.errors import ConfigError
+    from memlens.core.model import load_model
+
+    max_memory = None
+    if args.max_memory:
+        if args.device_map is None:
+            raise ConfigError("--max-memory only applies with --device-map auto")
+        max_memory = {}
+        for item in args.max_memory:
+            key, sep, size = item.partition("=")
+            if not sep or not size:
+                raise ConfigError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. 0=20GiB "
+                                  "or cpu=60GiB")
+            max_memory[int(key) if key.isdigit() else key] = size
+    if args.device_map is not None and distributed.active():
+        raise ConfigError("--device-map spreads one model over several devices, and under "
+                          "torchrun every rank holds its own copy: use one or the other")
+    dtype = None if args.model_dtype == "auto" else getattr(torch, args.model_dtype)
+    return load_model(name or args.model, device=distributed.device(args.device), dtype=dtype,
+                      device_map=args.device_map, max_memory=max_memory)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
                   "OUT/sequences.parquet, OUT/tokens.parquet and OUT/summary.json (with the "
                   "identity of the model and sequences): the labels directory every later "
                   "step reads.", "label")
-    lab.add_argument("--model", required=True, help=MODEL_HELP)
+    model_options(lab)
     lab.add_argument("--data", required=True, type=Path, help="JSONL file or organism directory")
     lab.add_argument("--out", required=True, type=Path, help="labels directory to write")
     lab.add_argument("--roles", nargs="*", default=None,
@@ -151,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
                   "named sites to a sharded, checksummed store aligned token by token with the "
                   "labels. Refuses labels made with another model. Rerun the same command to "
                   "resume an interrupted capture.", "capture")
-    cap.add_argument("--model", required=True, help=MODEL_HELP)
+    model_options(cap)
     source = cap.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", type=Path, help="a labels directory (memlens label)")
     source.add_argument("--data", type=Path,
@@ -164,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
         "suffix": "suffix length", "dtype": "float32, float16 or bfloat16",
         "backend": "auto (bridge for hook names, torch for module paths), bridge, nnsight "
                    "or torch",
-        "batch_size": "sequences per forward pass", "max_len": "cut sequences to this length"},
+        "batch_size": "sequences per forward pass", "max_len": "cut sequences to this length",
+        "shard_sequences": "sequences per shard (torchrun: ranks take shards in turn)"},
         types={"max_len": int})
 
     probe = command(sub, "probe", "train memorization probes",
@@ -182,7 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--labels", type=Path, help="labels directory (memlens label)")
     pt.add_argument("--store", type=Path, help="store captured from those labels")
     pt.add_argument("--out", type=Path, help="output directory")
-    pt.add_argument("--model", help="to label or capture what is not given")
+    model_options(pt, required=False, help_="to label or capture what is not given",
+                  device=False)
     pt.add_argument("--data", type=Path, help="JSONL or organism dir to label (no --labels)")
     pt.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
                     help="sites to capture when no --store is given")
@@ -202,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     kc = command(kfac_sub, "collect", "accumulate A and G factors over a token stream",
                  "Writes one safetensors file with A = E[a a^T] and G = E[g g^T] per layer. "
                  "Rerun the same command to resume an interrupted collection.", "kfac collect")
-    kc.add_argument("--model", required=True, help=MODEL_HELP)
+    model_options(kc)
     kc.add_argument("--data", required=True, type=Path,
                     help="JSONL of sequences, or an organism dir (its general records)")
     kc.add_argument("--out", required=True, type=Path, help="factor file (.safetensors)")
@@ -212,13 +261,15 @@ def _parser() -> argparse.ArgumentParser:
         "layers": "mlp, attn, or module-name globs",
         "mode": "true (sampled labels) or empirical (gold)",
         "max_tokens": "stop after this many tokens", "batch_size": "sequences per pass",
-        "max_len": "cut sequences to this length", "seed": "label sampling seed"},
-        types={"max_tokens": int, "max_len": int})
+        "max_len": "cut sequences to this length", "seed": "label sampling seed",
+        "layers_per_pass": "layers whose factors one pass over the data accumulates (the "
+                           "device holds only theirs)"},
+        types={"max_tokens": int, "max_len": int, "layers_per_pass": int})
     ke = command(kfac_sub, "edit", "remove low-curvature components and save the edited model",
                  "The published keep-mass edit (--rho), or a KL-budgeted edit (--kl-budget), "
                  "aimed with --labels at the sequences those labels say the model recites. "
                  "Refuses factors or labels made with another model.", "kfac edit")
-    ke.add_argument("--model", required=True, help=MODEL_HELP)
+    model_options(ke)
     ke.add_argument("--factors", required=True, type=Path, help="from `memlens kfac collect`")
     ke.add_argument("--out", required=True, type=Path, help="edited model directory")
     how = ke.add_mutually_exclusive_group(required=True)
@@ -237,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
                   "layer as a neuron ablation: OUT/neurons.parquet, OUT/scores.safetensors "
                   "and OUT/ablation.json. Apply it with NeuronAblation.load(OUT).apply(handle).",
                   "localize")
-    loc.add_argument("--model", required=True, help=MODEL_HELP)
+    model_options(loc)
     loc.add_argument("--labels", required=True, type=Path, help="labels directory")
     loc.add_argument("--out", required=True, type=Path, help="ablation directory to write")
     loc.add_argument("--budget", type=float, default=0.01,
@@ -255,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
                  "classes' mean states) at the probe's site; --dynamic scales it per token by "
                  "the probe's memorization probability. --save writes the setup as a "
                  "directory; --steering replays one.", "steer")
-    st.add_argument("--model", required=True, help=MODEL_HELP)
+    model_options(st)
     setup = st.add_mutually_exclusive_group(required=True)
     setup.add_argument("--probe", type=Path, help="a probe directory (memlens probe train)")
     setup.add_argument("--steering", type=Path, help="a steering directory (from --save)")
@@ -282,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
                  "members (never the forget set), under perturbed prompts; membership AUROC "
                  "against the retain set's non-members; perplexity on them. Out: one JSON.",
                  "audit")
-    au.add_argument("--model", required=True, help=MODEL_HELP + " (the unedited model)")
+    model_options(au, help_=MODEL_HELP + " (the unedited model)")
     au.add_argument("--edit", type=Path, default=None,
                     help="an edited model directory (memlens kfac edit), a steering directory "
                          "(memlens steer --save) or a neuron ablation (memlens localize)")
@@ -322,12 +373,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _label(args) -> None:
-    from memlens.core.model import load_model
     from memlens.labels import LabelConfig
     from memlens.pipeline import label_step
 
     cfg = config_from(LabelConfig, args)
-    labels = label_step(load_model(args.model), args.data, args.out, cfg,
+    labels = label_step(load_from_args(args), args.data, args.out, cfg,
                         roles=tuple(args.roles) if args.roles else None)
     print_extraction_table(labels.summary)
     print(f"wrote {args.out}/summary.json")
@@ -335,11 +385,10 @@ def _label(args) -> None:
 
 def _capture(args) -> None:
     from memlens.capture import CaptureConfig, capture
-    from memlens.core.model import load_model
     from memlens.labels import Labels, manifest_roles, read_sequences
 
     cfg = config_from(CaptureConfig, args)
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     source = (Labels.load(args.labels) if args.labels else
               read_sequences(args.data, handle.tokenizer, roles=manifest_roles(args.data),
                              max_tokens=cfg.max_len))
@@ -354,7 +403,6 @@ def _probe(args) -> None:
 
     from memlens.capture import CaptureConfig
     from memlens.core.errors import ConfigError
-    from memlens.core.model import load_model
     from memlens.labels import Labels
     from memlens.pipeline import capture_step, label_step, run_config, train_probes
     from memlens.probes import ProbeConfig
@@ -371,7 +419,7 @@ def _probe(args) -> None:
         if needs_model and args.model is None:
             raise ConfigError("without --labels and --store, probe train labels or captures "
                               "itself and needs --model (and --data without --labels)")
-        handle = load_model(args.model) if needs_model else None
+        handle = load_from_args(args) if needs_model else None
         if args.labels is not None:
             labels = Labels.load(args.labels)
         elif args.data is not None:
@@ -408,14 +456,13 @@ def _parse_rho(values: list[str]) -> float | dict[str, float]:
 
 
 def _kfac(args) -> None:
-    from memlens.core.model import load_model
     from memlens.curvature import KFACConfig, collect_factors
     from memlens.labels import Labels, manifest_roles, read_sequences
     from memlens.pipeline import kfac_edit_step
 
     if args.kfac_command == "collect":
         cfg = config_from(KFACConfig, args)
-        handle = load_model(args.model)
+        handle = load_from_args(args)
         organism = manifest_roles(args.data) is not None
         roles = tuple(args.roles) if args.roles else (("general",) if organism else None)
         seqs = read_sequences(args.data, handle.tokenizer, roles=roles, max_tokens=cfg.max_len)
@@ -424,7 +471,7 @@ def _kfac(args) -> None:
         return
     rho = _parse_rho(args.rho) if args.rho else None
     labels = Labels.load(args.labels) if args.labels else None
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     out = kfac_edit_step(handle, args.factors, args.out, rho=rho, kl_budget=args.kl_budget,
                          labels=labels)
     print(f"edited model -> {out}")
@@ -445,7 +492,6 @@ def _write_table(df, out: Path) -> None:
 
 
 def _localize(args) -> None:
-    from memlens.core.model import load_model
     from memlens.labels import Labels
     from memlens.localize import LocalizeConfig, check_budget
     from memlens.pipeline import localize_step
@@ -453,14 +499,13 @@ def _localize(args) -> None:
     cfg = config_from(LocalizeConfig, args, blocks=args.blocks)
     check_budget(args.budget)
     labels = Labels.load(args.labels)
-    ablation = localize_step(load_model(args.model), labels, args.out, cfg, args.budget)
+    ablation = localize_step(load_from_args(args), labels, args.out, cfg, args.budget)
     print(ablation.table.head(10).to_string(index=False))
     print(f"{len(ablation.table)} neurons -> {args.out}")
 
 
 def _steer(args) -> None:
     from memlens.core.errors import ConfigError
-    from memlens.core.model import load_model
     from memlens.core.storage import prepare_output
     from memlens.labels import Labels
     from memlens.pipeline import recited_targets
@@ -484,7 +529,7 @@ def _steer(args) -> None:
         prompts = [line for line in args.prompts.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ConfigError(f"{args.prompts} holds no prompt (one per line)")
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     if probe is not None:
         steering = Steering.from_probe(probe, handle, args.alpha, gated=args.dynamic)
     steering.identity.check_model(handle, "the steering setup")
@@ -537,7 +582,6 @@ def _demo(args) -> None:
 def _audit(args) -> None:
     from memlens.audit import AuditConfig, AuditData, audit
     from memlens.core.errors import ConfigError, DataError
-    from memlens.core.model import load_model
     from memlens.core.storage import writing
     from memlens.labels import read_sequences
     from memlens.localize import NeuronAblation
@@ -555,7 +599,7 @@ def _audit(args) -> None:
         raise ConfigError(f"--edit {edit} holds none of {sorted(kinds)}; pass an edited model "
                           "directory, a steering directory or a neuron ablation")
     probe = Probe.load(args.probe) if args.probe else None
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     forget = read_sequences(args.forget, handle.tokenizer)
     if args.forget_duplication is not None:
         forget = [s for s in forget if s.duplication == args.forget_duplication]
@@ -570,7 +614,7 @@ def _audit(args) -> None:
                      [s.token_ids for s in nonmembers])
     audited, removal = handle, None
     if kind == "edited model":
-        audited = load_model(edit)
+        audited = load_from_args(args, edit)
     elif kind == "steering":
         steering = Steering.load(edit)
         removal = lambda: steering.apply(handle)  # noqa: E731
@@ -606,11 +650,14 @@ COMMANDS = {"organism": _organism, "label": _label, "capture": _capture, "probe"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memlens.core import distributed
     from memlens.core.errors import UserError
     from memlens.core.storage import disk_error
 
     args = _parser().parse_args(argv)
     try:
+        if distributed.init():
+            _check_distributed(args)
         COMMANDS[args.command](args)
     except UserError as exc:
         print(f"memlens: error: {exc}", file=sys.stderr)
@@ -626,7 +673,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memlens: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
+
+
+# Commands that shard their work over torchrun's ranks (the others run in one process).
+DISTRIBUTED = ("label", "capture", "kfac collect", "localize")
+
+
+def _check_distributed(args) -> None:
+    """Under torchrun: refuse commands that do not shard; let rank 0 alone print."""
+    import os
+
+    from memlens.core import distributed
+    from memlens.core.errors import ConfigError
+
+    name = " ".join(filter(None, (args.command, getattr(args, "kfac_command", None))))
+    if name not in DISTRIBUTED:
+        raise ConfigError(f"memlens {name} runs in one process; run it without torchrun "
+                          f"(torchrun runs: {', '.join(DISTRIBUTED)})")
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
 
 
 if __name__ == "__main__":

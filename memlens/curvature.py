@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from memlens.core import distributed
 from memlens.core.errors import ConfigError, DataError, MissingArtifactError, UserError
 from memlens.core.identity import Identity, state_hash
 from memlens.core.model import ModelHandle
@@ -51,6 +53,9 @@ class KFACConfig:
     mode: ``"true"`` samples labels from the model's own softmax (the Fisher);
         ``"empirical"`` uses the gold next tokens.
     max_tokens: stop after this many tokens (whole batches); None reads everything.
+    layers_per_pass: accumulate this many layers' factors per pass over the data (the
+        others wait on the CPU), so that the device holds only their factors; None: all
+        in one pass. The factors are the same either way (the data is read once per pass).
     """
 
     layers: tuple[str, ...] = ("mlp",)
@@ -59,6 +64,7 @@ class KFACConfig:
     batch_size: int = 16
     max_len: int | None = None
     seed: int = 0
+    layers_per_pass: int | None = None
 
     def __post_init__(self):
         self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
@@ -67,6 +73,13 @@ class KFACConfig:
                              "from the model (true Fisher), 'empirical' uses the gold tokens")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise ConfigError(f"layers_per_pass must be >= 1 (or None: all layers in one "
+                              f"pass), got {self.layers_per_pass}")
+
+    def identity_config(self) -> dict:
+        """The settings that decide the factors (``layers_per_pass`` only schedules them)."""
+        return {k: v for k, v in asdict(self).items() if k != "layers_per_pass"}
 
 
 @dataclass
@@ -92,8 +105,8 @@ class Factors:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = dict(extra or {})
-        tensors.update({f"{n}.A": a.contiguous() for n, a in self.A.items()})
-        tensors.update({f"{n}.G": g.contiguous() for n, g in self.G.items()})
+        tensors.update({f"{n}.A": a.cpu().contiguous() for n, a in self.A.items()})
+        tensors.update({f"{n}.G": g.cpu().contiguous() for n, g in self.G.items()})
         meta = {**self.meta, "tokens": self.tokens, "layers": self.layers,
                 "tensors_hash": state_hash(tensors)}
         tmp = path.with_name(f".{path.name}.tmp")
@@ -131,15 +144,24 @@ class Factors:
                    {n: tensors[f"{n}.G"] for n in meta["layers"]}, meta.pop("tokens"), meta)
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The label sampler's seed for batch ``batch``: each batch draws from its own stream,
+    so a batch's labels do not depend on which process or run computes it."""
+    return seed * 1_000_003 + batch
+
+
 def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mode: str,
-               batch_size: int = 16, start: int = 1, generator: torch.Generator | None = None,
-               first_batch: int = 0, progress: bool = False, desc: str = "K-FAC"
+               batch_size: int = 16, start: int = 1, seed: int = 0,
+               batch_ids: list[int] | None = None, progress: bool = False,
+               desc: str = "K-FAC", done: int = 0
                ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
     """Per batch, each layer's fp32 input rows ``[n, in(+1)]`` and output-gradient rows
     ``[n, out]`` at the positions that predict a next token at index >= ``start``.
 
-    Layers fed the same input (gate and up projections) get the same input-row tensor.
-    Only activation gradients are computed, never parameter gradients.
+    ``batch_ids`` picks batches (default: all, in order); ``done`` of them were finished
+    before (the progress bar starts there). Layers fed the same input (gate and up
+    projections) get the same input-row tensor. Only activation gradients are computed,
+    never parameter gradients; ``mode="true"`` samples labels with :func:`batch_seed`.
     """
     modules = linear_modules(handle.model)
     state: dict = {}
@@ -158,16 +180,18 @@ def layer_rows(handle: ModelHandle, seqs: list[list[int]], names: list[str], mod
         return fn
 
     hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
-    starts = list(range(0, len(seqs), batch_size))
+    n_batches = -(-len(seqs) // batch_size)
+    batch_ids = list(range(n_batches)) if batch_ids is None else batch_ids
+    generator = torch.Generator(device=handle.device)
     try:
         with tracking_gradients(handle.model):
-            for b in progress_bar(range(first_batch, len(starts)), disable=not progress,
-                                  desc=desc, unit="batch", initial=first_batch,
-                                  total=len(starts)):
-                ids, mask = handle.pad(seqs[starts[b]:starts[b] + batch_size])
+            for b in progress_bar(batch_ids[done:], disable=not progress, desc=desc,
+                                  unit="batch", initial=done, total=len(batch_ids)):
+                ids, mask = handle.pad(seqs[b * batch_size:(b + 1) * batch_size])
                 keep = predicts(mask, start)
                 state.update(keep=torch.cat([keep, torch.zeros_like(keep[:, :1])], 1).reshape(-1),
                              inputs={}, rows={}, outputs=[])
+                generator.manual_seed(batch_seed(seed, b))
                 loss = objective(forward(handle, ids, mask), ids, keep, mode, generator)
                 grads = torch.autograd.grad(loss, [o for _, o in state["outputs"]])
                 yield b, {name: (state["rows"][name],
@@ -195,7 +219,7 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
     seqs = [list(s[:cfg.max_len]) for s in token_ids if len(s[:cfg.max_len]) >= 2]
     if not seqs:
         raise DataError("collect_factors needs sequences of at least two tokens")
-    identity = Identity.make("factors", handle, seqs, asdict(cfg))
+    identity = Identity.make("factors", handle, seqs, cfg.identity_config())
     meta = {"identity": identity.to_json(), "n_sequences": len(seqs)}
     if out is None:
         return _accumulate(handle, seqs, names, cfg, meta, None, progress, checkpoint_every)
@@ -210,56 +234,99 @@ def collect_factors(handle: ModelHandle, token_ids: list[list[int]],
                               "choose another path, so that it is not overwritten") from None
         if done.meta.get("identity") == meta["identity"]:
             return done  # the same collection finished before
-    with exclusive(out, "collect K-FAC factors"):
+    with distributed.only_main(exclusive(out, "collect K-FAC factors")):
         factors = _accumulate(handle, seqs, names, cfg, meta, out, progress, checkpoint_every)
-        factors.save(out)
-        Path(f"{out}.partial").unlink(missing_ok=True)
+        if distributed.is_main():
+            factors.save(out)
+        distributed.barrier()
+        _partial_path(out).unlink(missing_ok=True)
     return factors
+
+
+def _partial_path(out: Path) -> Path:
+    """Where this process checkpoints its partial sums (one file per torchrun rank)."""
+    size = distributed.world_size()
+    return Path(f"{out}.partial" if size == 1 else
+                f"{out}.rank{distributed.rank()}-of-{size}.partial")
+
+
+def _batches_to_read(seqs: list[list[int]], cfg: KFACConfig) -> int:
+    """Whole batches until ``max_tokens`` is reached: fixed before any compute, so the same
+    batches are read on any number of ranks."""
+    counts = [sum(len(s) - 1 for s in seqs[i:i + cfg.batch_size])
+              for i in range(0, len(seqs), cfg.batch_size)]
+    if cfg.max_tokens is None:
+        return len(counts)
+    return next((b + 1 for b, t in enumerate(itertools.accumulate(counts))
+                 if t >= cfg.max_tokens), len(counts))
 
 
 def _accumulate(handle, seqs, names, cfg, meta, out, progress, checkpoint_every) -> Factors:
     dev = handle.device
     modules = linear_modules(handle.model)
     dims = {n: linear_weight(modules[n]).shape for n in names}
-    A = {n: torch.zeros(d[1], d[1], device=dev) for n, d in dims.items()}
-    G = {n: torch.zeros(d[0], d[0], device=dev) for n, d in dims.items()}
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed)
-    first, tokens = 0, 0
-    partial = Path(f"{out}.partial") if out is not None else None
-    if partial is not None and partial.is_file():
-        try:
-            saved = Factors.load(partial)
-        except DataError as exc:  # a checkpoint cut short by a crash: start over
-            print(f"memlens: {partial} is unreadable ({exc}); starting from the first batch",
-                  file=sys.stderr)
-            saved = None
-        if saved is not None and saved.meta.get("identity") == meta["identity"]:
-            A = {n: saved.A[n].to(dev) for n in names}
-            G = {n: saved.G[n].to(dev) for n in names}
-            first, tokens = saved.meta["next_batch"], saved.tokens
-            generator.set_state(load_file(str(partial))["rng_state"])
+    size, rank = distributed.world_size(), distributed.rank()
+    batch_ids = [b for b in range(_batches_to_read(seqs, cfg)) if b % size == rank]
+    step = cfg.layers_per_pass or len(names)
+    passes = [names[i:i + step] for i in range(0, len(names), step)]
+    A: dict[str, torch.Tensor] = {}  # finished layers' sums (on the CPU between passes)
+    G: dict[str, torch.Tensor] = {}
+    first, done, tokens = 0, 0, 0
+    partial = _partial_path(out) if out is not None else None
+    saved = _load_partial(partial, meta, len(passes))
+    if saved is not None:
+        A, G = saved.A, saved.G
+        first, done, tokens = saved.meta["pass"], saved.meta["done"], saved.tokens
     t0 = time.perf_counter()
-    rows = layer_rows(handle, seqs, names, cfg.mode, cfg.batch_size, generator=generator,
-                      first_batch=first, progress=progress, desc="K-FAC factors")
-    for b, batch in rows:
-        outer: dict[int, torch.Tensor] = {}
-        for name, (a, g) in batch.items():
-            if id(a) not in outer:  # shared input: one product for gate and up
-                outer[id(a)] = a.T @ a
-            A[name] += outer[id(a)]
-            G[name].addmm_(g.T, g)
-        tokens += len(g)
-        if partial is not None and (b + 1) % checkpoint_every == 0:
-            Factors(A, G, tokens, {**meta, "next_batch": b + 1}).save(
-                partial, extra={"rng_state": generator.get_state()})
-        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
-            rows.close()
-            break
+    for p in range(first, len(passes)):
+        layers = passes[p]
+        # the sums of this pass, on the device (resumed ones from the checkpoint)
+        a_sum = {n: A.pop(n, torch.zeros(dims[n][1], dims[n][1])).to(dev) for n in layers}
+        g_sum = {n: G.pop(n, torch.zeros(dims[n][0], dims[n][0])).to(dev) for n in layers}
+        desc = "K-FAC factors" + (f" (pass {p + 1}/{len(passes)})" if len(passes) > 1 else "")
+        rows = layer_rows(handle, seqs, layers, cfg.mode, cfg.batch_size, seed=cfg.seed,
+                          batch_ids=batch_ids, done=done, progress=progress, desc=desc)
+        for i, (_, batch) in enumerate(rows, start=done + 1):
+            outer: dict[int, torch.Tensor] = {}
+            for name, (a, g) in batch.items():
+                if id(a) not in outer:  # shared input: one product for gate and up
+                    outer[id(a)] = a.T @ a
+                if a_sum[name].device != a.device:  # a device_map put the layer elsewhere
+                    a_sum[name], g_sum[name] = a_sum[name].to(a.device), g_sum[name].to(a.device)
+                a_sum[name] += outer[id(a)]
+                g_sum[name].addmm_(g.T, g)
+            tokens += len(g)
+            if partial is not None and i % checkpoint_every == 0:
+                Factors({**A, **a_sum}, {**G, **g_sum}, tokens,
+                        {**meta, "pass": p, "done": i, "passes": len(passes)}).save(partial)
+        for n in layers:
+            A[n] = distributed.all_reduce_sum(a_sum.pop(n)).to("cpu" if len(passes) > 1
+                                                                 else dev)
+            G[n] = distributed.all_reduce_sum(g_sum.pop(n)).to("cpu" if len(passes) > 1
+                                                                 else dev)
+        if p + 1 < len(passes):
+            done, tokens = 0, 0  # every pass reads the same tokens
+    tokens = int(distributed.total(tokens))
     if tokens == 0:
         raise DataError("no token had a next token to predict; check the sequences")
-    meta = {**meta, "seconds": round(time.perf_counter() - t0, 2)}
-    return Factors({n: a / tokens for n, a in A.items()},
-                   {n: g / tokens for n, g in G.items()}, tokens, meta)
+    meta = {**meta, "seconds": round(time.perf_counter() - t0, 2), "passes": len(passes)}
+    return Factors({n: A[n] / tokens for n in names}, {n: G[n] / tokens for n in names},
+                   tokens, meta)
+
+
+def _load_partial(partial: Path | None, meta: dict, passes: int) -> Factors | None:
+    """The checkpoint of an interrupted collection of the same factors, if there is one."""
+    if partial is None or not partial.is_file():
+        return None
+    try:
+        saved = Factors.load(partial)
+    except DataError as exc:  # a checkpoint cut short by a crash: start over
+        print(f"memlens: {partial} is unreadable ({exc}); starting from the first batch",
+              file=sys.stderr)
+        return None
+    if saved.meta.get("identity") != meta["identity"] or saved.meta.get("passes") != passes:
+        return None
+    return saved
 
 
 def memorization_gradient(handle: ModelHandle, seqs: list[list[int]], layers: list[str],

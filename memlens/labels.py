@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memlens.core import distributed
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.metrics import (
@@ -102,11 +103,13 @@ class Labels:
         """Write sequences.parquet, tokens.parquet and summary.json (with the identity) to a
         new or labels directory, whole or not at all."""
         out = prepare_output(out_dir, "labels", marker="summary.json")
-        with exclusive(out, "write labels"), atomic_dir(out) as tmp:
-            self.sequences.to_parquet(tmp / "sequences.parquet", index=False)
-            self.tokens.to_parquet(tmp / "tokens.parquet", index=False)
-            write_artifact(tmp, "summary.json", self.summary, self.identity,
-                           files=("sequences.parquet", "tokens.parquet"))
+        if distributed.is_main():  # under torchrun every rank holds the same labels
+            with exclusive(out, "write labels"), atomic_dir(out) as tmp:
+                self.sequences.to_parquet(tmp / "sequences.parquet", index=False)
+                self.tokens.to_parquet(tmp / "tokens.parquet", index=False)
+                write_artifact(tmp, "summary.json", self.summary, self.identity,
+                               files=("sequences.parquet", "tokens.parquet"))
+        distributed.barrier()
         self.path = out
         return out
 
@@ -299,13 +302,18 @@ def label(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig | None = N
         raise DataError(f"all {len(seqs)} sequences are shorter than prefix {cfg.prefix} + "
                         "one suffix token; lower --prefix")
     window = cfg.prefix + cfg.suffix
-    scores = list(score_tokens(handle, [s.token_ids[:window] for s in kept], cfg.batch_size,
-                               cfg.sample_top_k, cfg.sample_temperature,
-                               desc="teacher forcing" if progress else None))
+    # Under torchrun each rank scores its share of the batches; every rank gets all scores.
+    mine = distributed.shard(kept, cfg.batch_size)
+    scores = distributed.gather(list(score_tokens(
+        handle, [s.token_ids[:window] for s in mine], cfg.batch_size, cfg.sample_top_k,
+        cfg.sample_temperature, desc="teacher forcing" if progress else None)),
+        len(kept), cfg.batch_size)
     rows = [_sequence_row(s, ts, cfg, handle.tokenizer)
             for s, ts in zip(kept, scores, strict=True)]
     if cfg.generate:
-        dists = loose_distances(handle, kept, cfg, desc="greedy generation" if progress else None)
+        dists = distributed.gather(
+            loose_distances(handle, mine, cfg, desc="greedy generation" if progress else None),
+            len(kept), cfg.batch_size)
         for row, dist in zip(rows, dists, strict=True):
             row.update(greedy_exact=dist == 0, normalized_levenshtein=dist,
                        loose=1 - dist >= cfg.loose_threshold)

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
+from memlens.core import distributed
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.model import ModelHandle
@@ -50,6 +51,11 @@ from memlens.edits import WeightEdit
 from memlens.interventions import ablate, edit_site
 
 METHODS = ("activations", "zero_out", "integrated_gradients", "slimming", "hard_concrete")
+# Scores that are sums over the targets: under torchrun each rank takes its share of the
+# batches and the sums are all-reduced (the same scores as one process, to float rounding).
+# The mask methods are optimisations: there each step averages the gradients of one batch
+# per rank, so N ranks see N batches per step (a different run from one process).
+SUMMED = ("activations", "zero_out", "integrated_gradients")
 
 
 @dataclass
@@ -109,7 +115,9 @@ def _mean_abs(handle, sites, seqs, cfg, start) -> torch.Tensor:
         acts = run_sites(handle, sites, ids, mask, backend="torch")
         total = total + torch.stack([acts[s][keep].abs().float().sum(0) for s in sites])
         n += int(keep.sum())
-    return total / max(n, 1)
+    if isinstance(total, int):  # this rank has no sequence
+        total = torch.zeros(len(sites), neuron_width(handle.model), device=handle.device)
+    return distributed.all_reduce_sum(total) / max(distributed.total(n), 1)
 
 
 def _activations(handle, sites, targets, clean, cfg):
@@ -121,8 +129,8 @@ def _activations(handle, sites, targets, clean, cfg):
 
 @torch.no_grad()
 def _zero_out(handle, sites, targets, cfg, width):
-    base = torch.cat([_target_logprob(handle, i, m, cfg.start)
-                      for i, m in _batches(handle, targets, cfg.batch_size)]).sum()
+    base = sum(_target_logprob(handle, i, m, cfg.start).sum()
+               for i, m in _batches(handle, targets, cfg.batch_size))
     scores = torch.zeros(len(sites), width)
     for layer, site in enumerate(progress_bar(sites, desc="zero-out", unit="layer", leave=False)):
         for k in range(width):
@@ -162,9 +170,11 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
     opt = torch.optim.Adam([params], lr=cfg.lr)
     batches = list(_batches(handle, targets, cfg.batch_size))
     n_tokens = sum(int(m[:, max(cfg.start, 1):].sum()) for _, m in batches)
+    # Under torchrun, each step each rank takes the next batch in turn.
+    size, rank = distributed.world_size(), distributed.rank()
     with tracking_gradients(handle.model, []):
         for step in progress_bar(range(cfg.steps), desc=cfg.method, leave=False):
-            ids, mask = batches[step % len(batches)]
+            ids, mask = batches[(step * size + rank) % len(batches)]
             if hard:
                 u = torch.rand_like(params).clamp(1e-4, 1 - 1e-4)
                 s = torch.sigmoid((u.log() - (-u).log1p() + params) / beta)
@@ -178,6 +188,8 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
                 loss = loss / max(n_tokens, 1) + cfg.penalty * penalty
                 opt.zero_grad()
                 loss.backward()
+            if size > 1:  # data parallel: the mean gradient of the ranks' batches
+                distributed.all_reduce_sum(params.grad).div_(size)
             opt.step()
     # Unclamped parameters rank the neurons (a clamped mask ties every dropped neuron at 0).
     return params.detach().cpu()
@@ -201,6 +213,9 @@ def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int
                           f"0..{len(sites) - 1}")
     handle.model.eval()
     chosen = [sites[i] for i in blocks]
+    if cfg.method in SUMMED:  # under torchrun: each rank scores its batches; sums reduced
+        targets = distributed.shard(targets, cfg.batch_size)
+        clean = distributed.shard(clean, cfg.batch_size) if clean else clean
     if cfg.method == "activations":
         scores = _activations(handle, chosen, targets, clean, cfg).cpu()
     elif cfg.method == "zero_out":
@@ -210,6 +225,8 @@ def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int
     else:
         scores = _train_masks(handle, chosen, targets, cfg, width,
                               hard=cfg.method == "hard_concrete")
+    if cfg.method in ("zero_out", "integrated_gradients"):
+        scores = distributed.all_reduce_sum(scores)
     if len(blocks) == len(sites):
         return scores
     full = torch.full((len(sites), width), float("nan"))
@@ -280,14 +297,17 @@ class NeuronAblation:
         out = prepare_output(out_dir, "ablation", marker="ablation.json")
         files = ("neurons.parquet",) + (("scores.safetensors",) if self.scores is not None
                                         else ())
-        with exclusive(out, "save a neuron ablation"), atomic_dir(out) as tmp:
-            self.table.to_parquet(tmp / "neurons.parquet", index=False)
-            if self.scores is not None:
-                save_file({"scores": self.scores.float().contiguous()},
-                          tmp / "scores.safetensors")
-            write_artifact(tmp, "ablation.json", {"how": "zero", "n_neurons": len(self.table),
-                                                  "config": self.config}, self.identity,
-                           files=files)
+        if distributed.is_main():  # under torchrun every rank holds the same ablation
+            with exclusive(out, "save a neuron ablation"), atomic_dir(out) as tmp:
+                self.table.to_parquet(tmp / "neurons.parquet", index=False)
+                if self.scores is not None:
+                    save_file({"scores": self.scores.float().contiguous()},
+                              tmp / "scores.safetensors")
+                write_artifact(tmp, "ablation.json", {"how": "zero",
+                                                      "n_neurons": len(self.table),
+                                                      "config": self.config}, self.identity,
+                               files=files)
+        distributed.barrier()
         return out
 
     @classmethod

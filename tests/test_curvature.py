@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -10,6 +12,7 @@ from memlens.core.scoring import sample_labels
 from memlens.curvature import (
     Factors,
     KFACConfig,
+    batch_seed,
     collect_factors,
     component_loading,
     eigenbasis,
@@ -33,9 +36,9 @@ def explicit_factors(handle, seqs, names, mode, seed=0):
     A = {n: 0 for n in names}
     G = {n: 0 for n in names}
     grads = {n: 0 for n in names}
-    generator = torch.Generator().manual_seed(seed)
     n_tokens, acts = 0, {}
-    for seq in seqs:
+    for i, seq in enumerate(seqs):
+        generator = torch.Generator().manual_seed(batch_seed(seed, i))  # batch i of size 1
         acts.clear()
         hooks = [modules[n].register_forward_hook(
             lambda mod, args, out, n=n: acts.__setitem__(n, (args[0][0], out))) for n in names]
@@ -78,7 +81,7 @@ def explicit_factors(handle, seqs, names, mode, seed=0):
 def test_factors_equal_an_explicit_per_token_computation(arch, mode, random_models):
     handle = load_model(random_models[arch])
     names = find_layers(handle.model, ("mlp", "attn"))
-    # batch_size 1 keeps the label sampler's draws in the same order as the explicit loop
+    # batch_size 1: the label sampler draws per sequence, as the explicit loop does
     batch = 1 if mode == "true" else 3
     factors = collect_factors(handle, SEQS, KFACConfig(layers=("mlp", "attn"), mode=mode,
                                                        batch_size=batch), progress=False)
@@ -89,6 +92,19 @@ def test_factors_equal_an_explicit_per_token_computation(arch, mode, random_mode
         assert (factors.G[n] - G[n]).abs().max() <= 1e-5 * G[n].abs().max(), n
     if arch != "llama":  # Conv1D / Linear with bias: the constant input shows up in A
         assert all(factors.A[n][-1, -1] == 1 for n in names)
+
+
+def test_layers_per_pass_gives_the_same_factors_in_more_passes(random_models, tmp_path):
+    handle = load_model(random_models["llama"])
+    cfg = KFACConfig(layers=("mlp", "attn"), batch_size=2, seed=1)
+    one = collect_factors(handle, SEQS, cfg, progress=False)
+    split = collect_factors(handle, SEQS, replace(cfg, layers_per_pass=2), progress=False,
+                            out=tmp_path / "f.safetensors")
+    assert split.meta["passes"] == -(-len(one.layers) // 2) > 1
+    assert split.identity.digest == one.identity.digest and split.tokens == one.tokens
+    for n in one.layers:  # the same labels are sampled in every pass
+        assert torch.allclose(split.A[n], one.A[n], atol=1e-7)
+        assert torch.allclose(split.G[n], one.G[n], rtol=1e-5, atol=1e-9)
 
 
 def test_sampled_labels_follow_the_softmax():

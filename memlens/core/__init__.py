@@ -8,5 +8,6 @@
 - :mod:`~memlens.core.sites`: hook names and module paths, and reading activations at them;
 - :mod:`~memlens.core.identity`: the header every artifact writes and checks on load;
 - :mod:`~memlens.core.errors`: the errors that mean "the input is wrong" (not a bug);
-- :mod:`~memlens.core.progress`: progress bars that stay readable in logs.
+- :mod:`~memlens.core.progress`: progress bars that stay readable in logs;
+- :mod:`~memlens.core.distributed`: data parallel under torchrun (shard, gather, all-reduce).
 """

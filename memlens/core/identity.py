@@ -38,7 +38,12 @@ def digest(obj, n: int = 16) -> str:
 
 def weights_hash(model: torch.nn.Module) -> str:
     """A short hash of every parameter and buffer of the model, by name."""
-    return state_hash(model.state_dict())
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):  # parts offloaded by a device_map
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        state = get_state_dict_offloaded_model(model)
+    return state_hash(state)
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:

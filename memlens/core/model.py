@@ -68,6 +68,12 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or under a ``device_map`` the
+        device the input embedding runs on (its weights may be offloaded)."""
+        for module in (self.model.get_input_embeddings(), self.model):
+            hook = getattr(module, "_hf_hook", None)  # accelerate's, from a device_map
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
         return next(self.model.parameters()).device
 
     @property
@@ -179,14 +185,16 @@ def quiet_torchao() -> None:
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                allow_untested: bool = False, attn_implementation: str = "eager",
-               device_map: str | dict | None = None) -> ModelHandle:
+               device_map: str | dict | None = None, max_memory: dict | None = None
+               ) -> ModelHandle:
     """Load a causal LM and its tokenizer from a local directory, a hub name, or the name
     of a model memlens knows how to build from an installed package (``"smollm2-135m"``).
 
     ``attn_implementation="eager"`` keeps the HF view numerically identical to the
     TransformerLens view (which forces eager attention); pass ``"sdpa"`` for speed.
     ``device_map`` (e.g. ``"auto"``, needs ``accelerate``) spreads a model too large for one
-    device over several; ``device`` is then ignored.
+    device over several, each holding at most its ``max_memory`` entry (``{0: "20GiB",
+    "cpu": "60GiB"}``); ``device`` is then ignored.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -227,7 +235,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
         model, info = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, device_map=device_map,
-            output_loading_info=True)
+            max_memory=max_memory, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"the weights of {name!r} could not be read ({exc}); they are "
                              "missing, truncated or not a model's: save the model again") from exc

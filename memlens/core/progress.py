@@ -17,9 +17,13 @@ LOG_INTERVAL = 30.0
 
 def progress(iterable=None, *, desc: str = "", total: int | None = None, unit: str = "it",
              disable: bool = False, initial: int = 0, leave: bool = True):
-    """A ``tqdm.auto`` bar; quiet (``LOG_INTERVAL`` s between lines) when stderr is a file."""
+    """A ``tqdm.auto`` bar; quiet (``LOG_INTERVAL`` s between lines) when stderr is a file,
+    and shown by rank 0 only under torchrun."""
     from tqdm.auto import tqdm
 
+    from memlens.core.distributed import is_main
+
+    disable = disable or not is_main()  # under torchrun, rank 0 speaks for all
     interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, initial=initial,
                 leave=leave, mininterval=0.1 if interactive else LOG_INTERVAL,
