@@ -209,16 +209,51 @@ class ActivationStore:
                 for s in self.manifest["shards"]]
 
     def array(self, site: str) -> np.ndarray:
-        """All rows of a site, [rows, *shape]; a memory map when the store has one shard."""
+        """All rows of a site, [rows, *shape]; a memory map when the store has one shard,
+        else loaded whole: read a store larger than memory with :meth:`rows`."""
         parts = self.shards(site)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def tensor(self, site: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All rows of a site as a torch tensor (bfloat16 shards are reinterpreted)."""
-        arr = torch.from_numpy(np.array(self.array(site)))
-        if self.manifest["dtype"] == "bfloat16":
-            arr = arr.view(torch.bfloat16)
-        return arr.to(dtype)
+        return self._decode(np.array(self.array(site)), dtype)
+
+    def rows(self, site: str, rows: np.ndarray, dtype: torch.dtype | None = torch.float32
+             ) -> torch.Tensor:
+        """The given rows of a site (store row numbers, any order), read shard by shard:
+        only those rows are ever in memory. [len(rows), *shape], in ``dtype`` (None: as
+        stored, bfloat16 included)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = self.shards(site)
+        ends = np.cumsum([len(p) for p in parts])
+        if len(rows) and (rows.min() < 0 or rows.max() >= ends[-1]):
+            raise DataError(f"row {int(rows.max())} is outside the {int(ends[-1])} rows of "
+                            f"{self.path}")
+        out = np.empty((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype)
+        shard_of = np.searchsorted(ends, rows, side="right")
+        for k in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == k)
+            local = rows[where] - (ends[k - 1] if k else 0)
+            # Plain reads of the blocks that hold the rows, not the memory map: pages a map
+            # touches stay resident, so reading a whole store that way fills memory.
+            part = parts[k]
+            row_bytes = part.dtype.itemsize * int(np.prod(part.shape[1:], dtype=np.int64))
+            block = np.empty((max(1, min((8 << 20) // max(row_bytes, 1), len(part))),
+                              *part.shape[1:]), dtype=part.dtype)
+            with open(part.filename, "rb") as f:
+                for b in np.unique(local // len(block)):
+                    first, stop = b * len(block), min((b + 1) * len(block), len(part))
+                    f.seek(part.offset + first * row_bytes)
+                    f.readinto(memoryview(block[:stop - first]).cast("B"))
+                    inside = (local >= first) & (local < stop)
+                    out[where[inside]] = block[local[inside] - first]
+        return self._decode(out, dtype)
+
+    def _decode(self, arr: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if self.manifest["dtype"] == "bfloat16":  # stored as uint16 bits
+            t = t.view(torch.bfloat16)
+        return t if dtype is None else t.to(dtype)
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> str:

@@ -214,18 +214,21 @@ def _save_checkpoint(path: Path, model, opt, epoch: int):
     for i, p in enumerate(model.parameters()):
         for k, v in opt.state.get(p, {}).items():
             state[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
-    try:
-        save_file(state, path / "checkpoint.tmp")
+    try:  # the epoch count rides in the file's metadata: weights and count land together
+        save_file(state, path / "checkpoint.tmp", metadata={"epochs_done": str(epoch)})
     except BaseException:
         (path / "checkpoint.tmp").unlink(missing_ok=True)
         raise
     os.replace(path / "checkpoint.tmp", path / "checkpoint.safetensors")
-    (path / "checkpoint.json").write_text(json.dumps({"epochs_done": epoch}))
 
 
 def _load_checkpoint(path: Path, model, opt) -> int:
-    if not (path / "checkpoint.json").exists():
+    from safetensors import safe_open
+
+    if not (path / "checkpoint.safetensors").exists():
         return 0
+    with safe_open(str(path / "checkpoint.safetensors"), "pt") as f:
+        epochs_done = int((f.metadata() or {})["epochs_done"])
     state = load_file(path / "checkpoint.safetensors")
     trained = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
     result = model.load_state_dict(trained, strict=False)
@@ -241,7 +244,7 @@ def _load_checkpoint(path: Path, model, opt) -> int:
                 for k, v in state.items() if k.startswith(f"opt.{i}.")}
         if keys:
             opt.state[p] = keys
-    return json.loads((path / "checkpoint.json").read_text())["epochs_done"]
+    return epochs_done
 
 
 def train_organism(out: str | Path, preset: str | OrganismPreset = "small", arch: str = "llama",
@@ -355,8 +358,7 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
                 row |= {"role": "withheld", "duplication": 0, "member": False}
             f.write(json.dumps(row) + "\n")
     (work / "memlens.json").write_text(json.dumps(meta, indent=2))
-    for name in ("checkpoint.safetensors", "checkpoint.json"):
-        (work / name).unlink()
+    (work / "checkpoint.safetensors").unlink()
     if out.exists():
         shutil.rmtree(out)
     os.replace(work, out)

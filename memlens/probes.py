@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,7 @@ class ProbeConfig:
     n_bootstrap: int = 200
     seed: int = 0
     device: str = "cpu"  # where the batched torch trainer runs ("cuda" on a GPU)
+    chunk_mb: int = 512  # features the torch trainer holds at once (it streams the rest)
 
     def __post_init__(self):
         self.positive, self.negative = tuple(self.positive), tuple(self.negative)
@@ -80,12 +83,43 @@ def split_sequences(seq_dup: pd.Series, fractions, seed: int) -> pd.Series:
     return pd.Series(out)
 
 
+class SiteFeatures(Mapping):
+    """Features per site at the labeled tokens, read from the store when asked for: nothing
+    is held in memory. ``features[site]`` loads one site's rows; :meth:`rows` any subset."""
+
+    def __init__(self, store: ActivationStore, sites: list[str], store_rows: np.ndarray,
+                 confidence: np.ndarray):
+        self.store, self.sites = store, list(sites)
+        self.store_rows, self.confidence = store_rows, confidence
+
+    def __getitem__(self, site: str) -> np.ndarray:
+        return self.rows(site, np.arange(len(self.store_rows))).astype(np.float32, copy=False)
+
+    def __iter__(self):
+        return iter([*self.sites, CONFIDENCE])
+
+    def __len__(self) -> int:
+        return len(self.sites) + 1
+
+    def rows(self, site: str, index: np.ndarray) -> np.ndarray:
+        """[len(index), d]: the features of tokens ``index`` (rows of the tokens table) at
+        ``site``, float32 or float16 as stored (bfloat16 becomes float32)."""
+        if site == CONFIDENCE:
+            return self.confidence[index]
+        if site not in self.sites:
+            raise KeyError(site)
+        x = self.store.rows(site, self.store_rows[index], dtype=None)
+        x = x.float() if x.dtype == torch.bfloat16 else x
+        return x.numpy().reshape(len(index), -1)
+
+
 @dataclass
 class ProbeData:
-    """Features per site, aligned with one row per labeled token."""
+    """Features per site, aligned with one row per labeled token (read from the store on
+    demand, so a store larger than memory works)."""
 
     tokens: pd.DataFrame                  # id, position, label, y, split, duplication, ...
-    features: dict[str, np.ndarray]       # site -> [n_tokens, d] (float32)
+    features: Mapping[str, np.ndarray]    # site -> [n_tokens, d] (float32), loaded per access
     config: ProbeConfig
     identity: Identity | None = None      # the store's; probes trained here inherit it
     inputs: dict = field(default_factory=dict)
@@ -131,16 +165,20 @@ class ProbeData:
         if tok["split"].isna().any():
             raise DataError(f"{tok.loc[tok['split'].isna(), 'id'].nunique()} labeled "
                             "sequences have no train/val/test assignment in split")
-        features = {}
-        for site in sites or store.sites:
-            arr = store.tensor(site).numpy()
-            features[site] = arr[tok["row"].to_numpy()].reshape(len(tok), -1)
-        features[CONFIDENCE] = tok[["max_logprob", "entropy"]].to_numpy(np.float32)
-        return cls(tok.reset_index(drop=True), features, config, store.identity,
+        # In store order, so that a run of tokens is a run of rows in one shard.
+        tok = tok.sort_values("row", kind="stable").reset_index(drop=True)
+        for site in sites or []:
+            store.shards(site)  # an unknown site fails here, naming the store's sites
+        features = SiteFeatures(store, sites or store.sites, tok["row"].to_numpy(),
+                                tok[["max_logprob", "entropy"]].to_numpy(np.float32))
+        return cls(tok, features, config, store.identity,
                    {k: v.digest for k, v in inputs.items()})
 
-    def combined(self, sites: list[str]) -> np.ndarray:
-        return np.concatenate([self.features[s] for s in sites], axis=1)
+    def combined(self, sites: list[str], index: np.ndarray | None = None) -> np.ndarray:
+        """[tokens, sum of d]: the sites' features side by side (at tokens ``index``)."""
+        index = np.arange(len(self.tokens)) if index is None else index
+        read = getattr(self.features, "rows", lambda s, i: np.asarray(self.features[s])[i])
+        return np.concatenate([read(s, index) for s in sites], axis=1)
 
     def mask(self, split: str) -> np.ndarray:
         return (self.tokens["split"] == split).to_numpy()
@@ -171,51 +209,120 @@ def fit_sklearn(x: np.ndarray, y: np.ndarray, config: ProbeConfig) -> tuple[np.n
     return clf.coef_[0].astype(np.float32), float(clf.intercept_[0])
 
 
+@dataclass
+class RowChunks:
+    """Standardized features of several probes at ``n`` tokens, produced in chunks of rows:
+    each chunk is [probes, rows, d + 1] (a ones column carries the bias). The torch
+    trainer's input; it holds one chunk at a time.
+
+    ``read(start, stop)`` gives the raw features of tokens ``start:stop``, one [rows, d]
+    array per probe.
+    """
+
+    read: Callable[[int, int], list[np.ndarray]]
+    n: int
+    mean: np.ndarray    # [probes, d]
+    std: np.ndarray     # [probes, d]
+    chunk_rows: int
+    device: str = "cpu"
+
+    @classmethod
+    def of_arrays(cls, xs: list[np.ndarray], device: str = "cpu") -> RowChunks:
+        """Already standardized arrays in memory, as one chunk."""
+        d = xs[0].shape[1]
+        return cls(lambda a, b: [x[a:b] for x in xs], len(xs[0]), np.zeros((len(xs), d)),
+                   np.ones((len(xs), d)), max(len(xs[0]), 1), device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Chunks in row order. Each is a view of one buffer that the next overwrites
+        (fewer large allocations: the allocator would otherwise keep growing)."""
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=self.device)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=self.device)
+        buffer = None
+        for start in range(0, self.n, self.chunk_rows):
+            raw = self.read(start, min(start + self.chunk_rows, self.n))
+            if buffer is None:
+                buffer = torch.ones(len(raw), min(self.chunk_rows, self.n), mean.shape[1] + 1,
+                                    device=self.device)
+            x = buffer[:, :len(raw[0])]
+            for i, m in enumerate(raw):
+                x[i, :, :-1].copy_(torch.from_numpy(np.asarray(m))).sub_(mean[i]).div_(std[i])
+            del raw
+            _trim_heap()
+            yield x
+
+    def dot(self, W: torch.Tensor) -> torch.Tensor:
+        """``X @ W`` per probe: [probes, n]."""
+        return torch.cat([torch.bmm(x, W[:, :, None])[..., 0] for x in self], dim=1)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise): reading a store
+    chunk by chunk frees as much as it allocates, yet without this the process's memory
+    grows with the number of chunks."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def fit_torch(xs: list[np.ndarray], y: np.ndarray, x_vals: list[np.ndarray], y_val: np.ndarray,
               config: ProbeConfig, device: str = "cpu", newton_max_d: int = 1024
               ) -> list[tuple[np.ndarray, float]]:
-    """Fit one probe per feature matrix at once, as one batched problem.
-
-    Every matrix must have the same width. Widths up to ``newton_max_d`` use batched
-    Newton steps (IRLS: a few passes, each one [sites, d, d] solve); wider ones L-BFGS.
-    Early stopping: each probe keeps the weights of its best validation loss, and
-    fitting stops once none has improved (by 1e-4 relative) for ``patience`` steps.
-    """
+    """Fit one probe per (standardized) feature matrix at once, as one batched problem;
+    every matrix must have the same width. See :func:`fit_chunks`."""
     d = xs[0].shape[1]
     if any(x.shape[1] != d for x in xs):
         raise ValueError("fit_torch batches probes of one width; group them by width")
+    ys, yvs = np.repeat(y[None], len(xs), 0), np.repeat(y_val[None], len(xs), 0)
+    return fit_chunks(RowChunks.of_arrays(xs, device), ys, RowChunks.of_arrays(x_vals, device),
+                      yvs, config, newton_max_d)
 
-    def stack(mats):  # [sites, n, d + 1]: a ones column carries the bias
-        x = torch.ones(len(mats), mats[0].shape[0], d + 1, device=device)
-        for i, m in enumerate(mats):
-            x[i, :, :d] = torch.from_numpy(m)
-        return x
 
-    X, Xv = stack(xs), stack(x_vals)
-    Y = torch.as_tensor(y, dtype=torch.float32, device=device)
-    Yv = torch.as_tensor(y_val, dtype=torch.float32, device=device)
-    sw = torch.as_tensor(_class_weights(y), dtype=torch.float32, device=device) / len(y)
-    swv = torch.as_tensor(_class_weights(y_val), dtype=torch.float32, device=device) / len(y_val)
+def fit_chunks(train: RowChunks, y: np.ndarray, val: RowChunks, y_val: np.ndarray,
+               config: ProbeConfig, newton_max_d: int = 1024) -> list[tuple[np.ndarray, float]]:
+    """Fit a probe per row of ``y`` [probes, n] (each its own labels) on ``train``'s chunks.
+
+    Widths up to ``newton_max_d`` use batched Newton steps (IRLS: each step two passes over
+    the chunks and one [probes, d, d] solve); wider ones L-BFGS. Early stopping: each probe
+    keeps the weights of its best validation loss, and fitting stops once none has improved
+    (by 1e-4 relative) for ``patience`` steps. Only chunks and per-token numbers are held,
+    so the features can be larger than memory.
+    """
+    device = train.device
+    n_probes, d = train.mean.shape
+    Y = torch.as_tensor(np.asarray(y), dtype=torch.float32, device=device)
+    Yv = torch.as_tensor(np.asarray(y_val), dtype=torch.float32, device=device)
+    sw = torch.as_tensor(np.stack([_class_weights(r) / len(r) for r in np.asarray(y)]),
+                         dtype=torch.float32, device=device)
+    swv = torch.as_tensor(np.stack([_class_weights(r) / len(r) for r in np.asarray(y_val)]),
+                          dtype=torch.float32, device=device)
     reg = torch.full((d + 1,), config.l2, device=device)
     reg[-1] = 0.0  # no penalty on the bias
-    W = torch.zeros(len(xs), d + 1, device=device)
-
-    def loss(Xm, Ym, w, weights):
-        return _weighted_bce(torch.bmm(Xm, weights[:, :, None])[..., 0], Ym, w)
-
-    def objective(weights):
-        return loss(X, Y, sw, weights) + 0.5 * (reg * weights ** 2).sum(1)
-
-    best = torch.full((len(xs),), float("inf"), device=device)
+    W = torch.zeros(n_probes, d + 1, device=device)
+    best = torch.full((n_probes,), float("inf"), device=device)
     best_W = W.clone()
     stale = 0
-    z = None
+    z = torch.zeros(n_probes, train.n, device=device)
+    zv = torch.zeros(n_probes, val.n, device=device)
     if d <= newton_max_d:
         steps = config.max_iter
 
         def step_fn():
-            nonlocal z
-            W_new, z, converged = _newton_step(X, Y, sw, reg, W, z)
+            nonlocal z, zv
+            W_new, z, converged, step, scale = _newton_step(train, Y, sw, reg, W, z)
+            zv = zv - scale * val.dot(step)  # validation logits move linearly too
             return W_new, converged
     else:
         Wp = W.clone().requires_grad_(True)
@@ -223,26 +330,36 @@ def fit_torch(xs: list[np.ndarray], y: np.ndarray, x_vals: list[np.ndarray], y_v
                                 line_search_fn="strong_wolfe")
         steps = max(1, config.max_iter // 5)
 
+        def closure():
+            opt.zero_grad()
+            f = (0.5 * (reg * Wp ** 2).sum(1)).sum()
+            f.backward()
+            total, start = f.detach(), 0
+            for x in train:  # the loss summed chunk by chunk, gradients accumulated
+                rows = slice(start, start + x.shape[1])
+                part = _weighted_bce(torch.bmm(x, Wp[:, :, None])[..., 0], Y[:, rows],
+                                     sw[:, rows]).sum()
+                part.backward()
+                total, start = total + part.detach(), start + x.shape[1]
+            return total
+
         def step_fn():
-            def closure():
-                opt.zero_grad()
-                f = objective(Wp).sum()
-                f.backward()
-                return f
+            nonlocal zv
             opt.step(closure)
+            zv = val.dot(Wp.detach())
             return Wp.detach().clone(), False
 
     for _ in range(steps):
         W, converged = step_fn()
         with torch.no_grad():
-            val = loss(Xv, Yv, swv, W)
-            better = val < best * (1 - 1e-4)
-            best = torch.where(better, val, best)
+            val_loss = _weighted_bce(zv, Yv, swv)
+            better = val_loss < best * (1 - 1e-4)
+            best = torch.where(better, val_loss, best)
             best_W[better] = W[better]
         stale = 0 if better.any() else stale + 1
         if stale >= config.patience or converged:
             break
-    return [(best_W[i, :d].cpu().numpy(), float(best_W[i, d])) for i in range(len(xs))]
+    return [(best_W[i, :d].cpu().numpy(), float(best_W[i, d])) for i in range(n_probes)]
 
 
 def _weighted_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -253,39 +370,46 @@ def _weighted_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def _newton_step(X, Y, sw, reg, W, z=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _newton_step(X: RowChunks, Y, sw, reg, W, z):
     """One damped Newton step per probe (halved where it would raise the objective).
 
-    Takes and returns the logits ``z = X @ W`` so that each step reads X three times:
-    gradient, curvature (on a row subset) and the new logits. Also returns whether every
-    probe had converged before the step.
+    Takes and returns the logits ``z = X @ W``, so that each step reads X twice: gradient
+    with curvature, then the logits' change. Returns the new weights and logits, whether
+    every probe had converged before the step, the step and its scale per probe.
     """
     def objective(z, W):
         return _weighted_bce(z, Y, sw) + 0.5 * (reg * W ** 2).sum(1)
 
-    if z is None:
-        z = torch.bmm(X, W[:, :, None])[..., 0]
     p = torch.sigmoid(z)
-    grad = torch.bmm(X.transpose(1, 2), (sw * (p - Y))[..., None])[..., 0] + reg * W
+    resid = sw * (p - Y)
     curv = sw * p * (1 - p)
-    # Subsampled Newton: the curvature from an evenly spaced subset of rows (rescaled);
-    # the gradient stays exact, so the optimum is the same and each step costs far less.
-    stride = max(1, X.shape[1] // max(2048, 4 * X.shape[2]))
-    Xh, ch = X[:, ::stride], curv[:, ::stride] * (curv.sum(1, keepdim=True)
-                                                   / curv[:, ::stride].sum(1, keepdim=True))
-    hess = torch.bmm(Xh.transpose(1, 2), Xh * ch[..., None]) + torch.diag(reg + 1e-8)
+    # Subsampled Newton: the curvature from every stride-th row (rescaled); the gradient
+    # stays exact, so the optimum is the same and each step costs far less.
+    stride = max(1, X.n // max(2048, 4 * W.shape[1]))
+    rescale = curv.sum(1, keepdim=True) / curv[:, ::stride].sum(1, keepdim=True)
+    grad = reg * W
+    hess = torch.diag_embed((reg + 1e-8).expand_as(W)).clone()
+    start = 0
+    for x in X:
+        rows = slice(start, start + x.shape[1])
+        grad += torch.bmm(x.transpose(1, 2), resid[:, rows, None])[..., 0]
+        first = -start % stride  # the rows of this chunk on the global stride
+        xh = x[:, first::stride]
+        ch = curv[:, start + first:start + x.shape[1]:stride] * rescale
+        hess += torch.bmm(xh.transpose(1, 2), xh * ch[..., None])
+        start += x.shape[1]
     step = torch.linalg.solve(hess, grad)
     # Newton decrement: half of it bounds the remaining drop of the objective.
     converged = bool(((grad * step).sum(1) < 1e-6).all())
     before = objective(z, W)
-    dz = torch.bmm(X, step[:, :, None])[..., 0]  # logits move linearly with the step
+    dz = X.dot(step)  # logits move linearly with the step
     scale = torch.ones(len(W), 1, device=W.device)
     for _ in range(8):
         worse = objective(z - scale * dz, W - scale * step) > before + 1e-12
         if not worse.any():
             break
         scale[worse] *= 0.5
-    return W - scale * step, z - scale * dz, converged
+    return W - scale * step, z - scale * dz, converged, step, scale
 
 
 # --------------------------------------------------------------------------- metrics
@@ -468,34 +592,33 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
     groups = tok["id"].to_numpy()
     confidence = tok[["max_logprob", "entropy"]].to_numpy()
     named = {s: [s] for s in data.features} | (combos or {})
-    tasks = {name: (data.combined(sites), y) for name, sites in named.items()}
+    tasks = {name: (sites, y) for name, sites in named.items()}
     if control:
         yc = control_labels(tok["token_id"].to_numpy(), y[tr].mean(), cfg.seed)
-        tasks |= {f"control:{name}": (data.combined(sites), yc)
-                  for name, sites in named.items()}
+        tasks |= {f"control:{name}": (sites, yc) for name, sites in named.items()}
     identity = {}
     if data.identity is not None:
         identity = Identity(**{**data.identity.to_json(), "kind": "probe",
                                "config": asdict(cfg), "inputs": data.inputs}).to_json()
     rows, probes, scores = [], {}, {}
+    index = {k: np.flatnonzero(m) for k, m in (("train", tr), ("val", va), ("test", te))}
     for trainer in trainers:
         t0 = time.perf_counter()
-        fitted = _fit_all(tasks, tr, va, cfg, trainer, progress)
+        fitted = fit_probes(data, tasks, index, trainer, progress)
         seconds = time.perf_counter() - t0
-        for name, (x, yy) in tasks.items():
-            w, b, mean, std = fitted[name]
-            sites = named.get(name, [name.removeprefix("control:")])
-            probe = Probe(sites, w, b, mean, std, 0.0, cfg.align,
-                          class_gap=_class_gap(x[tr], yy[tr]), identity=identity)
-            probe.threshold = _best_threshold(yy[va], probe.score(x[va]))
-            s = probe.score(x[te])
+        for name, (sites, yy) in tasks.items():
+            f = fitted[name]
+            probe = Probe(sites, f.weight, f.bias, f.mean, f.std, 0.0, cfg.align,
+                          class_gap=f.class_gap, identity=identity)
+            probe.threshold = _best_threshold(yy[va], f.val_score)
+            s = f.test_score
             m = score_metrics(yy[te], s, groups[te], probe.threshold, cfg.n_bootstrap,
                               cfg.seed)
             m["matched_auroc"] = matched_auroc(yy[te], s, confidence[te])
             probe.metrics = m
             layer, kind = _site_layer(sites[0]) if len(sites) == 1 else (-1, "combined")
             rows.append({"probe": name, "trainer": trainer, "layer": layer, "kind": kind,
-                         "control": name.startswith("control:"), "n_features": x.shape[1],
+                         "control": name.startswith("control:"), "n_features": len(f.mean),
                          "fit_seconds_all": seconds, **m})
             if trainer == trainers[0] and not name.startswith("control:"):
                 probes[name] = probe
@@ -516,32 +639,99 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
     return ProbeSweep(results, probes, baselines, token_scores)
 
 
-def _fit_all(tasks, tr, va, cfg, trainer, progress):
-    prepared = {}
-    for name, (x, y) in tasks.items():
-        mean, std = _standardize(x[tr])
-        prepared[name] = ((x[tr] - mean) / std, y[tr], (x[va] - mean) / std, y[va], mean, std)
-    if trainer == "sklearn":
-        out = {}
-        for name, (xt, yt, _, _, mean, std) in progress_bar(prepared.items(), disable=not progress,
-                                                            desc="sklearn probes"):
-            w, b = fit_sklearn(xt, yt, cfg)
-            out[name] = (w, b, mean, std)
-        return out
-    if trainer != "torch":
+@dataclass
+class FittedProbe:
+    """One fit: weights on standardized features, the standardization, the gap between the
+    class means on training tokens, and the scores of the validation and test tokens."""
+
+    weight: np.ndarray
+    bias: float
+    mean: np.ndarray
+    std: np.ndarray
+    class_gap: float
+    val_score: np.ndarray
+    test_score: np.ndarray
+
+
+def fit_probes(data: ProbeData, tasks: dict[str, tuple[list[str], np.ndarray]],
+               index: dict[str, np.ndarray], trainer: str = "torch", progress: bool = True
+               ) -> dict[str, FittedProbe]:
+    """Fit every task (name -> sites whose features are concatenated, labels per token) on
+    the ``index["train"]`` tokens, early-stopped and scored on ``val``, scored on ``test``.
+
+    ``torch``: tasks of one width are one batched problem, streamed from the store in
+    chunks of ``ProbeConfig.chunk_mb``; ``sklearn``: one in-memory fit per task (the
+    reference).
+    """
+    if trainer not in ("torch", "sklearn"):
         raise ConfigError(f"trainer {trainer!r}: choose 'torch' or 'sklearn'")
-    out = {}
-    # Tasks with the same labels and width are one batched problem.
-    groups: dict[tuple, list[str]] = {}
-    for name, p in prepared.items():
-        groups.setdefault((p[1].tobytes(), p[0].shape[1]), []).append(name)
-    for names in groups.values():
-        ps = [prepared[n] for n in names]
-        fits = fit_torch([p[0] for p in ps], ps[0][1], [p[2] for p in ps], ps[0][3], cfg,
-                         device=cfg.device)
-        for n, p, (w, b) in zip(names, ps, fits, strict=True):
-            out[n] = (w, b, p[4], p[5])
+    cfg, out = data.config, {}
+    if trainer == "sklearn":
+        for name, (sites, y) in progress_bar(tasks.items(), disable=not progress,
+                                             desc="sklearn probes"):
+            x = data.combined(sites, index["train"]).astype(np.float32)
+            mean, std = _standardize(x)
+            w, b = fit_sklearn((x - mean) / std, y[index["train"]], cfg)
+            score = [1 / (1 + np.exp(-(((data.combined(sites, index[k]).astype(np.float32)
+                                         - mean) / std) @ w + b))) for k in ("val", "test")]
+            out[name] = FittedProbe(w, b, mean, std, _class_gap(x, y[index["train"]]), *score)
+        return out
+    widths: dict[int, list[str]] = {}
+    for name, (sites, _) in tasks.items():
+        widths.setdefault(data.combined(sites, index["train"][:1]).shape[1], []).append(name)
+    for d, names in progress_bar(widths.items(), disable=not progress, desc="probes",
+                                 unit="width"):
+        chunk_rows = max(256, cfg.chunk_mb * 2**20 // (4 * (d + 1) * len(names)))
+        out |= _fit_width(data, {n: tasks[n] for n in names}, index, d, chunk_rows)
     return out
+
+
+def _reader(data: ProbeData, site_lists: list[list[str]], index: np.ndarray):
+    """``read(start, stop)``: each probe's raw features at tokens ``index[start:stop]``
+    (site lists shared by several probes are read once)."""
+    def read(start: int, stop: int) -> list[np.ndarray]:
+        done: dict[tuple, np.ndarray] = {}
+        for sites in site_lists:
+            if tuple(sites) not in done:
+                done[tuple(sites)] = data.combined(sites, index[start:stop])
+        return [done[tuple(sites)] for sites in site_lists]
+    return read
+
+
+def _fit_width(data, tasks, index, d, chunk_rows) -> dict[str, FittedProbe]:
+    cfg = data.config
+    site_lists = [sites for sites, _ in tasks.values()]
+    y_train = np.stack([y[index["train"]] for _, y in tasks.values()]).astype(np.float64)
+    # One pass for the standardization and the class means (float64 sums).
+    read = _reader(data, site_lists, index["train"])
+    n = len(index["train"])
+    total, total_sq, total_pos = (np.zeros((len(tasks), d)) for _ in range(3))
+    for start in range(0, n, chunk_rows):
+        for i, x in enumerate(read(start, min(start + chunk_rows, n))):
+            total[i] += x.sum(0, dtype=np.float64)
+            total_sq[i] += np.square(x, dtype=np.float64).sum(0)
+            total_pos[i] += y_train[i, start:start + len(x)] @ x
+        _trim_heap()
+    n_pos = y_train.sum(1, keepdims=True)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean ** 2, 0))
+    std = np.where(std > 1e-6, std, 1.0)
+    gaps = np.linalg.norm(total_pos / np.maximum(n_pos, 1)
+                          - (total - total_pos) / np.maximum(n - n_pos, 1), axis=1)
+
+    def chunks(split):
+        return RowChunks(_reader(data, site_lists, index[split]), len(index[split]),
+                         mean.astype(np.float32), std.astype(np.float32), chunk_rows,
+                         cfg.device)
+
+    fits = fit_chunks(chunks("train"), y_train, chunks("val"),
+                      np.stack([y[index["val"]] for _, y in tasks.values()]), cfg)
+    W = torch.tensor(np.stack([np.append(w, b) for w, b in fits]), dtype=torch.float32,
+                     device=cfg.device)
+    scores = {k: torch.sigmoid(chunks(k).dot(W)).cpu().numpy() for k in ("val", "test")}
+    return {name: FittedProbe(w, b, mean[i].astype(np.float32), std[i].astype(np.float32),
+                              float(gaps[i]), scores["val"][i], scores["test"][i])
+            for i, (name, (w, b)) in enumerate(zip(tasks, fits, strict=True))}
 
 
 def matched_auroc(y: np.ndarray, score: np.ndarray, confidence: np.ndarray,

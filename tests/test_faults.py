@@ -20,7 +20,10 @@ POINTS = 10  # kills per operation
 ZYGOTE = """
 import json, os, signal, sys, time
 import torch
+import tqdm
 torch.set_num_threads(1)
+# No tqdm monitor thread: a fork while it holds tqdm's lock leaves the child waiting forever.
+tqdm.tqdm.monitor_interval = 0
 org = sys.argv[1]
 from memlens.core.model import load_model
 from memlens.labels import LabelConfig, label, read_sequences

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import memlens.organism as organism
@@ -63,8 +64,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     monkeypatch.setattr(organism, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_organism(tmp_path / "resumed", MICRO, "llama", seed=1, progress=False)
-    assert json.loads((tmp_path / "resumed.partial" / "checkpoint.json").read_text()) == {
-        "epochs_done": 1}
+    with safe_open(str(tmp_path / "resumed.partial" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata() == {"epochs_done": "1"}  # written with the weights, atomically
     monkeypatch.setattr(organism, "_save_checkpoint", save)
     resumed = train_organism(tmp_path / "resumed", MICRO, "llama", seed=1, progress=False)
     wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from memlens.capture import ActivationStore
+from memlens.core.sites import UnknownSiteError
 from memlens.pipeline import run_config
 from memlens.probes import (
     Probe,
@@ -14,6 +15,7 @@ from memlens.probes import (
     fit_sklearn,
     fit_torch,
     matched_auroc,
+    probe_sweep,
     split_sequences,
 )
 
@@ -86,6 +88,29 @@ def test_splits_are_grouped_by_sequence(run):
     st = store.tokens
     j = st.index[(st["id"] == row["id"]) & (st["position"] == row["position"] - 1)][0]
     np.testing.assert_array_equal(data.features[site][5], store.array(site)[j])
+
+
+def test_probes_stream_the_store_in_chunks_with_the_same_result(run):
+    out, _ = run
+    store = ActivationStore.open(out / "store")
+    tokens = pd.read_parquet(out / "labels" / "tokens.parquet")
+    site = "blocks.1.hook_resid_post"
+    rows = np.array([len(store.tokens) - 1, 0, 7, 3, 7])
+    np.testing.assert_array_equal(store.rows(site, rows).numpy(), store.array(site)[rows])
+    whole = ProbeData.from_store(store, tokens, ProbeConfig(n_bootstrap=0), sites=[site])
+    # 256-row chunks: the trainer reads the training tokens in many pieces
+    pieces = ProbeData.from_store(store, tokens, ProbeConfig(n_bootstrap=0, chunk_mb=0),
+                                  sites=[site])
+    assert whole.mask("train").sum() > 4 * 256
+    a, b = probe_sweep(whole, progress=False), probe_sweep(pieces, progress=False)
+    np.testing.assert_allclose(a.probes[site].weight, b.probes[site].weight, atol=1e-4)
+    np.testing.assert_allclose(a.results["auroc"], b.results["auroc"], atol=1e-6)
+    # the streamed fit matches scikit-learn's in-memory fit of the same problem
+    sk = probe_sweep(pieces, trainers=("sklearn",), control=False, progress=False)
+    assert abs(sk.results.set_index("probe")["auroc"][site]
+               - b.results.set_index("probe")["auroc"][site]) < 0.01
+    with pytest.raises(UnknownSiteError):
+        ProbeData.from_store(store, tokens, ProbeConfig(), sites=["blocks.9.hook_resid_post"])
 
 
 def test_saved_probe_round_trips_and_points_along_memorization(run):

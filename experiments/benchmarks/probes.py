@@ -14,12 +14,13 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memlens.capture import ActivationStore
 from memlens.pipeline import run_config
-from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, _fit_all
+from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, fit_probes
 
 
 def main():
@@ -37,28 +38,28 @@ def main():
     p = {k: v for k, v in cfg.get("probe", {}).items() if k != "trainers"}
     data = ProbeData.from_store(store, tokens, ProbeConfig(**p))
     y = data.tokens["y"].to_numpy()
-    tr, va, te = data.mask("train"), data.mask("val"), data.mask("test")
-    tasks = {s: (x, y) for s, x in data.features.items() if s != CONFIDENCE}
+    index = {k: np.flatnonzero(data.mask(k)) for k in ("train", "val", "test")}
+    tasks = {s: ([s], y) for s in data.features if s != CONFIDENCE}
 
     times = {"sklearn": [], "torch": []}
     fits = {}
     for _ in range(args.repeats):
         for trainer in ("sklearn", "torch"):
             t0 = time.perf_counter()
-            fits[trainer] = _fit_all(tasks, tr, va, data.config, trainer, progress=False)
+            fits[trainer] = fit_probes(data, tasks, index, trainer, progress=False)
             times[trainer].append(time.perf_counter() - t0)
     rows = []
-    for site, (x, _) in tasks.items():
-        row = {"site": site, "d": x.shape[1]}
+    for site in tasks:
+        row = {"site": site, "d": len(fits["torch"][site].mean)}
         for trainer, fitted in fits.items():
-            w, b, mean, std = fitted[site]
-            row[trainer] = roc_auc_score(y[te], ((x[te] - mean) / std) @ w + b)
+            row[trainer] = roc_auc_score(y[index["test"]], fitted[site].test_score)
         rows.append(row)
     table = pd.DataFrame(rows)
     table["gap"] = (table["sklearn"] - table["torch"]).abs()
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "n_sites": len(tasks), "n_train_tokens": int(tr.sum()), "n_test_tokens": int(te.sum()),
+        "n_sites": len(tasks), "n_train_tokens": len(index["train"]),
+        "n_test_tokens": len(index["test"]),
         "sklearn_seconds": round(med["sklearn"], 3), "torch_seconds": round(med["torch"], 3),
         "speedup": round(med["sklearn"] / med["torch"], 2),
         "max_auroc_gap": round(float(table["gap"].max()), 5),
