@@ -10,7 +10,6 @@ tokens at one site minus that of capturing 0.1M tokens, each in a fresh process.
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import current_rss_mb, peak_rss_mb
 
 from memlens.capture import CaptureConfig, capture
 from memlens.core.model import load_model
@@ -63,15 +63,8 @@ def child(args):
     before = current_rss_mb()
     capture(handle, seqs, CaptureConfig(sites=[args.one_site], backend=args.backend),
             args.child_out, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"peak_rss_mb": peak, "rss_before_capture_mb": before}))
-
-
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def rss_of(args, n_tokens, tmp):

@@ -11,12 +11,12 @@ of the factors themselves.
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import peak_rss_mb
 
 from memlens import load_model, organism_path, read_sequences
 from memlens.curvature import KFACConfig, collect_factors
@@ -71,7 +71,7 @@ def main():
     args = ap.parse_args()
     rows = [bench(a, args.preset, args.sequences, args.repeats, args.batch_size)
             for a in args.arch]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(f"{'arch':6} {'tokens':>7} {'layers':>6} {'collect s':>9} {'fwd+bwd s':>9} "
           f"{'ratio':>6} {'factors MB':>10}")
     for r in rows:
