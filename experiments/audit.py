@@ -1,6 +1,7 @@
 """Forgetting audit: which removals forget the 100x canaries, and which only hide them?
 
-    python experiments/audit.py [--preset small] [--steps 10 50 200] [--out FILE.json]
+    python experiments/audit.py [--preset small] [--steps 10 50 200] [--relearn-lr 1e-3]
+                                [--out FILE.json]
 
 The forget set is every canary repeated 100 times. Each removal is tuned on it (the
 strength that brings its exact extraction lowest within +10% held-out perplexity) and then
@@ -154,6 +155,9 @@ def main():
     ap.add_argument("--arch", default="llama")
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 50, 200])
     ap.add_argument("--kfac-tokens", type=int, default=30_000)
+    ap.add_argument("--relearn-lr", type=float, default=AuditConfig.relearn_lr,
+                    help="the relearning attack's learning rate (lower: a gentler attack "
+                         "that erodes the unedited model's own memorization less)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/audit.json"))
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -165,7 +169,7 @@ def main():
     relearn = ([s.token_ids for s in splits.canaries if s.duplication != FORGET_DUPLICATION]
                + [s.token_ids for s in splits.general[:500]])
     data = AuditData(forget, relearn, splits.nonmembers, splits.heldout)
-    config = AuditConfig(relearn_steps=tuple(args.steps))
+    config = AuditConfig(relearn_steps=tuple(args.steps), relearn_lr=args.relearn_lr)
     sweep = Sweep(handle, forget, splits.heldout, cfg)
 
     print("== tuning the removals on the forget set", flush=True)

@@ -21,7 +21,7 @@ EXAMPLES = {
     "capture": "memlens capture --model organisms/tiny --labels labels/tiny "
                "--sites 'blocks.*.hook_resid_post' --out acts/tiny",
     "probe train": "memlens probe train --labels labels/tiny --store acts/tiny --out probes/tiny",
-    "probe train config": "memlens probe train --config probes/configs/organism.toml",
+    "probe train config": "memlens probe train --config organism",
     "kfac collect": "memlens kfac collect --model organisms/tiny --data organisms/tiny "
                     "--out kfac/tiny.safetensors",
     "kfac edit": "memlens kfac edit --model organisms/tiny --factors kfac/tiny.safetensors "
@@ -226,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
                  "Without --store, captures --sites from the labels into OUT/store; without "
                  "--labels, labels --data first into OUT/labels (both need --model). Or run a "
                  "whole TOML config with --config.", "probe train", "probe train config")
-    pt.add_argument("--config", type=Path, help="a TOML run (see probes/configs/); alone")
+    pt.add_argument("--config", type=Path,
+                    help="a TOML file, or a config memlens ships (organism); alone")
     pt.add_argument("--labels", type=Path, help="labels directory (memlens label)")
     pt.add_argument("--store", type=Path, help="store captured from those labels")
     pt.add_argument("--out", type=Path, help="output directory")

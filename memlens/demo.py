@@ -127,15 +127,22 @@ def _before_after(before: dict, after: dict, what: str) -> tuple[go.Figure, dict
         "exact, after": after["exact_extraction_rate_by_duplication"],
         **({"loose, after": after["loose_extraction_rate_by_duplication"]}
            if "loose_extraction_rate_by_duplication" in after else {})},
-        f"{what}: extraction of held-out canaries, perplexity {before['perplexity']:.3f} -> "
-        f"{after['perplexity']:.3f}")
+        f"{what}<br><sup>extraction of held-out canaries; perplexity "
+        f"{before['perplexity']:.3f} -> {after['perplexity']:.3f}</sup>")
     headline = {
+        "what": what,
         "exact_100x_before": before["exact_extraction_rate_by_duplication"]["100"],
         "exact_100x_after": after["exact_extraction_rate_by_duplication"]["100"],
         "loose_100x_after": after.get("loose_extraction_rate_by_duplication", {}).get("100"),
         "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
         "perplexity_change": after["perplexity"] / before["perplexity"] - 1}
     return fig, headline
+
+
+def _edit_finding(sec: Section, h: dict) -> None:
+    sec.finding(f"{h['what']} takes the held-out 100x canaries from {h['exact_100x_before']:.0%} "
+                f"to {h['exact_100x_after']:.0%} exact extraction at "
+                f"{h['perplexity_change']:+.1%} held-out perplexity.")
 
 
 # --------------------------------------------------------------------------- steps
@@ -151,6 +158,12 @@ def step_labels(d: Demo, sec: Section) -> dict:
         "Extraction by duplication count (32-token prefix, 32-token suffix)"))
     sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
                for k, v in s["membership_auroc"].items()])
+    exact = s["exact_extraction_rate_by_duplication"]
+    best = max(s["membership_auroc"], key=s["membership_auroc"].get)
+    sec.finding(f"The organism recites {exact['100']:.0%} of its 100x canaries and "
+                f"{exact.get('1', 0):.0%} of those seen once; the best membership score "
+                f"({best}) tells members from non-members at AUROC "
+                f"{s['membership_auroc'][best]:.2f}.")
     return {"exact_extraction_rate_by_duplication": s["exact_extraction_rate_by_duplication"],
             "loose_extraction_rate_by_duplication": s["loose_extraction_rate_by_duplication"],
             "membership_auroc": s["membership_auroc"],
@@ -200,6 +213,17 @@ def step_probes(d: Demo, sec: Section) -> dict:
     sec.figure(layer_sweep_figure(results, summary["token_baselines"]))
     sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "f1",
                    "tpr_at_1pct_fpr", "matched_auroc", "control_auroc", "selectivity"]])
+    confidence = res[res["kind"] == "confidence"]
+    if len(confidence):
+        c = confidence.iloc[0]
+        gain = best["matched_auroc"] - c["matched_auroc"]
+        sec.finding(
+            f"The best residual probe ({best['probe']}) scores AUROC {best['auroc']:.3f}, a "
+            f"probe on the model's confidence alone {c['auroc']:.3f}; on tokens matched for "
+            f"that confidence {best['matched_auroc']:.3f} against {c['matched_auroc']:.3f}, "
+            + ("so the residual stream knows more about memorization than the output "
+               "distribution shows." if gain > 0.05 else
+               "so the residual stream adds little beyond the output distribution here."))
     # Token view: recited and non-recited canaries and non-members from the held-out half.
     s = d.splits
     shown = s.at(100)[:2] + s.at(10)[:1] + s.at(1)[:1] + s.aim_nonmembers[-2:]
@@ -235,8 +259,9 @@ def step_kfac(d: Demo, sec: Section) -> dict:
     grads = memorization_gradient(d.handle, targets, factors.layers, start=d.cfg.prefix)
     with apply_weights(d.handle, budget_weights(d.handle, basis, d.config.kfac_budget, grads)):
         after = d.after()
-    fig, headline = _before_after(d.before, after, "K-FAC edit")
+    fig, headline = _before_after(d.before, after, "The K-FAC edit")
     sec.figure(fig)
+    _edit_finding(sec, headline)
     memorized = [s.token_ids for s in d.splits.at(100)]
     sec.figure(loading_figure({
         "memorized (100x canaries)": component_loading(d.handle, basis, memorized,
@@ -286,8 +311,10 @@ def step_interventions(d: Demo, sec: Section) -> dict:
                                         "%{y:.0%}<extra></extra>")
     sweep.update_layout(title="Ablating more neurons: exact extraction vs clean perplexity",
                         xaxis_title="perplexity", yaxis_tickformat=".0%", height=380)
+    sweep.update_layout(yaxis_title="exact extraction")
     sec.figure(heat).figure(fig).figure(sweep)
     sec.table(table.head(12)[["rank", "layer", "neuron", "score"]])
+    _edit_finding(sec, headline)
     return {**headline, "method": d.config.localize_method, "n_neurons": len(table),
             "budget_curve": curve,
             "neurons_per_layer": {str(k): int(v) for k, v in
@@ -311,6 +338,7 @@ def step_steering(d: Demo, sec: Section) -> dict:
     prompts = [d.handle.tokenizer.decode(s.token_ids[1:d.cfg.prefix])
                for s in d.splits.at(100)][:3]
     sec.table(generate_side_by_side(d.handle, prompts, lambda: steering.apply(d.handle)))
+    _edit_finding(sec, headline)
     return {**headline, "site": site, "alpha": alpha}
 
 
@@ -349,6 +377,13 @@ def step_layernorm(d: Demo, sec: Section) -> dict:
                         "held-out perplexity": ppl,
                         "recovery": m["recovery"]["recovered"]})
     sec.table(removal)
+    worst = max(removal[1:], key=lambda r: r["held-out perplexity"])
+    least = min(removal[1:], key=lambda r: r["exact >= 10x"])
+    sec.finding(f"Removing the norm parameters of the {least['removed']} blocks lowers exact "
+                f"extraction most ({removal[0]['exact >= 10x']:.0%} -> "
+                f"{least['exact >= 10x']:.0%}); the {worst['removed']} blocks cost the most "
+                f"perplexity ({removal[0]['held-out perplexity']:.2f} -> "
+                f"{worst['held-out perplexity']:.2f}).")
     return {"grad_ratio_by_module": {r["module"]: r["grad_ratio"] for r in rows},
             "scale_ratio_by_module": {r["module"]: r["scale_ratio"] for r in rows},
             "removal": removal}
@@ -359,10 +394,14 @@ TEXT = {
               "often they were in the training data, and how well simple membership scores "
               "(loss, Min-K%, zlib) tell members from held-out records.",
     "probes": "A linear probe per residual-stream site classifies memorized tokens from the "
-              "state that predicts them; controls (random labels per token type) and "
-              "output-only baselines show what the probe adds. Below, held-out texts token "
-              "by token: switch between the memorization label and the best probe's score; "
-              "hover a token for details.",
+              "state that predicts them; control tasks (random labels per token type) give "
+              "its selectivity. The model's own confidence already separates memorized "
+              "tokens well (a recited token is predicted with high probability), so the "
+              "confidence probe (max log-prob and entropy) is the baseline to beat, and the "
+              "right panel scores every probe on tokens matched for that confidence: there "
+              "only what the residual stream knows beyond the output distribution counts. "
+              "Below, held-out texts token by token: switch between the memorization label "
+              "and the best probe's score; hover a token for details.",
     "kfac": "K-FAC factors of every MLP projection give a curvature eigenbasis; the edit "
             "drops the components that hold up the recitation of the even-half canaries per "
             "unit of predicted KL. Scores are on the odd half.",

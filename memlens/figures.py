@@ -10,20 +10,62 @@ from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
+from plotly.colors import hex_to_rgb, qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from memlens.core.sequences import UNKNOWN, sort_keys
 
 GROUPS = ("early", "middle", "late")
 
+# One colour per memorization label (labels.py's names) in every figure and token view.
+LABEL_COLORS = {"memorized": "#d62728", "partial": "#ff7f0e", "not_memorized": "#1f77b4",
+                "generic": "#7f7f7f", "excluded": "#ffffff"}
 
-def _color(k: int) -> str:
-    return qualitative.Plotly[k % len(qualitative.Plotly)]
+
+def label_tint(label: str, alpha: float = 0.35) -> str:
+    """A label's colour as a light background (for token text)."""
+    color = LABEL_COLORS.get(label, LABEL_COLORS["excluded"])
+    if color == LABEL_COLORS["excluded"]:
+        return "transparent"
+    r, g, b = hex_to_rgb(color)
+    return f"rgba({r},{g},{b},{alpha})"
 
 
-def _duplication_label(key: str) -> str:
+def _color(k: int, n: int = 10) -> str:
+    """Distinct colours for up to 10 series; past that, an ordered scale (layers, blocks)."""
+    if n <= len(qualitative.Plotly):
+        return qualitative.Plotly[k % len(qualitative.Plotly)]
+    return sample_colorscale("Turbo", [0.05 + 0.9 * k / max(1, n - 1)])[0]
+
+
+def duplication_label(key) -> str:
+    """'100' -> '100x', '0' -> 'non-member': a by-duplication key as a reader sees it."""
+    key = str(key)
     return "non-member" if key == "0" else key if key == UNKNOWN else f"{key}x"
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def use_notebook_renderer(name: str = "memlens") -> str:
+    """Register and select a plotly renderer whose figures JupyterLab draws (plotly's
+    mimetype) and an exported notebook keeps (HTML, no CDN, no MathJax). Returns the
+    plotly.js ``<script>`` that page needs once: display it (``memlens.notebook.setup``)."""
+    import plotly.io as pio
+    from plotly.io._base_renderers import MimetypeRenderer, PlotlyRenderer
+    from plotly.offline import get_plotlyjs
+
+    class Renderer(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            bundle = PlotlyRenderer(config={"responsive": True}).to_mimebundle(dict(fig_dict))
+            bundle["text/html"] = pio.to_html(
+                fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                default_width="100%", config={"responsive": True}, validate=False)
+            return bundle
+
+    pio.renderers[name] = Renderer()
+    pio.renderers.default = name
+    return f"<script type='text/javascript'>{get_plotlyjs()}</script>"
 
 
 # --------------------------------------------------------------------------- labels, edits
@@ -35,7 +77,7 @@ def extraction_figure(series: dict[str, dict[str, float]], title: str) -> go.Fig
     fig = go.Figure()
     for name, rates in series.items():
         keys = sort_keys(rates)
-        fig.add_bar(x=[_duplication_label(k) for k in keys],
+        fig.add_bar(x=[duplication_label(k) for k in keys],
                     y=[rates[k] for k in keys], name=name,
                     hovertemplate=f"{name}<br>%{{x}}: %{{y:.0%}}<extra></extra>")
     fig.update_layout(title=title, barmode="group", yaxis_tickformat=".0%",
@@ -52,12 +94,13 @@ def spectrum_figure(spectra: pd.DataFrame) -> go.Figure:
     layer, factor ("A" or "G"), rank, eigenvalue (``memlens.curvature.spectra``)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("A = E[a a^T] (inputs)",
                                                         "G = E[g g^T] (output gradients)"))
+    n = spectra["layer"].nunique()
     for k, (name, df) in enumerate(spectra.groupby("layer", sort=False)):
         for col, factor in ((1, "A"), (2, "G")):
             part = df[df["factor"] == factor]
             fig.add_scatter(x=part["rank"], y=part["eigenvalue"].clip(lower=1e-12), name=name,
                             legendgroup=name, showlegend=col == 1, mode="lines",
-                            line_color=_color(k), row=1, col=col)
+                            line_color=_color(k, n), row=1, col=col)
     fig.update_yaxes(type="log", title_text="eigenvalue")
     fig.update_xaxes(type="log", title_text="rank")
     fig.update_layout(title="K-FAC factor spectra", height=420)
@@ -68,9 +111,10 @@ def mass_curve_figure(curves: pd.DataFrame) -> go.Figure:
     """Cumulative curvature mass against the fraction of components kept, highest first.
     ``curves``: columns layer, components, mass (``memlens.curvature.mass_curves``)."""
     fig = go.Figure()
+    n = curves["layer"].nunique()
     for k, (name, df) in enumerate(curves.groupby("layer", sort=False)):
         fig.add_scatter(x=df["components"], y=df["mass"], name=name, mode="lines",
-                        line_color=_color(k))
+                        line_color=_color(k, n))
     fig.update_layout(title="Curvature mass kept vs components kept",
                       xaxis=dict(title="fraction of components (highest curvature first)",
                                  type="log"),
@@ -83,8 +127,10 @@ def loading_figure(loadings: dict[str, pd.DataFrame]) -> go.Figure:
     fig = go.Figure()
     for k, (group, df) in enumerate(loadings.items()):
         mean = df.groupby("bin")["loading"].mean()
+        color = (LABEL_COLORS["memorized"] if group.startswith("memorized")
+                 else LABEL_COLORS["not_memorized"] if k == 1 else _color(k))
         fig.add_bar(x=[int(b) for b in mean.index], y=mean.tolist(), name=group,
-                    marker_color=_color(k))
+                    marker_color=color)
     fig.update_layout(title="Where tokens load: components binned by curvature",
                       xaxis=dict(title="curvature bin (0 = highest curvature)", dtick=1),
                       yaxis_title="mean loading (averaged over layers)", barmode="group")
@@ -114,37 +160,66 @@ def pareto_figure(points: pd.DataFrame, x: str = "perplexity",
 
 
 def layer_sweep_figure(results: pd.DataFrame, baselines: dict, trainer: str = "torch"):
-    """AUROC per layer per site kind with 95% CIs, control line and baseline lines.
+    """Held-out AUROC per layer and site kind (95% CIs), beside the confidence probe (a probe
+    on the model's own max log-prob and entropy): left on all tokens, right on tokens matched
+    for that confidence, where only what the residual stream adds beyond it can score.
 
     ``results`` and ``baselines`` are a :class:`ProbeSweep`'s (or ``results.parquet``
     and ``results.json["token_baselines"]`` of a config run).
     """
-    res = results[(results["trainer"] == trainer) & (results["layer"] >= 0)]
-    fig = go.Figure()
-    for kind, g in res[~res["control"]].groupby("kind"):
+    res = results[results["trainer"] == trainer]
+    layered = res[res["layer"] >= 0]
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
+                        subplot_titles=("all held-out tokens",
+                                        "tokens matched for the model's confidence"))
+    span = [layered["layer"].min(), layered["layer"].max()]
+    for k, (kind, g) in enumerate(layered[~layered["control"]].groupby("kind")):
         g = g.sort_values("layer")
-        fig.add_trace(go.Scatter(
-            x=g["layer"], y=g["auroc"], mode="lines+markers", name=kind,
-            error_y=dict(type="data", symmetric=False, array=g["auroc_ci_high"] - g["auroc"],
-                         arrayminus=g["auroc"] - g["auroc_ci_low"])))
-    ctrl = res[res["control"]].groupby("layer")["auroc"].mean()
-    fig.add_trace(go.Scatter(x=ctrl.index, y=ctrl.values, mode="lines", name="control task",
-                             line=dict(dash="dot", color="grey")))
-    span = [res["layer"].min(), res["layer"].max()]
-    # Probes on several sites and the model's own confidence: flat lines, named in the legend.
-    combos = results[(results["kind"] == "combined") & ~results["control"]
-                     & (results["trainer"] == trainer)]
-    for _, r in combos.iterrows():
-        fig.add_trace(go.Scatter(x=span, y=[r["auroc"]] * 2, mode="lines",
-                                 name=f"{r['probe']} ({r['auroc']:.3f})",
-                                 line=dict(width=1.5)))
+        for col, key in ((1, "auroc"), (2, "matched_auroc")):
+            err = (dict(type="data", symmetric=False, array=g["auroc_ci_high"] - g["auroc"],
+                        arrayminus=g["auroc"] - g["auroc_ci_low"]) if key == "auroc" else None)
+            fig.add_scatter(x=g["layer"], y=g[key], mode="lines+markers", name=kind,
+                            legendgroup=kind, showlegend=col == 1, error_y=err,
+                            line_color=_color(k), row=1, col=col)
+    ctrl = layered[layered["control"]].groupby("layer")["auroc"].mean()
+    fig.add_scatter(x=ctrl.index, y=ctrl.values, mode="lines", name="control task",
+                    line=dict(dash="dot", color="grey"), row=1, col=1)
+    # Probes on several sites and on the confidence alone: flat lines, named with their value.
+    flat = res[res["kind"].isin(["combined", "confidence"]) & ~res["control"]]
+    for k, (_, r) in enumerate(flat.iterrows()):
+        confidence = r["kind"] == "confidence"
+        line = (dict(color=LABEL_COLORS["memorized"], dash="dash", width=3) if confidence
+                else dict(color=_color(k + 3), width=1.5))
+        what = "confidence probe (max log-prob, entropy)" if confidence else r["probe"]
+        for col, key in ((1, "auroc"), (2, "matched_auroc")):
+            fig.add_scatter(x=span, y=[r[key]] * 2, mode="lines", line=line,
+                            name=f"{what}: {r['auroc']:.3f} / matched {r['matched_auroc']:.3f}",
+                            legendgroup=what, showlegend=col == 1, row=1, col=col)
     for name, v in baselines.items():
         if name.startswith("token_"):
-            fig.add_trace(go.Scatter(x=span, y=[v] * 2, mode="lines", name=f"{name} ({v:.3f})",
-                                     line=dict(dash="dash", width=1, color="black")))
-    fig.update_layout(title="Memorized-token probes: held-out AUROC by layer",
-                      xaxis=dict(title="layer", dtick=1), yaxis_title="AUROC (95% CI)",
-                      yaxis_range=[0.4, 1.01])
+            fig.add_scatter(x=span, y=[v] * 2, mode="lines", name=f"{name} ({v:.3f})",
+                            line=dict(dash="dot", width=1, color="black"), row=1, col=1)
+    fig.add_hline(y=0.5, line_color="lightgrey", row=1, col=2)
+    fig.update_xaxes(title_text="layer (block)", dtick=max(1, (span[1] - span[0]) // 10))
+    fig.update_yaxes(title_text="AUROC, memorized vs other tokens (95% CI)", range=[0.3, 1.01],
+                     row=1, col=1)
+    fig.update_layout(title="Memorized-token probes by layer<br><sup>and what the residual "
+                      "stream knows beyond the model's confidence</sup>", height=520,
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def logprob_histogram(tokens: pd.DataFrame) -> go.Figure:
+    """Log-probability of the labeled tokens, one colour per memorization label."""
+    fig = go.Figure()
+    for label, color in LABEL_COLORS.items():
+        part = tokens[tokens["label"] == label]
+        if len(part):
+            fig.add_histogram(x=part["logprob"], name=f"{label} ({len(part)})", nbinsx=60,
+                              marker_color=color, opacity=0.6)
+    fig.update_layout(barmode="overlay", title="Token log-probability by memorization label",
+                      xaxis_title="log-probability of the true token (nats)",
+                      yaxis_title="tokens", height=380)
     return fig
 
 
@@ -192,9 +267,10 @@ def group_bars_figure(conditions: list[dict]):
                             legendgroup=kind, showlegend=r == 1 and col == 1, row=r, col=col,
                             hovertemplate=f"{kind}<br>removed %{{x}}<br>%{{y:.3f}}<extra></extra>")
         fig.update_yaxes(title_text=whens[when], row=r, col=1)
-    fig.update_layout(barmode="group", height=650, width=1400,
-                      title="LayerNorm parameters removed per group of blocks: memorization, "
-                      "learning, recovery")
+    fig.update_xaxes(title_text="blocks whose LayerNorm was removed", row=2)
+    fig.update_layout(barmode="group", height=650,
+                      title="LayerNorm parameters removed per group of blocks<br><sup>"
+                      "memorization, learning, recovery</sup>")
     return fig
 
 
@@ -202,9 +278,9 @@ def gradient_ratio_figure(attribution: list[dict]):
     """Per block: gradient norm at each LayerNorm's input, memorized / clean tokens, raw and
     per unit of output error, and the ratio of the LayerNorm scales; one line per
     architecture and norm."""
-    panels = (("grad_ratio", "gradient norm at LayerNorm input: memorized / clean"),
-              ("grad_per_error_ratio", "the same per unit of output error"),
-              ("scale_ratio", "LayerNorm scale (hook_scale): memorized / clean"))
+    panels = (("grad_ratio", "gradient norm at the input"),
+              ("grad_per_error_ratio", "the same per unit of<br>output error"),
+              ("scale_ratio", "LayerNorm scale<br>(hook_scale)"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels])
     lines = sorted({(a["layernorm"], a["norm"]) for a in attribution}, reverse=True)
     palette = ("#1f77b4", "#17becf", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd")
@@ -221,7 +297,9 @@ def gradient_ratio_figure(attribution: list[dict]):
                 row=1, col=col)
     fig.add_hline(y=1, line_color="gray", line_dash="dot")
     fig.update_xaxes(title_text="block", dtick=1)
-    fig.update_layout(height=420, width=1400, title="Where memorized tokens pull on LayerNorm")
+    fig.update_yaxes(title_text="memorized / clean (1 = no difference)", row=1, col=1)
+    fig.update_layout(height=480, title="Where memorized tokens pull on LayerNorm: ratios "
+                      "per block", legend=dict(orientation="h", y=-0.25))
     return fig
 
 
@@ -265,10 +343,12 @@ def layer_heatmap_figure(conditions: list[dict]):
             colorbar=dict(title="relative<br>change"),
             hovertemplate="%{y}, %{x}: %{text} (change %{customdata:+.3f})<extra></extra>"),
             row=1, col=col)
-    fig.update_layout(height=120 + 45 * len(layers), width=1400,
-                      title="One block's LayerNorm parameters removed post hoc: value per "
-                      "metric, coloured by the change relative to the unedited model "
-                      "(clipped at ±100%)")
+    fig.update_xaxes(title_text="metric")
+    fig.update_yaxes(title_text="LayerNorm removed in", col=1)
+    fig.update_layout(height=160 + 45 * len(layers),
+                      title="One block's LayerNorm parameters removed post hoc<br><sup>value "
+                      "per metric, coloured by the change relative to the unedited model "
+                      "(clipped at ±100%)</sup>")
     return fig
 
 
@@ -293,9 +373,10 @@ def audit_heatmap(methods: list[dict]) -> go.Figure:
         z=z, x=cols, y=names, zmin=0, zmax=1, colorscale="Reds", text=text,
         texttemplate="%{text}", colorbar=dict(title="extraction<br>/ AUROC"),
         hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>"))
-    fig.update_layout(title="Does the removal forget? Exact extraction of the forget set under "
-                      "each attack, and how well membership inference still finds it",
+    fig.update_layout(title="Does the removal forget?<br><sup>Exact extraction of the forget "
+                      "set under each attack, and how well membership inference still finds "
+                      "it</sup>",
                       yaxis=dict(autorange="reversed", title="removal"),
                       xaxis=dict(title="attack", tickangle=-30),
-                      height=160 + 40 * len(methods), width=1200)
+                      height=200 + 40 * len(methods))
     return fig

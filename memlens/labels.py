@@ -334,7 +334,8 @@ def label(handle: ModelHandle, seqs: list[Sequence], cfg: LabelConfig | None = N
     tokens = pd.DataFrame(tok_rows, columns=[
         "id", "position", "token_id", "field", "candidate", "predicted", "logprob",
         "argmax_id", "max_logprob", "entropy", "label", "duplication", "member"])
-    tokens["token"] = handle.tokenizer.convert_ids_to_tokens(tokens["token_id"].tolist())
+    # As text (" Laura"), not the tokenizer's symbols ("ĠLaura").
+    tokens["token"] = handle.tokenizer.batch_decode([[i] for i in tokens["token_id"].tolist()])
     summary = summarize(sequences, tokens, cfg, n_skipped)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["model"] = handle.name

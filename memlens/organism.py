@@ -324,7 +324,7 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
                 opt.step()
                 step += 1
                 bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
             _save_checkpoint(work, model, opt, epoch + 1)
     train_seconds = time.perf_counter() - t0
 

@@ -147,18 +147,40 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
     return summary
 
 
-def run_config(path: str | Path, progress: bool = True) -> dict:
-    """Label, capture and train probes from one TOML file (see ``probes/configs/``); each
-    step is reused when its artifact is already there for the same model and settings."""
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def load_config(config: str | Path | dict) -> dict:
+    """A probe run's settings: a TOML file, the name of one that ships with memlens
+    (``"organism"``: ``memlens/configs/organism.toml``), or the dict itself.
+
+    Example:
+        >>> cfg = load_config("organism")
+        >>> cfg["output"]["dir"] = "/tmp/probes"
+        >>> run_config(cfg)
+    """
     import tomllib
 
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.is_file() and (CONFIGS / f"{config}.toml").is_file():
+        path = CONFIGS / f"{config}.toml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in CONFIGS.glob("*.toml"))
+        raise ConfigError(f"no config file {config}; give a TOML file or one of the configs "
+                          f"memlens ships: {shipped}")
+    return tomllib.loads(path.read_text()) | {"_source": str(path)}
+
+
+def run_config(config: str | Path | dict, progress: bool = True) -> dict:
+    """Label, capture and train probes from one config (see :func:`load_config`); each
+    step is reused when its artifact is already there for the same model and settings."""
     from memlens.core.model import load_model
     from memlens.organism import organism_path
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no config file {path}; see probes/configs/organism.toml")
-    cfg = tomllib.loads(path.read_text())
+    cfg = load_config(config)
+    source = cfg.get("_source", "a config dict")
     model_cfg = cfg.get("model", {})
     if "path" in model_cfg:
         model_dir = Path(model_cfg["path"])
@@ -176,11 +198,12 @@ def run_config(path: str | Path, progress: bool = True) -> dict:
                          CaptureConfig(positions="all", **cfg.get("capture", {})), progress)
     p = dict(cfg.get("probe", {}))
     trainers = tuple(p.pop("trainers", ("torch",)))
+    keep = (Path(source).name,) if "_source" in cfg else ()
     summary = train_probes(labels, store, out, ProbeConfig(**p), cfg.get("combos", {}),
-                           trainers, progress=progress, keep=(path.name,))
-    summary["config"] = str(path)
+                           trainers, progress=progress, keep=keep)
+    summary["config"] = source
     meta, identity = read_artifact(out, "results.json", "probes", "memlens probe train")
-    write_artifact(out, "results.json", {**meta, "config": str(path)}, identity)
+    write_artifact(out, "results.json", {**meta, "config": source}, identity)
     return summary
 
 

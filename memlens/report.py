@@ -20,23 +20,37 @@ from pathlib import Path
 
 import pandas as pd
 
-# Token colours by memorization label (labels.py's names).
-LABEL_COLORS = {"memorized": "#f4a3a3", "partial": "#f8d49a", "not_memorized": "#cfe3f7",
-                "generic": "#ececec", "excluded": "#ffffff"}
+from memlens.figures import LABEL_COLORS, label_tint
 
+# The page from 800 px to wide screens: one centred column, tables scroll inside it.
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1450px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1280px;
+       padding: 0 24px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 section { margin-bottom: 2.5em; } .prose { max-width: 60em; line-height: 1.45; }
+.finding { max-width: 60em; line-height: 1.45; background: #f4f6f8; padding: 0.5em 0.8em;
+           border-left: 3px solid #1f77b4; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table.dataframe { border-collapse: collapse; font-size: 0.9em; margin: 0.8em 0; }
-table.dataframe td, table.dataframe th { border: 1px solid #ddd; padding: 3px 8px; }
-.tokens { font-family: ui-monospace, monospace; font-size: 0.85em; line-height: 1.9; }
-.tokens .seq { margin: 0.6em 0; } .tokens .seq-title { font-weight: 600; margin-right: 0.5em; }
-.tokens span.tok { white-space: pre-wrap; border-radius: 2px; padding: 1px 0; }
-.tokens.by-label span.tok { background: var(--label); }
-.tokens.by-probe span.tok { background: var(--probe); }
-.legend span { padding: 1px 6px; margin-right: 6px; border-radius: 2px; }
+table.dataframe td, table.dataframe th { border: 1px solid #ddd; padding: 3px 8px;
+                                          vertical-align: top; }
+table.dataframe th { text-align: left; }
 """
+
+# token_view's own styles, so that it renders alike in the report, JupyterLab and exported
+# notebooks. Label colours are also inline: they survive an HTML sanitizer that drops <style>.
+_TOKEN_STYLE = """<style>
+.memlens-tokens { font-family: ui-monospace, monospace; font-size: 0.85em; line-height: 1.9; }
+.memlens-tokens .seq-title { font-family: system-ui, sans-serif; }
+.memlens-tokens span.tok { white-space: pre-wrap; border-radius: 2px; padding: 1px 0; }
+.memlens-tokens.by-probe span.tok { background-color: var(--probe) !important; }
+</style>"""
+
+
+def text_columns(df: pd.DataFrame) -> list:
+    """The columns that hold text (or other objects), whichever pandas string dtype."""
+    return [c for c in df.columns
+            if df[c].dtype == object or pd.api.types.is_string_dtype(df[c])]
 
 
 def _escape(text) -> str:
@@ -51,14 +65,24 @@ class Section:
 
     def figure(self, fig) -> Section:
         """Add a plotly figure (plotly.js comes once, with the page)."""
-        self.blocks.append(fig.to_html(full_html=False, include_plotlyjs=False))
+        self.blocks.append(fig.to_html(full_html=False, include_plotlyjs=False,
+                                       config={"responsive": True}))
         return self
 
     def table(self, rows: pd.DataFrame | list[dict], floatfmt: str = "{:.3f}") -> Section:
-        """Add a table; cells are escaped."""
-        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-        self.blocks.append(df.to_html(index=False, escape=True, border=0,
-                                      float_format=floatfmt.format))
+        """Add a table; cells are escaped and keep their line breaks."""
+        df = (rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)).copy()
+        # Escaped here, not by pandas, which would print a text's newlines as a literal "\n".
+        for col in text_columns(df):
+            df[col] = df[col].map(lambda v: _escape(v).replace("\n", "<br>"))
+        df.columns = [_escape(c) for c in df.columns]
+        self.blocks.append("<div class='table-wrap'>" + df.to_html(
+            index=False, escape=False, border=0, float_format=floatfmt.format) + "</div>")
+        return self
+
+    def finding(self, text: str) -> Section:
+        """State what the section found, in one sentence computed from its numbers."""
+        self.blocks.append(f"<p class='finding'><b>Finding.</b> {_escape(text)}</p>")
         return self
 
     def html(self, fragment: str) -> Section:
@@ -102,10 +126,11 @@ class Report:
 
 
 def _probe_color(score: float | None) -> str:
+    """White up to the probe's decision point (0.5), then deeper red up to 1."""
     if score is None or (isinstance(score, float) and math.isnan(score)):
-        return "#ffffff"
-    s = min(1.0, max(0.0, float(score)))  # white -> red with the probe's probability
-    return f"rgb(255,{round(255 - 155 * s)},{round(255 - 155 * s)})"
+        return "transparent"
+    s = min(1.0, max(0.0, 2 * float(score) - 1))
+    return f"rgb(255,{round(255 - 165 * s)},{round(255 - 165 * s)})"
 
 
 def token_view(sequences: list[dict], view_id: str = "tokens") -> str:
@@ -113,10 +138,13 @@ def token_view(sequences: list[dict], view_id: str = "tokens") -> str:
 
     ``sequences``: ``[{"title": str, "tokens": [{"text", "label", "score", "hover"}]}]``;
     ``score`` (the probe's probability, or None) and ``hover`` (details) are optional.
-    Token text and hover details are untrusted and escaped.
+    Token text and hover details are untrusted and escaped. The fragment carries its own
+    styles, so ``IPython.display.HTML(token_view(...))`` shows it coloured.
     """
-    legend = "".join(f"<span style='background:{c}'>{_escape(k)}</span>"
-                     for k, c in LABEL_COLORS.items() if k != "excluded")
+    chip = "padding:1px 6px;margin-right:6px;border-radius:2px;white-space:nowrap;"
+    legend = "".join(f"<span style='{chip}background-color:{label_tint(k)}'>"
+                     f"{_escape(k.replace('_', ' '))}</span>"
+                     for k in LABEL_COLORS if k != "excluded")
     rows = []
     for seq in sequences:
         spans = []
@@ -128,19 +156,22 @@ def token_view(sequences: list[dict], view_id: str = "tokens") -> str:
             detail = f"{tok['text']!r} | {label}" + (
                 f" | probe {score:.2f}" if score is not None else "") + (
                 f" | {hover}" if hover else "")
-            spans.append(f"<span class='tok' style='--label:{LABEL_COLORS.get(label, '#fff')};"
+            spans.append(f"<span class='tok' style='background-color:{label_tint(label)};"
                          f"--probe:{_probe_color(score)}' title='{_escape(detail)}'>"
                          f"{_escape(text)}</span>")
-        rows.append(f"<div class='seq'><span class='seq-title'>{_escape(seq['title'])}</span>"
+        rows.append(f"<div class='seq' style='margin:0.6em 0'><span class='seq-title' "
+                    f"style='display:block;font-weight:600'>{_escape(seq['title'])}</span>"
                     + "".join(spans) + "</div>")
-    toggle = (f"<label><input type='radio' name='{view_id}-mode' checked onclick=\""
-              f"document.getElementById('{view_id}').className='tokens by-label'\"> "
+    vid = _escape(view_id)
+    toggle = (f"<label><input type='radio' name='{vid}-mode' checked onclick=\""
+              f"document.getElementById('{vid}').className='memlens-tokens by-label'\"> "
               "memorization label</label> "
-              f"<label><input type='radio' name='{view_id}-mode' onclick=\""
-              f"document.getElementById('{view_id}').className='tokens by-probe'\"> "
-              "probe score (white 0 to red 1)</label>")
-    return (f"<div class='legend'>{toggle}<br>{legend}</div>"
-            f"<div id='{_escape(view_id)}' class='tokens by-label'>{''.join(rows)}</div>")
+              f"<label><input type='radio' name='{vid}-mode' onclick=\""
+              f"document.getElementById('{vid}').className='memlens-tokens by-probe'\"> "
+              "probe score (white up to 0.5, red at 1)</label>")
+    return (f"{_TOKEN_STYLE}<div style='margin:0.5em 0'>{toggle}<br>"
+            f"<span style='line-height:2'>{legend}</span></div>"
+            f"<div id='{vid}' class='memlens-tokens by-label'>{''.join(rows)}</div>")
 
 
 def labeled_sequence(tokens: pd.DataFrame, tokenizer, seq_id: str, token_ids: list[int],
@@ -150,7 +181,6 @@ def labeled_sequence(tokens: pd.DataFrame, tokenizer, seq_id: str, token_ids: li
     ``scores[t]`` (optional) is a probe's probability for token ``t``; positions without a
     label (the prefix) show as ``excluded``.
     """
-    import math
 
     tok = tokens[tokens["id"].astype(str) == str(seq_id)].set_index("position")
     rows = []

@@ -1,6 +1,6 @@
 """Train a layer-by-site sweep of memorization probes from a config.
 
-    python probes/train.py --config probes/configs/organism.toml
+    python probes/train.py --config organism
 
 Labels the model's sequences, captures activations at the configured sites, fits a
 probe per site and per combination, and writes results.json, results.parquet,
@@ -15,7 +15,8 @@ from memlens.pipeline import run_config
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="a TOML file like probes/configs/*.toml")
+    ap.add_argument("--config", required=True,
+                    help="a TOML file, or the name of a config memlens ships (organism)")
     args = ap.parse_args()
     summary = run_config(args.config)
     keys = ("best_site", "best_token_auroc", "selectivity", "best_single_site",

@@ -14,7 +14,7 @@ LAYERS = {
     "corpus": 1, "organism": 1, "labels": 1, "capture": 1, "splits": 1,
     "edits": 2, "probes": 2, "curvature": 2, "interventions": 2, "localize": 2, "subnet": 2,
     "steering": 2, "layernorm": 2, "audit": 2,
-    "figures": 3, "report": 3,
+    "figures": 3, "report": 3, "notebook": 3,
     "pipeline": 4, "demo": 4, "cli": 4, "__main__": 4, "__init__": 4,
 }
 PLOTLY_OK = {"figures", "report", "pipeline", "demo", "cli"}

@@ -63,6 +63,10 @@ def test_olmo2_loads_with_bridge(tmp_path, saved_tokenizer):
         torch.testing.assert_close(handle.bridge(ids), handle.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
     assert "blocks.1.mlp.hook_out" in handle.bridge.hook_dict
+    # Shown in a notebook: one line that says what the model is, not a module dump.
+    n = sum(p.numel() for p in handle.model.parameters())
+    assert repr(handle) == (f"ModelHandle({str(tmp_path)!r}: olmo2, {n / 1e6:.2f}M parameters, "
+                            "2 blocks, d_model 64, float32 on cpu)")
 
 
 def test_missing_directory_is_named(tmp_path):

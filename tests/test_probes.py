@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 from memlens.capture import ActivationStore
+from memlens.core.errors import ConfigError
 from memlens.core.sites import UnknownSiteError
-from memlens.pipeline import run_config
+from memlens.pipeline import load_config, run_config
 from memlens.probes import (
     Probe,
     ProbeConfig,
@@ -38,6 +39,16 @@ all_sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post", "confidence"]
 dir = "{out}"
 """)
     return out, run_config(config, progress=False)
+
+
+def test_configs_ship_with_the_package_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found through the package, from any working directory
+    cfg = load_config("organism")
+    assert cfg["model"]["organism"] == "small" and "blocks.*.hook_resid_post" in cfg[
+        "capture"]["sites"] and cfg["_source"].endswith("memlens/configs/organism.toml")
+    assert load_config(cfg) is cfg
+    with pytest.raises(ConfigError, match=r"organsim.*\['organism'\]"):
+        load_config("organsim")
 
 
 def test_config_run_writes_results_and_beats_single_sites(run):

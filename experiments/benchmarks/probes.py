@@ -1,6 +1,6 @@
 """Probe trainers: scikit-learn per-site fits vs one batched PyTorch fit of every site.
 
-    python experiments/benchmarks/probes.py [--config probes/configs/organism.toml]
+    python experiments/benchmarks/probes.py [--config organism]
 
 Same store, sites, features and split for both (the config's probe sweep, run first if
 needed). `speedup` is sklearn fit time / torch fit time (median of interleaved repeats);
@@ -25,7 +25,7 @@ from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, fit_probes
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="probes/configs/organism.toml")
+    ap.add_argument("--config", default="organism")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("experiments/results/probes.json"))
     args = ap.parse_args()

@@ -52,7 +52,7 @@ def _shared_structure_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-@dataclass
+@dataclass(repr=False)
 class ModelHandle:
     """A causal LM with its tokenizer, and lazily built interpretability views of it.
 
@@ -79,6 +79,14 @@ class ModelHandle:
     @property
     def config(self):
         return self.model.config
+
+    def __repr__(self) -> str:
+        cfg = self.model.config
+        n = sum(p.numel() for p in self.model.parameters())
+        dtype = next(self.model.parameters()).dtype
+        return (f"ModelHandle({self.name!r}: {cfg.model_type}, {n / 1e6:.2f}M parameters, "
+                f"{self.n_layers} blocks, d_model {cfg.hidden_size}, "
+                f"{str(dtype).removeprefix('torch.')} on {self.device})")
 
     @property
     def max_positions(self) -> int | None:

@@ -1,7 +1,9 @@
 """Progress bars that read well in a terminal, a notebook and a log file.
 
-In a terminal or notebook the bar updates live; redirected to a file it writes at most one
-line every ``LOG_INTERVAL`` seconds, so a long step leaves a few lines in a log, not thousands.
+In a terminal the bar updates live; redirected to a file it writes at most one line every
+``LOG_INTERVAL`` seconds, so a long step leaves a few lines in a log, not thousands. In a
+notebook it is a widget while it runs and becomes one line when it ends ("label: 13 batch in
+2.1 s", or where it stopped), so a saved or exported notebook keeps no half-drawn bars.
 
 Example:
     >>> for batch in progress(batches, desc="label", unit="batch"):
@@ -24,7 +26,39 @@ def progress(iterable=None, *, desc: str = "", total: int | None = None, unit: s
     from memlens.core.distributed import is_main
 
     disable = disable or not is_main()  # under torchrun, rank 0 speaks for all
+    if not disable and "ipykernel" in sys.modules and _has_widgets():
+        return _notebook_bar()(iterable, desc=desc, total=total, unit=unit, initial=initial,
+                               leave=leave, mininterval=0.1)
     interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, initial=initial,
                 leave=leave, mininterval=0.1 if interactive else LOG_INTERVAL,
                 dynamic_ncols=interactive)
+
+
+def _has_widgets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
+def _notebook_bar():
+    from IPython.display import Pretty, display
+    from tqdm.notebook import tqdm as widget_bar
+
+    class NotebookBar(widget_bar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, display=False, **kwargs)
+            self.handle = display(self.container, display_id=True)
+
+        def close(self):
+            handle, self.handle = getattr(self, "handle", None), None
+            super().close()
+            if handle is None:
+                return
+            early = self.total is not None and self.n < self.total
+            count = f"{self.n} of {self.total}" if early else f"{self.n}"
+            handle.update(Pretty(f"{self.desc}: {count} {self.unit} in "
+                                 f"{self.format_dict['elapsed']:.1f} s"
+                                 + (", stopped early" if early else "")))
+
+    return NotebookBar
