@@ -56,7 +56,7 @@ CHECKS = {
     "06_pretrained": lambda v: v["bridge_diff"] < 1e-4 and v["exact"]["25"] == 1.0
     and v["exact"]["1"] == 0.0 and 0 <= v["best"] <= 1
     and all(0 <= m <= 1 for m in v["matched"].values())
-    and v["kfac"]["keep-mass rho=0.9"]["25"] == 0.0
+    and v["kfac"]["keep-mass rho=0.9"]["25x"] == 0.0
     and v["steered"]["25"] < v["before"]["exact_extraction_rate_by_duplication"]["25"]
     and v["neuron_blocks"] == v["trained"] and v["norm_rows"] == 4,
     "07_audit": lambda v: len(v["rows"]) == 4
