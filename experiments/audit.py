@@ -9,7 +9,10 @@ audited with :func:`memlens.audit.audit`: right after the removal, after INT8 / 
 weight quantization, after 10 / 50 / 200 relearning steps on the other canaries and the
 once-seen records, under perturbed prompts, by membership inference against held-out
 non-members and by a memorization probe. The gold standard is the organism trained with
-the same preset and seed without the forget set.
+the same preset and seed without the forget set. Besides the published removals it tries
+loss-matched forgetting (``fine_tune(..., match_losses=...)``): the forget set's token losses
+pulled onto the distribution of the model's losses on held-out non-members, rather than up
+without bound.
 
 Writes experiments/results/audit.json (``forget_set``, ``methods``: one entry per removal
 with ``name``, ``perplexity``, ``after_edit``, ``int8``, ``int4``, ``relearn``,
@@ -27,7 +30,14 @@ from pathlib import Path
 import torch
 
 from memlens import load_model, organism_path
-from memlens.audit import AuditConfig, AuditData, audit, fine_tune, restorable
+from memlens.audit import (
+    AuditConfig,
+    AuditData,
+    audit,
+    fine_tune,
+    restorable,
+    token_loss_values,
+)
 from memlens.core.metrics import edit_metrics
 from memlens.curvature import (
     KFACConfig,
@@ -87,6 +97,23 @@ def removals(handle, splits, forget, cfg, sweep: Sweep, tokens: int):
         return run()
     p, pts = sweep.best("gradient ascent (steps)", ascent, (5, 10, 20, 40))
     out.append(("gradient ascent", lambda p=p: ascent(p), p, pts))
+
+    # Loss-matched forgetting: the forget set's token losses pulled onto the distribution of
+    # the model's losses on held-out non-members (not beyond, which membership inference
+    # would see), the general records held in place.
+    reference = token_loss_values(handle, [s.token_ids[:cfg.prefix + cfg.suffix]
+                                           for s in splits.nonmembers])
+
+    def matched(steps):
+        @contextmanager
+        def run():
+            with restorable(handle):
+                fine_tune(handle, forget_ids, steps, 3e-4, match_losses=reference,
+                          retain=general[:256])
+                yield
+        return run()
+    p, pts = sweep.best("loss-matched forgetting (steps)", matched, (50, 100, 200))
+    out.append(("loss-matched forgetting", lambda p=p: matched(p), p, pts))
 
     factors = collect_factors(handle, general, KFACConfig(max_tokens=tokens), progress=False)
     basis = eigenbasis(factors)

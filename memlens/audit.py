@@ -135,12 +135,23 @@ def quantized(handle: ModelHandle, bits: int, group_size: int | None = None):
 
 def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: float,
               batch_size: int = 8, ascent: bool = False, seed: int = 0,
-              every: Callable[[int], None] | None = None, progress: bool = False) -> None:
+              every: Callable[[int], None] | None = None, progress: bool = False,
+              match_losses: torch.Tensor | None = None,
+              retain: list[list[int]] | None = None) -> None:
     """``steps`` AdamW steps on ``token_ids`` (cycled), in place; with ``ascent`` the loss is
     maximized (gradient ascent, the classic unlearning baseline). ``every(step)`` runs after
-    each step. Wrap in :func:`restorable` to undo."""
+    each step. Wrap in :func:`restorable` to undo.
+
+    ``match_losses`` (loss-matched forgetting) pulls the distribution of the batch's token
+    losses onto that reference sample (sorted losses against its quantiles), e.g. the
+    model's own losses on held-out non-members (:func:`token_loss_values`): forgotten text
+    should look like text never seen, not like text avoided, which membership inference
+    (loss, Min-K%, zlib) detects as surely as text recited. ``retain`` adds the ordinary loss
+    on a batch of those sequences per step, to hold the rest of the model in place."""
     if not token_ids:
         raise DataError("fine_tune needs at least one sequence")
+    if ascent and match_losses is not None:
+        raise ConfigError("fine_tune: give ascent=True or match_losses, not both")
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in handle.model.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -156,7 +167,20 @@ def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: f
                 ids, mask = handle.pad([token_ids[i] for i in chosen], side="right")
                 with torch.enable_grad():
                     loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
-                    loss = loss[keep].mean() * (-1 if ascent else 1)
+                    if match_losses is not None:  # 1-D optimal transport onto the reference
+                        got = loss[keep].sort().values
+                        ref = torch.quantile(match_losses.float().cpu(),
+                                             torch.linspace(0, 1, len(got))).to(got.device)
+                        loss = ((got - ref) ** 2).mean()
+                    else:
+                        loss = loss[keep].mean() * (-1 if ascent else 1)
+                    if retain:
+                        pick = torch.randint(len(retain), (batch_size,), generator=gen)
+                        r_ids, r_mask = handle.pad([retain[i] for i in pick.tolist()],
+                                                   side="right")
+                        r_loss, _, r_keep = token_losses(forward(handle, r_ids, r_mask), r_ids,
+                                                         r_mask)
+                        loss = loss + r_loss[r_keep].mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,8 +243,23 @@ def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: Extract
 
 
 @torch.no_grad()
-def _suffix_loss(handle: ModelHandle, token_ids: list[list[int]], start: int,
-                 batch_size: int) -> np.ndarray:
+@torch.no_grad()
+def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
+                      batch_size: int = 32) -> torch.Tensor:
+    """Every next-token loss in ``token_ids``, as one flat tensor (the reference sample for
+    :func:`fine_tune`'s ``match_losses``)."""
+    out = []
+    for _, ids, mask in batches(handle, token_ids, batch_size):
+        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+        out.append(loss[keep].cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_losses(handle: ModelHandle, token_ids: list[list[int]], start: int = 1,
+                batch_size: int = 32) -> np.ndarray:
+    """Per sequence: mean next-token loss from token ``start`` on (``start=1``: all of it;
+    the level :func:`fine_tune`'s ``target_loss`` aims at)."""
     out = []
     for _, ids, mask in batches(handle, token_ids, batch_size):
         loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
@@ -242,7 +281,7 @@ def neighbourhood_loss(handle: ModelHandle, seqs: list[Sequence], cfg: Extractio
         for _ in range(neighbours):
             where = torch.randperm(cfg.prefix - 1, generator=gen)[:corrupt] + 1
             near.append(_corrupted(w, where.tolist(), vocab, gen))
-    return _suffix_loss(handle, near, cfg.prefix, cfg.batch_size).reshape(len(seqs), -1).mean(1)
+    return mean_losses(handle, near, cfg.prefix, cfg.batch_size).reshape(len(seqs), -1).mean(1)
 
 
 def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:

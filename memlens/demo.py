@@ -1,12 +1,13 @@
 """``memlens demo``: the whole artifact chain on the embedded organism, into one report.
 
 Steps, in order: labels, probes, kfac, interventions (localization and ablation), steering,
-layernorm. Each step reads the artifacts of the steps before it and writes its own under
-OUT (``labels/``, ``activations/``, ``probes/``, ``kfac/factors.safetensors``, ``neurons/``,
-``steering/``); its headline numbers and its part of the report go to
-``OUT/steps/NAME.json``, keyed by the model's weights hash, the demo's settings and the
-identity headers of the artifacts the step reads. A second run reuses every step whose key
-still matches and only rebuilds the page (an interrupted run resumes at the step it was in).
+layernorm, audit (do those removals forget, or only hide?). Each step reads the artifacts of
+the steps before it and writes its own under OUT (``labels/``, ``activations/``, ``probes/``,
+``kfac/factors.safetensors``, ``neurons/``, ``steering/``); its headline numbers and its part
+of the report go to ``OUT/steps/NAME.json``, keyed by the model's weights hash, the demo's
+settings and the identity headers of the artifacts the step reads. A second run reuses every
+step whose key still matches and only rebuilds the page (an interrupted run resumes at the
+step it was in).
 
 The organism's :class:`~memlens.splits.Splits` keep scores honest: probes, directions and
 edits come from the even half of the canaries and non-members, every before/after score
@@ -38,7 +39,7 @@ from memlens.organism import organism_path
 from memlens.report import Report, Section, labeled_sequence, token_view
 from memlens.splits import Splits
 
-STEPS = ("labels", "probes", "kfac", "interventions", "steering", "layernorm")
+STEPS = ("labels", "probes", "kfac", "interventions", "steering", "layernorm", "audit")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class DemoConfig:
     steer_site: str = "blocks.1.hook_resid_post"
     steer_alpha: float = 4.0
     attribution_tokens: int = 200
+    audit_relearn_steps: tuple[int, ...] = (10, 50)
 
 
 class Demo:
@@ -105,7 +107,8 @@ class Demo:
         """Digests of the artifacts ``step`` reads (those that exist yet)."""
         reads = {"labels": self.labels_dir / "summary.json",
                  "probe": self.probe_path(self.config.steer_site) / "probe.json"}
-        wanted = {"labels": [], "steering": ["labels", "probe"]}.get(step, ["labels"])
+        wanted = {"labels": [], "steering": ["labels", "probe"],
+                  "audit": ["labels", "probe"]}.get(step, ["labels"])
         out = {}
         for name in wanted:
             if reads[name].is_file():
@@ -116,7 +119,8 @@ class Demo:
     def identity(self, step: str) -> Identity:
         """What a cached step was computed from: the model, the demo's settings and the
         artifacts the step reads."""
-        return Identity(f"demo step {step}", self.model_hash, None, asdict(self.config),
+        settings = json.loads(json.dumps(asdict(self.config)))  # as cached: lists, not tuples
+        return Identity(f"demo step {step}", self.model_hash, None, settings,
                         self.inputs(step), str(self.path), VERSION)
 
 
@@ -239,13 +243,13 @@ def step_probes(d: Demo, sec: Section) -> dict:
             "token_baselines": summary["token_baselines"]}
 
 
-def step_kfac(d: Demo, sec: Section) -> dict:
+def _kfac_edit(d: Demo):
+    """The demo's aimed K-FAC edit: (factors, eigenbasis, edited weights, aimed targets);
+    the factors are collected once and read back from OUT/kfac afterwards."""
     from memlens.curvature import (
         KFACConfig,
-        apply_weights,
         budget_weights,
         collect_factors,
-        component_loading,
         eigenbasis,
         memorization_gradient,
     )
@@ -257,7 +261,14 @@ def step_kfac(d: Demo, sec: Section) -> dict:
     basis = eigenbasis(factors)
     targets = recited_targets(d.labels, ids={s.id for s in d.splits.aim})
     grads = memorization_gradient(d.handle, targets, factors.layers, start=d.cfg.prefix)
-    with apply_weights(d.handle, budget_weights(d.handle, basis, d.config.kfac_budget, grads)):
+    return factors, basis, budget_weights(d.handle, basis, d.config.kfac_budget, grads), targets
+
+
+def step_kfac(d: Demo, sec: Section) -> dict:
+    from memlens.curvature import apply_weights, component_loading
+
+    factors, basis, weights, targets = _kfac_edit(d)
+    with apply_weights(d.handle, weights):
         after = d.after()
     fig, headline = _before_after(d.before, after, "The K-FAC edit")
     sec.figure(fig)
@@ -389,6 +400,56 @@ def step_layernorm(d: Demo, sec: Section) -> dict:
             "removal": removal}
 
 
+def step_audit(d: Demo, sec: Section) -> dict:
+    from memlens.audit import AuditConfig, AuditData, audit
+    from memlens.curvature import apply_weights
+    from memlens.figures import audit_heatmap
+    from memlens.localize import NeuronAblation
+    from memlens.probes import Probe
+    from memlens.steering import Steering
+
+    s = d.splits
+    forget = s.at(100)  # the held-out 100x canaries every removal above was scored on
+    relearn = ([q.token_ids for q in s.canaries if q.duplication != 100]
+               + [q.token_ids for q in s.general[:500]])
+    data = AuditData(forget, relearn, s.nonmembers, s.heldout)
+    config = AuditConfig(relearn_steps=d.config.audit_relearn_steps)
+    probe = Probe.load(d.probe_path(d.config.steer_site))
+    weights = _kfac_edit(d)[2]
+    without = load_model(organism_path(d.config.preset, d.config.arch, d.config.seed,
+                                       withheld=tuple(int(q.id) for q in forget),
+                                       progress=d.progress))
+    models = {"unedited": (d.handle, None), "retrain without": (without, None),
+              "K-FAC edit": (d.handle, lambda: apply_weights(d.handle, weights)),
+              "neuron ablation": (d.handle, lambda: NeuronAblation.load(d.neurons_dir)
+                                  .apply(d.handle)),
+              "probe-gated steering": (d.handle, lambda: Steering.load(d.steering_dir)
+                                       .apply(d.handle))}
+    results = [{"name": name, **audit(model, removal, data, config, d.cfg, probe=probe,
+                                      progress=d.progress)}
+               for name, (model, removal) in models.items()]
+    sec.figure(audit_heatmap(results))
+    last = str(max(config.relearn_steps))
+    gold = results[1]
+
+    def gap(r):  # the largest distance from the retrain-without model, extraction and AUROC
+        return max(abs(r["int4"]["exact"] - gold["int4"]["exact"]),
+                   abs(r["relearn"][last]["exact"] - gold["relearn"][last]["exact"]),
+                   abs(r["mia_auroc"]["loss"] - gold["mia_auroc"]["loss"]))
+
+    closest = min(results[2:], key=gap)
+    sec.finding(f"Closest to the model that never saw the forget set: {closest['name']} "
+                f"(largest gap {gap(closest):.2f}: after INT4 {closest['int4']['exact']:.0%}, "
+                f"after {last} relearning steps {closest['relearn'][last]['exact']:.0%}, "
+                f"membership AUROC {closest['mia_auroc']['loss']:.2f} against "
+                f"{gold['mia_auroc']['loss']:.2f}); a removal that forgets matches that row "
+                "under every attack.")
+    return {r["name"]: {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
+                        "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
+                        "mia_auroc_loss": r["mia_auroc"]["loss"],
+                        "perplexity": r["after_edit"]["perplexity"]} for r in results}
+
+
 TEXT = {
     "labels": "Which canaries the organism reproduces verbatim from a 32-token prefix, by how "
               "often they were in the training data, and how well simple membership scores "
@@ -415,16 +476,23 @@ TEXT = {
     "layernorm": "Per normalization layer: the gradient at its input for memorized PII tokens "
                  "vs clean template tokens (one backward pass per token), its scale, and what "
                  "removing the norm's parameters (gain 1) per group of blocks does.",
+    "audit": "Does each removal above forget the held-out 100x canaries, or only hide them? "
+             "Each is attacked: weights quantized to INT8 and INT4, a few fine-tuning steps "
+             "on other records (never the forget set), perturbed prompts, and membership "
+             "inference against held-out non-members. The gold standard is the same "
+             "organism trained without those canaries (experiments/audit.py audits every "
+             "removal memlens has).",
 }
 TITLES = {"labels": "1. Labels: what the organism memorized",
           "probes": "2. Activations and probes",
           "kfac": "3. Curvature (K-FAC) edit",
           "interventions": "4. Localization and ablation",
           "steering": "5. Steering during generation",
-          "layernorm": "6. LayerNorm attribution"}
+          "layernorm": "6. LayerNorm attribution",
+          "audit": "7. Forgetting audit: forgotten or hidden?"}
 RUNNERS = {"labels": step_labels, "probes": step_probes, "kfac": step_kfac,
            "interventions": step_interventions, "steering": step_steering,
-           "layernorm": step_layernorm}
+           "layernorm": step_layernorm, "audit": step_audit}
 
 
 def run_demo(out: str | Path = "memlens-demo", preset: str = "small", arch: str = "llama",
@@ -506,6 +574,13 @@ def _summary_section(s: dict) -> Section:
         rows.append((step, f"{what}: 100x exact extraction",
                      f"{r['exact_100x_before']:.0%} -> {r['exact_100x_after']:.0%} at "
                      f"{r['perplexity_change']:+.1%} perplexity"))
+    for name in ("K-FAC edit", "neuron ablation", "probe-gated steering"):
+        a, gold = s["audit"][name], s["audit"]["retrain without"]
+        rows.append(("audit", f"{name}: after INT4 / relearning / membership AUROC",
+                     f"{a['int4']:.0%} / {list(a['relearn'].values())[-1]:.0%} / "
+                     f"{a['mia_auroc_loss']:.2f} (retrain without: {gold['int4']:.0%} / "
+                     f"{list(gold['relearn'].values())[-1]:.0%} / "
+                     f"{gold['mia_auroc_loss']:.2f})"))
     ratios = list(s["layernorm"]["grad_ratio_by_module"].values())
     rows.append(("layernorm", "gradient at LayerNorm input, memorized / clean",
                  f"{min(ratios):.2f} to {max(ratios):.2f}"))

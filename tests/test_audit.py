@@ -11,10 +11,12 @@ from memlens.audit import (
     AuditData,
     audit,
     fine_tune,
+    membership,
     perturbed_extraction,
     quantized,
     quantized_weights,
     restorable,
+    token_loss_values,
 )
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.metrics import ExtractionConfig, exact_extraction
@@ -110,6 +112,27 @@ def test_gradient_ascent_hides_and_relearning_is_undone(tiny):
     assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
     with pytest.raises(DataError, match="in the forget set"):
         AuditData(data.forget, forget_ids[:1], data.nonmembers, data.heldout)
+
+
+def test_loss_matched_forgetting_looks_like_unseen_text(tiny):
+    handle, splits, data = tiny
+    cfg = ExtractionConfig()
+    cut = cfg.prefix + cfg.suffix
+    forget_ids = [s.token_ids[:cut] for s in data.forget]
+    reference = token_loss_values(handle, [s.token_ids[:cut] for s in data.nonmembers])
+    assert membership(handle, data.forget, data.nonmembers, cfg)["loss"] > 0.95
+    with restorable(handle):
+        fine_tune(handle, forget_ids, steps=50, lr=3e-4, match_losses=reference,
+                  retain=[s.token_ids for s in splits.general[:256]])
+        assert sum(exact_extraction(handle, data.forget, cfg)) == 0
+        # The forget set's token losses now sit where unseen text's do: neither recited
+        # (AUROC near 1, as before) nor pushed past unseen text (near 0, as ascent can).
+        after = token_loss_values(handle, forget_ids)
+        assert abs(after.median() - reference.median()) < 0.5 * reference.median()
+        mia = membership(handle, data.forget, data.nonmembers, cfg)
+        assert all(0.25 < mia[k] < 0.8 for k in ("loss", "min_k", "zlib")), mia
+    with pytest.raises(ConfigError, match="not both"):
+        fine_tune(handle, forget_ids, 1, 1e-3, ascent=True, match_losses=reference)
 
 
 def test_retrain_without_never_saw_the_forget_set(tiny):

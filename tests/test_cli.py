@@ -3,6 +3,7 @@ import json
 import pytest
 
 from memlens.cli import main
+from memlens.demo import STEPS
 
 
 def test_label_command_writes_results(tiny_organism, tmp_path, capsys):
@@ -41,7 +42,7 @@ def test_every_command_says_what_goes_in_and_out_with_an_example(capsys):
 def test_demo_command_reuses_cached_steps(tiny_demo, capsys):
     out, summary = tiny_demo
     assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count(": cached") == 6
+    assert capsys.readouterr().out.count(": cached") == len(STEPS)
     again = json.loads((out / "summary.json").read_text())
     assert again["probes"] == json.loads(json.dumps(summary["probes"], default=float))
     assert again["organism"]["preset"] == "tiny"

@@ -44,6 +44,12 @@ def test_demo_summary_holds_every_step(tiny_demo):
         assert 0 <= r["exact_100x_after"] <= 1 and r["perplexity_after"] > 1
         assert r["perplexity_after"] != r["perplexity_before"]  # the edit took effect
     assert len(summary["layernorm"]["grad_ratio_by_module"]) == 4  # 2 blocks x 2 norms
+    audit = summary["audit"]
+    assert set(audit) == {"unedited", "retrain without", "K-FAC edit", "neuron ablation",
+                          "probe-gated steering"}
+    assert audit["unedited"]["exact"] >= 0.8 and audit["retrain without"]["exact"] == 0
+    assert audit["retrain without"]["mia_auroc_loss"] < 0.8 < audit["unedited"]["mia_auroc_loss"]
+    assert audit["K-FAC edit"]["exact"] == summary["kfac"]["exact_100x_after"]
 
 
 def test_demo_second_run_reuses_every_step(tiny_demo, capsys):

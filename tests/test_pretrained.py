@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
+from memlens.audit import mean_losses
 from memlens.capture import ActivationStore
 from memlens.cli import main
 from memlens.core.errors import ModelLoadError
 from memlens.core.model import load_model
-from memlens.core.scoring import forward, token_losses
 from memlens.core.sites import run_sites
 from memlens.curvature import Factors
 from memlens.labels import Labels
@@ -187,20 +187,13 @@ def test_localization_finds_neurons_that_hold_the_recitation(chain, handle, tmp_
     recited = [list(t) for t in sequences.loc[sequences["exact"], "token_ids"]]
     random_table = ablation.table.assign(
         neuron=torch.randperm(1536, generator=torch.Generator().manual_seed(0))[:60].numpy())
-    plain = _suffix_loss(handle, recited)
+    plain = mean_losses(handle, recited, start=32).mean()
     with ablation.apply(handle):
-        found = _suffix_loss(handle, recited)
+        found = mean_losses(handle, recited, start=32).mean()
     with ablate_neurons(handle, random_table):
-        chance = _suffix_loss(handle, recited)
+        chance = mean_losses(handle, recited, start=32).mean()
     print(f"suffix loss: plain {plain:.3f}, found {found:.3f}, random {chance:.3f}")
     assert found - plain > 2 * abs(chance - plain)
-
-
-def _suffix_loss(handle, token_ids, start=32):
-    ids, mask = handle.pad(token_ids, side="right")
-    with torch.no_grad():
-        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
-    return loss[:, start - 1:][keep[:, start - 1:]].mean().item()
 
 
 def test_rmsnorm_attribution_and_removal(handle, chain):
