@@ -82,3 +82,5 @@ def test_progress_writes_a_few_lines_to_a_log(tmp_path):
         subprocess.run([sys.executable, "-c", code], stderr=f, check=True)
     text = log.read_text()
     assert text.count("step") <= 3 and "400/400" in text
+    # Whole lines, no carriage-return redraws: `tail` and `grep` read the log as it is.
+    assert "\r" not in text and text.splitlines()[-1].startswith("step: 100%")

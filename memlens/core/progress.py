@@ -1,7 +1,8 @@
 """Progress bars that read well in a terminal, a notebook and a log file.
 
-In a terminal the bar updates live; redirected to a file it writes at most one line every
-``LOG_INTERVAL`` seconds, so a long step leaves a few lines in a log, not thousands. In a
+In a terminal the bar updates live; redirected to a file it writes a whole line (not a
+carriage-return redraw) at most every ``LOG_INTERVAL`` seconds, so a long step leaves a few
+readable lines in a log, not thousands. In a
 notebook it is a widget while it runs and becomes one line when it ends ("label: 13 batch in
 2.1 s", or where it stopped), so a saved or exported notebook keeps no half-drawn bars.
 
@@ -32,7 +33,22 @@ def progress(iterable=None, *, desc: str = "", total: int | None = None, unit: s
     interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, initial=initial,
                 leave=leave, mininterval=0.1 if interactive else LOG_INTERVAL,
-                dynamic_ncols=interactive)
+                dynamic_ncols=interactive, file=None if interactive else _Lines(sys.stderr))
+
+
+class _Lines:
+    """A log file for tqdm: each redraw becomes its own line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _has_widgets() -> bool:
