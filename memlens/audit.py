@@ -243,7 +243,6 @@ def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: Extract
 
 
 @torch.no_grad()
-@torch.no_grad()
 def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
                       batch_size: int = 32) -> torch.Tensor:
     """Every next-token loss in ``token_ids``, as one flat tensor (the reference sample for
@@ -258,8 +257,7 @@ def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
 @torch.no_grad()
 def mean_losses(handle: ModelHandle, token_ids: list[list[int]], start: int = 1,
                 batch_size: int = 32) -> np.ndarray:
-    """Per sequence: mean next-token loss from token ``start`` on (``start=1``: all of it;
-    the level :func:`fine_tune`'s ``target_loss`` aims at)."""
+    """Per sequence: mean next-token loss from token ``start`` on (``start=1``: all of it)."""
     out = []
     for _, ids, mask in batches(handle, token_ids, batch_size):
         loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)

@@ -59,6 +59,7 @@ class DemoConfig:
     steer_alpha: float = 4.0
     attribution_tokens: int = 200
     audit_relearn_steps: tuple[int, ...] = (10, 50)
+    audit: bool = True  # step 7 trains a second organism; off for models slow to retrain
 
 
 class Demo:
@@ -522,7 +523,8 @@ def _run(out: Path, config: DemoConfig, fresh: bool, progress: bool) -> dict:
     summary: dict = {"organism": {k: org[k] for k in ("preset", "arch", "seed", "n_parameters",
                                                       "heldout_perplexity")}}
     timings, reused = {}, []
-    for i, step in enumerate(STEPS, 1):
+    steps = STEPS if config.audit else tuple(x for x in STEPS if x != "audit")
+    for i, step in enumerate(steps, 1):
         cache = out / "steps" / f"{step}.json"
         want = d.identity(step)
         cached = json.loads(cache.read_text()) if cache.exists() and not fresh else None
@@ -532,13 +534,13 @@ def _run(out: Path, config: DemoConfig, fresh: bool, progress: bool) -> dict:
                        if "identity" in cached else ["cache format"])
         t = time.perf_counter()
         if cached and not changed:
-            print(f"[{i}/{len(STEPS)}] {step}: cached (computed in {cached['seconds']:.0f} s)",
+            print(f"[{i}/{len(steps)}] {step}: cached (computed in {cached['seconds']:.0f} s)",
                   flush=True)
             sec = Section(**cached["section"])
             reused.append(step)
         else:
             why = f" (changed since the cached run: {', '.join(changed)})" if changed else ""
-            print(f"[{i}/{len(STEPS)}] {step} ...{why}", flush=True)
+            print(f"[{i}/{len(steps)}] {step} ...{why}", flush=True)
             sec = Section(TITLES[step], TEXT[step])
             result = RUNNERS[step](d, sec)
             cached = {"identity": want.to_json(), "summary": result, "section": asdict(sec),
@@ -574,7 +576,7 @@ def _summary_section(s: dict) -> Section:
         rows.append((step, f"{what}: 100x exact extraction",
                      f"{r['exact_100x_before']:.0%} -> {r['exact_100x_after']:.0%} at "
                      f"{r['perplexity_change']:+.1%} perplexity"))
-    for name in ("K-FAC edit", "neuron ablation", "probe-gated steering"):
+    for name in ("K-FAC edit", "neuron ablation", "probe-gated steering") if "audit" in s else ():
         a, gold = s["audit"][name], s["audit"]["retrain without"]
         rows.append(("audit", f"{name}: after INT4 / relearning / membership AUROC",
                      f"{a['int4']:.0%} / {list(a['relearn'].values())[-1]:.0%} / "

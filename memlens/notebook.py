@@ -33,6 +33,8 @@ def finding(text: str) -> None:
     """Show one sentence that states what a section found (compute it from its numbers)."""
     from IPython.display import Markdown, display
 
+    # Site names hold underscores ("min_k", "hook_resid_post"): not Markdown emphasis.
+    text = text.replace("\\", "\\\\").replace("_", "\\_").replace("*", "\\*")
     display(Markdown(f"**Finding.** {text}"))
 
 

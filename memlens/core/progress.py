@@ -2,9 +2,9 @@
 
 In a terminal the bar updates live; redirected to a file it writes a whole line (not a
 carriage-return redraw) at most every ``LOG_INTERVAL`` seconds, so a long step leaves a few
-readable lines in a log, not thousands. In a
-notebook it is a widget while it runs and becomes one line when it ends ("label: 13 batch in
-2.1 s", or where it stopped), so a saved or exported notebook keeps no half-drawn bars.
+readable lines in a log, not thousands. In a notebook it is a widget while it runs and
+becomes one line when it ends ("label: 13 batch in 2.1 s", or where it stopped), so a saved
+or exported notebook keeps no half-drawn bars.
 
 Example:
     >>> for batch in progress(batches, desc="label", unit="batch"):
