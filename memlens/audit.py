@@ -40,7 +40,7 @@ from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extra
 from memlens.core.model import ModelHandle, quiet_torchao
 from memlens.core.modules import linear_modules, tracking_gradients
 from memlens.core.progress import progress as progress_bar
-from memlens.core.scoring import batches, exact_matches, forward, token_losses
+from memlens.core.scoring import batch_losses, batches, exact_matches, forward, token_losses
 from memlens.core.sequences import Sequence
 from memlens.edits import WeightEdit
 
@@ -242,25 +242,19 @@ def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: Extract
             for name, (ids, prefix) in variants.items()}
 
 
-@torch.no_grad()
 def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
                       batch_size: int = 32) -> torch.Tensor:
     """Every next-token loss in ``token_ids``, as one flat tensor (the reference sample for
     :func:`fine_tune`'s ``match_losses``)."""
-    out = []
-    for _, ids, mask in batches(handle, token_ids, batch_size):
-        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
-        out.append(loss[keep].cpu())
-    return torch.cat(out)
+    return torch.cat([loss[keep].cpu() for loss, keep in
+                      batch_losses(handle, token_ids, batch_size)])
 
 
-@torch.no_grad()
 def mean_losses(handle: ModelHandle, token_ids: list[list[int]], start: int = 1,
                 batch_size: int = 32) -> np.ndarray:
     """Per sequence: mean next-token loss from token ``start`` on (``start=1``: all of it)."""
     out = []
-    for _, ids, mask in batches(handle, token_ids, batch_size):
-        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+    for loss, keep in batch_losses(handle, token_ids, batch_size):
         keep[:, :start - 1] = False
         out.extend(((loss * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist())
     return np.array(out)

@@ -19,6 +19,7 @@ from rapidfuzz.distance import Levenshtein
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.model import ModelHandle
 from memlens.core.scoring import (
+    batch_losses,
     batches,
     exact_matches,
     forward,
@@ -96,8 +97,7 @@ def loose_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionC
 def perplexity(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32) -> float:
     """exp(mean next-token loss) over every predicted token of the sequences."""
     total, n = 0.0, 0
-    for _, ids, mask in batches(handle, token_ids, batch_size):
-        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+    for loss, keep in batch_losses(handle, token_ids, batch_size):
         total += loss[keep].sum().item()
         n += int(keep.sum())
     if n == 0:

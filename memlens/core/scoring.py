@@ -152,6 +152,16 @@ def topk_logprob(logits: torch.Tensor, targets: torch.Tensor, k: int, temperatur
     return scaled.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
 
 
+def batch_losses(handle: ModelHandle, seqs: list[list[int]], batch_size: int = 32
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(loss, keep)`` of :func:`token_losses` for each batch of ``seqs``, in order, without
+    gradients: the one loop behind perplexity and every per-token or per-sequence loss."""
+    for _, ids, mask in batches(handle, seqs, batch_size):
+        with torch.no_grad():
+            loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+        yield loss, keep
+
+
 @torch.no_grad()
 def score_tokens(handle: ModelHandle, seqs: list[list[int]], batch_size: int = 32,
                  top_k: int = 40, temperature: float = 1.0, desc: str | None = None
