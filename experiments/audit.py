@@ -1,7 +1,7 @@
 """Forgetting audit: which removals forget the 100x canaries, and which only hide them?
 
     python experiments/audit.py [--preset small] [--steps 10 50 200] [--relearn-lr 1e-3]
-                                [--out FILE.json]
+                                [--methods aimed steering ...] [--out FILE.json]
 
 The forget set is every canary repeated 100 times. Each removal is tuned on it (the
 strength that brings its exact extraction lowest within +10% held-out perplexity) and then
@@ -10,9 +10,15 @@ weight quantization, after 10 / 50 / 200 relearning steps on the other canaries 
 once-seen records, under perturbed prompts, by membership inference against held-out
 non-members and by a memorization probe. The gold standard is the organism trained with
 the same preset and seed without the forget set. Besides the published removals it tries
-loss-matched forgetting (``fine_tune(..., match_losses=...)``): the forget set's token losses
-pulled onto the distribution of the model's losses on held-out non-members, rather than up
-without bound.
+loss-matched forgetting (``fine_tune(..., match=nonmembers, anchor=general)``): the forget
+set's token losses pulled onto the distribution of the model's losses on held-out
+non-members, rather than up without bound, while the general records' losses are held.
+Half the non-members serve the removals (loss matching's reference, the probe's
+negatives); membership inference is scored on the other half.
+
+On a pretrained organism that trained only its top blocks (``--preset smollm2-cpu``), the
+K-FAC edits, the fine-tuning removals and the relearning attack act on those blocks, and
+the removals that would take hours on a CPU there are left out (``PRETRAINED_SKIPS``).
 
 Writes experiments/results/audit.json (``forget_set``, ``methods``: one entry per removal
 with ``name``, ``perplexity``, ``after_edit``, ``int8``, ``int4``, ``relearn``,
@@ -30,14 +36,7 @@ from pathlib import Path
 import torch
 
 from memlens import load_model, organism_path
-from memlens.audit import (
-    AuditConfig,
-    AuditData,
-    audit,
-    fine_tune,
-    restorable,
-    token_loss_values,
-)
+from memlens.audit import AuditConfig, AuditData, audit, fine_tune, restorable
 from memlens.core.metrics import edit_metrics
 from memlens.curvature import (
     KFACConfig,
@@ -53,6 +52,7 @@ from memlens.figures import audit_heatmap
 from memlens.labels import LabelConfig, label
 from memlens.layernorm import layer_groups, remove_norm_params
 from memlens.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
+from memlens.organism import get_preset
 from memlens.splits import Splits
 from memlens.steering import memorization_states, steer
 from memlens.subnet import SubnetConfig, balanced_subnet
@@ -75,96 +75,109 @@ class Sweep:
                 m = edit_metrics(self.handle, self.forget, self.heldout, self.cfg, loose=False)
             exact = m["exact_extraction_rate_by_duplication"][str(FORGET_DUPLICATION)]
             points.append({"param": p, "exact": exact, "perplexity": m["perplexity"]})
-            print(f"  {name:28} {p!s:>8}  exact {exact:5.0%}  ppl {m['perplexity']:8.3f}",
+            print(f"  {name:40} {p!s:>8}  exact {exact:5.0%}  ppl {m['perplexity']:8.3f}",
                   flush=True)
         ok = [q for q in points if q["perplexity"] <= (1 + self.max_rise) * self.base]
         chosen = min(ok or points, key=lambda q: (q["exact"], q["perplexity"]))
         return chosen["param"], points
 
 
-def removals(handle, splits, forget, cfg, sweep: Sweep, tokens: int):
-    """Each removal as (name, context factory, chosen parameter, sweep points)."""
+METHODS = ("ascent", "loss-matched", "keep-mass", "aimed", "svd", "subnet", "zero-out",
+           "layernorm", "steering")
+# On a pretrained organism on 2 CPU cores these cost an hour or more each (masks over every
+# MLP weight; a forward pass per neuron; norm removal that wrecks a model whose gains are far
+# from 1), and memorization lives only in the trained blocks the others are scoped to.
+PRETRAINED_SKIPS = ("subnet", "zero-out", "layernorm")
+
+
+def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
+             methods: tuple[str, ...], blocks: list[int] | None,
+             matched_seeds: tuple[int, ...] = (0,)):
+    """Each removal in ``methods`` as (name, context factory, chosen parameter, sweep
+    points). ``reference``: non-member token ids for loss matching (not the ones membership
+    inference is scored on). ``blocks``: where fine-tuning and K-FAC edits act (None: all).
+    ``matched_seeds``: the seeds loss-matched forgetting runs with (one audit each)."""
     forget_ids = [s.token_ids[:cfg.prefix + cfg.suffix] for s in forget]
     general = [s.token_ids for s in splits.general]
     out = []
+
+    def tuned(key, name, make, params):
+        if key in methods:
+            p, pts = sweep.best(name, make, params)
+            out.append((name.split(" (")[0], lambda p=p: make(p), p, pts))
 
     def ascent(steps):
         @contextmanager
         def run():
             with restorable(handle):
-                fine_tune(handle, forget_ids, steps, 1e-3, ascent=True)
+                fine_tune(handle, forget_ids, steps, 1e-3, ascent=True, blocks=blocks)
                 yield
         return run()
-    p, pts = sweep.best("gradient ascent (steps)", ascent, (5, 10, 20, 40))
-    out.append(("gradient ascent", lambda p=p: ascent(p), p, pts))
+    tuned("ascent", "gradient ascent (steps)", ascent, (5, 10, 20, 40))
 
     # Loss-matched forgetting: the forget set's token losses pulled onto the distribution of
-    # the model's losses on held-out non-members (not beyond, which membership inference
-    # would see), the general records held in place.
-    reference = token_loss_values(handle, [s.token_ids[:cfg.prefix + cfg.suffix]
-                                           for s in splits.nonmembers])
+    # the model's current losses on the removal's own non-members (not beyond, which
+    # membership inference would see), the general records' losses held where they were. Its
+    # target is those losses, not extraction, so its steps are fixed rather than tuned; the
+    # spread over seeds shows how far one run lands from another.
+    for seed in matched_seeds:
+        def matched(steps, seed=seed):
+            @contextmanager
+            def run():
+                with restorable(handle):
+                    fine_tune(handle, forget_ids, steps, 3e-4, match=reference,
+                              anchor=general[:128], blocks=blocks, seed=seed)
+                    yield
+            return run()
+        tuned("loss-matched", f"loss-matched forgetting{f' seed {seed}' if seed else ''} "
+              "(steps)", matched, (150,))
 
-    def matched(steps):
-        @contextmanager
-        def run():
-            with restorable(handle):
-                fine_tune(handle, forget_ids, steps, 3e-4, match_losses=reference,
-                          retain=general[:256])
-                yield
-        return run()
-    p, pts = sweep.best("loss-matched forgetting (steps)", matched, (50, 100, 200))
-    out.append(("loss-matched forgetting", lambda p=p: matched(p), p, pts))
-
-    factors = collect_factors(handle, general, KFACConfig(max_tokens=tokens), progress=False)
-    basis = eigenbasis(factors)
-    p, pts = sweep.best("K-FAC keep-mass (rho)",
-                        lambda r: apply_weights(handle, kfac_weights(handle, basis, r)),
-                        (0.98, 0.95, 0.92, 0.9, 0.85, 0.8, 0.7))
-    out.append(("K-FAC keep-mass", lambda p=p: apply_weights(
-        handle, kfac_weights(handle, basis, p)), p, pts))
-    grads = memorization_gradient(handle, forget_ids, factors.layers, start=cfg.prefix)
-    p, pts = sweep.best("K-FAC aimed (KL budget)",
-                        lambda b: apply_weights(handle, budget_weights(handle, basis, b, grads)),
-                        (0.001, 0.002, 0.003, 0.005, 0.01, 0.02))
-    out.append(("K-FAC aimed", lambda p=p: apply_weights(
-        handle, budget_weights(handle, basis, p, grads)), p, pts))
-    p, pts = sweep.best("SVD (rho)",
-                        lambda r: apply_weights(handle, svd_weights(handle, factors.layers, r)),
-                        (0.99, 0.95, 0.9, 0.8, 0.7, 0.5))
-    out.append(("SVD", lambda p=p: apply_weights(
-        handle, svd_weights(handle, factors.layers, p)), p, pts))
-    p, pts = sweep.best("BalancedSubnet (ratio)",
-                        lambda r: balanced_subnet(handle, forget_ids, general[:256],
-                                                  SubnetConfig(ratio=r)),
-                        (0.001, 0.003, 0.01, 0.03))
-    out.append(("BalancedSubnet", lambda p=p: balanced_subnet(
-        handle, forget_ids, general[:256], SubnetConfig(ratio=p)), p, pts))
-    scores = localize(handle, forget_ids, general[:64], LocalizeConfig(method="zero_out"))
-    p, pts = sweep.best("Zero-Out ablation (budget)",
-                        lambda b: ablate_neurons(handle, top_neurons(handle, scores, b)),
-                        (0.01, 0.03, 0.1))
-    out.append(("Zero-Out ablation", lambda p=p: ablate_neurons(
-        handle, top_neurons(handle, scores, p)), p, pts))
-    groups = layer_groups(handle.n_layers) if handle.n_layers >= 3 else {
-        f"block {i}": [i] for i in range(handle.n_layers)}
-    p, pts = sweep.best("LayerNorm removal (group)",
-                        lambda g: remove_norm_params(handle, groups[g]), list(groups))
-    if min(q["exact"] for q in pts) < 1.0:  # only where it lowered extraction
-        out.append(("LayerNorm removal", lambda p=p: remove_norm_params(handle, groups[p]),
-                    p, pts))
+    if {"keep-mass", "aimed", "svd"} & set(methods):
+        layers = tuple(f"model.layers.{i}.mlp.*" for i in blocks) if blocks else ("mlp",)
+        factors = collect_factors(handle, general, KFACConfig(layers=layers, max_tokens=tokens),
+                                  progress=False)
+        basis = eigenbasis(factors)
+        tuned("keep-mass", "K-FAC keep-mass (rho)",
+              lambda r: apply_weights(handle, kfac_weights(handle, basis, r)),
+              (0.999, 0.995, 0.98, 0.95, 0.92, 0.9, 0.85, 0.8, 0.7))
+        if "aimed" in methods:
+            grads = memorization_gradient(handle, forget_ids, factors.layers, start=cfg.prefix)
+            tuned("aimed", "K-FAC aimed (KL budget)",
+                  lambda b: apply_weights(handle, budget_weights(handle, basis, b, grads)),
+                  (0.001, 0.002, 0.003, 0.005, 0.01, 0.02))
+        tuned("svd", "SVD (rho)",
+              lambda r: apply_weights(handle, svd_weights(handle, factors.layers, r)),
+              (0.999, 0.99, 0.95, 0.9, 0.8, 0.7, 0.5))
+    tuned("subnet", "BalancedSubnet (ratio)",
+          lambda r: balanced_subnet(handle, forget_ids, general[:256], SubnetConfig(ratio=r)),
+          (0.001, 0.003, 0.01, 0.03))
+    if "zero-out" in methods:
+        scores = localize(handle, forget_ids, general[:64], LocalizeConfig(method="zero_out"))
+        tuned("zero-out", "Zero-Out ablation (budget)",
+              lambda b: ablate_neurons(handle, top_neurons(handle, scores, b)), (0.01, 0.03, 0.1))
+    if "layernorm" in methods:
+        groups = layer_groups(handle.n_layers) if handle.n_layers >= 3 else {
+            f"block {i}": [i] for i in range(handle.n_layers)}
+        p, pts = sweep.best("LayerNorm removal (group)",
+                            lambda g: remove_norm_params(handle, groups[g]), list(groups))
+        if min(q["exact"] for q in pts) < 1.0:  # only where it lowered extraction
+            out.append(("LayerNorm removal", lambda p=p: remove_norm_params(handle, groups[p]),
+                        p, pts))
     return out
 
 
-def steering_removal(handle, splits, forget, cfg, sweep: Sweep):
-    """Probe-gated steering at each block's residual stream: probe and direction fitted on
-    the canaries and non-members' labels of the unedited model."""
-    seqs = splits.labeled
+def steering_removal(handle, seqs, sweep: Sweep, layers: list[int], tune: bool = True):
+    """Probe-gated steering at the residual stream of each of ``layers``: probe and direction
+    fitted on ``seqs``' labels on the unedited model. Returns the best (or, without
+    ``tune``, None) and the probe of the best layer (else the last), for the probe score."""
     tokens = label(handle, seqs, LabelConfig(generate=False), progress=False).tokens
     best = None
-    for layer in range(handle.n_layers):
+    for layer in layers if tune else layers[-1:]:
         site = f"blocks.{layer}.hook_resid_post"
         states = memorization_states(handle, site, seqs, tokens)
         probe, diff = states.fit_probe(), states.mean_difference()
+        if not tune:
+            return None, probe
         p, pts = sweep.best(f"probe-gated steering L{layer}",
                             lambda a, s=site, d=diff, q=probe: steer(handle, s, d, a, probe=q),
                             (1.0, 2.0, 4.0, 8.0))
@@ -185,6 +198,12 @@ def main():
     ap.add_argument("--relearn-lr", type=float, default=AuditConfig.relearn_lr,
                     help="the relearning attack's learning rate (lower: a gentler attack "
                          "that erodes the unedited model's own memorization less)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                    help="removals to tune and audit (default: all; on a pretrained organism "
+                         f"all but {', '.join(PRETRAINED_SKIPS)})")
+    ap.add_argument("--relearn-batch-size", type=int, default=AuditConfig.relearn_batch_size)
+    ap.add_argument("--matched-seeds", type=int, nargs="+", default=[0],
+                    help="seeds for loss-matched forgetting (each audited on its own)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/audit.json"))
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -192,17 +211,34 @@ def main():
     handle = load_model(path)
     splits = Splits.from_organism(path, handle.tokenizer)
     cfg = LabelConfig()
+    # A pretrained organism trained only its top blocks: memorization lives there, so the
+    # edits and every fine-tuning (removal or attack) act there too.
+    top = get_preset(args.preset).train_blocks
+    blocks = list(range(handle.n_layers - top, handle.n_layers)) if top else None
+    methods = tuple(args.methods or [m for m in METHODS
+                                     if not (blocks and m in PRETRAINED_SKIPS)])
     forget = [s for s in splits.canaries if s.duplication == FORGET_DUPLICATION]
     relearn = ([s.token_ids for s in splits.canaries if s.duplication != FORGET_DUPLICATION]
                + [s.token_ids for s in splits.general[:500]])
-    data = AuditData(forget, relearn, splits.nonmembers, splits.heldout)
-    config = AuditConfig(relearn_steps=tuple(args.steps), relearn_lr=args.relearn_lr)
+    # Half the non-members are the removals' own (loss matching's reference, the probe's
+    # negatives); membership inference is scored on the other half.
+    half = len(splits.nonmembers) // 2
+    own, scored_nonmembers = splits.nonmembers[:half], splits.nonmembers[half:]
+    data = AuditData(forget, relearn, scored_nonmembers, splits.heldout)
+    config = AuditConfig(relearn_steps=tuple(args.steps), relearn_lr=args.relearn_lr,
+                         relearn_batch_size=args.relearn_batch_size,
+                         relearn_blocks=tuple(blocks) if blocks else None)
     sweep = Sweep(handle, forget, splits.heldout, cfg)
 
     print("== tuning the removals on the forget set", flush=True)
-    methods = removals(handle, splits, forget, cfg, sweep, args.kfac_tokens)
-    steering, probe = steering_removal(handle, splits, forget, cfg, sweep)
-    methods.append(steering)
+    reference = [s.token_ids[:cfg.prefix + cfg.suffix] for s in own]
+    chosen = removals(handle, splits, forget, reference, cfg, sweep, args.kfac_tokens,
+                      methods, blocks, tuple(args.matched_seeds))
+    steering, probe = steering_removal(handle, splits.canaries + own, sweep,
+                                       (blocks or list(range(handle.n_layers + 1)))[:-1],
+                                       tune="steering" in methods)
+    if steering:
+        chosen.append(steering)
 
     results = []
 
@@ -219,16 +255,19 @@ def main():
     without = load_model(organism_path(args.preset, args.arch,
                                        withheld=tuple(int(s.id) for s in forget)))
     audited("retrain without", without, None)
-    for name, make, param, points in methods:
+    for name, make, param, points in chosen:
         audited(name, handle, make, param, points)
     report = {
         "organism": str(path),
         "forget_set": {"what": f"every canary repeated {FORGET_DUPLICATION}x",
                        "size": len(forget), "duplication": FORGET_DUPLICATION,
                        "relearn_sequences": len(relearn),
-                       "nonmembers": len(splits.nonmembers)},
+                       "nonmembers": len(scored_nonmembers),
+                       "nonmembers_for_the_removals": len(own)},
         "config": {"relearn_steps": args.steps, "relearn_lr": config.relearn_lr,
-                   "group_size": config.group_size},
+                   "relearn_batch_size": config.relearn_batch_size,
+                   "relearn_blocks": blocks, "group_size": config.group_size,
+                   "methods": list(methods)},
         "methods": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }

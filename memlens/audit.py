@@ -38,7 +38,7 @@ import torch
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extraction, perplexity
 from memlens.core.model import ModelHandle, quiet_torchao
-from memlens.core.modules import linear_modules, tracking_gradients
+from memlens.core.modules import block_parameters, linear_modules, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batch_losses, batches, exact_matches, forward, token_losses
 from memlens.core.sequences import Sequence
@@ -51,7 +51,8 @@ Removal = Callable[[], AbstractContextManager]
 class AuditConfig:
     """bits: weight quantizations to try (8: per output channel; 4: groups of
     ``group_size`` input columns). relearn_steps: fine-tuning steps after which the forget
-    set is scored (one run, scored on the way). corrupt: prefix tokens replaced in each
+    set is scored (one run, scored on the way); relearn_blocks: the blocks the attacker
+    trains (None: every weight). corrupt: prefix tokens replaced in each
     perturbation; shift: tokens removed from / added to the prefix. neighbours: perturbed
     copies per sequence for the neighbourhood loss."""
 
@@ -60,6 +61,7 @@ class AuditConfig:
     relearn_steps: tuple[int, ...] = (10, 50, 200)
     relearn_lr: float = 1e-3
     relearn_batch_size: int = 8
+    relearn_blocks: tuple[int, ...] | None = None
     corrupt: int = 2
     shift: int = 8
     neighbours: int = 8
@@ -67,6 +69,8 @@ class AuditConfig:
 
     def __post_init__(self):
         self.bits, self.relearn_steps = tuple(self.bits), tuple(sorted(self.relearn_steps))
+        if self.relearn_blocks is not None:
+            self.relearn_blocks = tuple(self.relearn_blocks)
         if not set(self.bits) <= {4, 8}:
             raise ConfigError(f"bits {self.bits}: memlens quantizes to 8 or 4 bits")
         if any(k < 1 for k in self.relearn_steps):
@@ -136,53 +140,67 @@ def quantized(handle: ModelHandle, bits: int, group_size: int | None = None):
 def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: float,
               batch_size: int = 8, ascent: bool = False, seed: int = 0,
               every: Callable[[int], None] | None = None, progress: bool = False,
-              match_losses: torch.Tensor | None = None,
-              retain: list[list[int]] | None = None) -> None:
+              match: list[list[int]] | None = None, refresh: int = 10,
+              anchor: list[list[int]] | None = None,
+              blocks: list[int] | None = None) -> None:
     """``steps`` AdamW steps on ``token_ids`` (cycled), in place; with ``ascent`` the loss is
     maximized (gradient ascent, the classic unlearning baseline). ``every(step)`` runs after
     each step. Wrap in :func:`restorable` to undo.
 
-    ``match_losses`` (loss-matched forgetting) pulls the distribution of the batch's token
-    losses onto that reference sample (sorted losses against its quantiles), e.g. the
-    model's own losses on held-out non-members (:func:`token_loss_values`): forgotten text
-    should look like text never seen, not like text avoided, which membership inference
-    (loss, Min-K%, zlib) detects as surely as text recited. ``retain`` adds the ordinary loss
-    on a batch of those sequences per step, to hold the rest of the model in place."""
+    ``match`` (loss-matched forgetting): sequences the model never saw, e.g. held-out
+    non-members; instead of the loss, each batch's token losses are pulled onto the
+    distribution of the model's own current losses on them (sorted losses against their
+    quantiles, re-measured every ``refresh`` steps, as fine-tuning moves them too):
+    forgotten text should look like text never seen, not like text avoided, which
+    membership inference (loss, Min-K%, zlib) detects as surely as text recited. ``anchor``
+    holds the token losses of a batch of those sequences per step at their values before
+    fine-tuning (squared difference), so that the rest of the model stays where it was
+    (training on them instead would lower their loss, and move the model too). ``blocks``
+    trains only those blocks (and the final norm); None trains every weight.
+
+    Example (forget ``forget_ids`` as if never trained on them):
+        >>> with restorable(handle):
+        ...     fine_tune(handle, forget_ids, 150, 3e-4, match=nonmember_ids,
+        ...               anchor=general_ids)
+    """
     if not token_ids:
         raise DataError("fine_tune needs at least one sequence")
-    if ascent and match_losses is not None:
-        raise ConfigError("fine_tune: give ascent=True or match_losses, not both")
+    if ascent and match is not None:
+        raise ConfigError("fine_tune: give ascent=True or match=..., not both")
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in handle.model.parameters()]
+    params = list(handle.model.parameters() if blocks is None
+                  else block_parameters(handle.model, blocks).values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    anchor_losses = _row_losses(handle, anchor) if anchor else []
     order: list[int] = []
-    was_training = handle.model.training
-    handle.model.train()
+
+    def losses_of(seqs: list[list[int]]) -> torch.Tensor:
+        ids, mask = handle.pad(seqs, side="right")
+        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
+        return loss[keep]
+
     try:
-        with tracking_gradients(handle.model, params):
+        with tracking_gradients(handle.model, params):  # eval mode: no dropout noise
             for step in progress_bar(range(1, steps + 1), desc="fine-tune", disable=not progress):
+                if match is not None and (step - 1) % refresh == 0:
+                    target = token_loss_values(handle, match)
                 if len(order) < batch_size:
                     order += torch.randperm(len(token_ids), generator=gen).tolist()
                 chosen, order = order[:batch_size], order[batch_size:]
-                ids, mask = handle.pad([token_ids[i] for i in chosen], side="right")
-                with torch.enable_grad():
-                    loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
-                    if match_losses is not None:  # 1-D optimal transport onto the reference
-                        got = loss[keep].sort().values
-                        ref = torch.quantile(match_losses.float().cpu(),
-                                             torch.linspace(0, 1, len(got))).to(got.device)
-                        loss = ((got - ref) ** 2).mean()
-                    else:
-                        loss = loss[keep].mean() * (-1 if ascent else 1)
-                    if retain:
-                        pick = torch.randint(len(retain), (batch_size,), generator=gen)
-                        r_ids, r_mask = handle.pad([retain[i] for i in pick.tolist()],
-                                                   side="right")
-                        r_loss, _, r_keep = token_losses(forward(handle, r_ids, r_mask), r_ids,
-                                                         r_mask)
-                        loss = loss + r_loss[r_keep].mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                loss = losses_of([token_ids[i] for i in chosen])
+                if match is not None:  # 1-D optimal transport onto the reference
+                    got = loss.sort().values
+                    ref = torch.quantile(target.float(), torch.linspace(0, 1, len(got)))
+                    loss = ((got - ref.to(got.device)) ** 2).mean()
+                else:
+                    loss = loss.mean() * (-1 if ascent else 1)
+                if anchor:
+                    pick = torch.randint(len(anchor), (batch_size,), generator=gen).tolist()
+                    now = losses_of([anchor[i] for i in pick])
+                    before = torch.cat([anchor_losses[i] for i in pick]).to(now.device)
+                    loss = loss + ((now - before) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 handle.reset_views()
@@ -191,7 +209,12 @@ def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: f
     finally:
         for p in params:
             p.grad = None
-        handle.model.train(was_training)
+
+
+def _row_losses(handle: ModelHandle, token_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Per sequence, its next-token losses (no gradients)."""
+    return [row[k].cpu() for loss, keep in batch_losses(handle, token_ids)
+            for row, k in zip(loss, keep, strict=True)]
 
 
 @contextlib.contextmanager
@@ -244,8 +267,7 @@ def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: Extract
 
 def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
                       batch_size: int = 32) -> torch.Tensor:
-    """Every next-token loss in ``token_ids``, as one flat tensor (the reference sample for
-    :func:`fine_tune`'s ``match_losses``)."""
+    """Every next-token loss in ``token_ids``, as one flat tensor."""
     return torch.cat([loss[keep].cpu() for loss, keep in
                       batch_losses(handle, token_ids, batch_size)])
 
@@ -357,7 +379,8 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
 
         with restorable(handle):
             fine_tune(handle, data.relearn, max(cfg.relearn_steps), cfg.relearn_lr,
-                      cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned)
+                      cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned,
+                      blocks=cfg.relearn_blocks)
         out["relearn"] = relearn
         bar.update()
     return out

@@ -353,6 +353,9 @@ def _parser() -> argparse.ArgumentParser:
         "group_size": "INT4 group size", "relearn_steps": "score after these relearning steps",
         "relearn_lr": "relearning learning rate", "seed": "seed"},
         types={"bits": int, "relearn_steps": int})
+    au.add_argument("--relearn-blocks", type=int, nargs="+", default=None,
+                    help="the attacker trains only these blocks, e.g. the blocks a fine-tune "
+                         "changed, to save time on a large model (default: every weight)")
 
     demo = command(sub, "demo", "run the whole pipeline on the organism; write a report",
                    "Trains (or reuses) the organism, then runs the artifact chain on it: "
@@ -589,7 +592,7 @@ def _audit(args) -> None:
     from memlens.probes import Probe
     from memlens.steering import Steering
 
-    cfg = config_from(AuditConfig, args)
+    cfg = config_from(AuditConfig, args, relearn_blocks=args.relearn_blocks)
     if args.out.suffix != ".json" or args.out.is_dir():
         raise ConfigError(f"--out {args.out}: name a .json file")
     edit = args.edit

@@ -174,7 +174,7 @@ def _pretrained_start(preset: OrganismPreset, arch: str, work: Path, device: str
     """The base model to continue training, with only its top ``train_blocks`` blocks and
     final norm left trainable; its tokenizer saved into ``work``."""
     from memlens.core.model import load_model
-    from memlens.core.modules import block_path, is_norm
+    from memlens.core.modules import block_parameters
 
     base = load_model(preset.base, device=device, dtype=torch.float32)
     if base.config.model_type != arch:
@@ -182,16 +182,14 @@ def _pretrained_start(preset: OrganismPreset, arch: str, work: Path, device: str
                           f"pass arch={base.config.model_type!r}")
     model = base.model
     if preset.train_blocks is not None:
-        root = block_path(model)
-        n = len(model.get_submodule(root))
+        n = model.config.num_hidden_layers
         if preset.train_blocks > n:
             raise ConfigError(f"train_blocks={preset.train_blocks} but {preset.base!r} has "
                               f"{n} blocks")
-        keep = {f"{root}.{i}." for i in range(n - preset.train_blocks, n)}
-        final_norms = {f"{path}." for path, module in model.named_modules()
-                       if is_norm(module) and not path.startswith(root)}
-        for name, param in model.named_parameters():
-            param.requires_grad_(any(name.startswith(k) for k in keep | final_norms))
+        trained = {id(p) for p in block_parameters(model, range(n - preset.train_blocks, n)
+                                                   ).values()}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trained)
     base.tokenizer.save_pretrained(work)
     return model, base.tokenizer, json.loads((Path(base.name) / "memlens.json").read_text())
 

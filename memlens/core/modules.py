@@ -102,6 +102,21 @@ def block_path(model: torch.nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__} has no list of {n} blocks")
 
 
+def block_parameters(model: torch.nn.Module, blocks: list[int] | tuple[int, ...]
+                     ) -> dict[str, torch.nn.Parameter]:
+    """The parameters of blocks ``blocks`` and of the norms outside any block (the final
+    norm), by name: what trains when only those blocks are trained."""
+    root = block_path(model)
+    n = model.config.num_hidden_layers
+    bad = [i for i in blocks if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"blocks {bad} do not exist; the model has blocks 0..{n - 1}")
+    keep = tuple(f"{root}.{i}." for i in blocks) + tuple(
+        f"{path}." for path, module in model.named_modules()
+        if is_norm(module) and not path.startswith(root))
+    return {name: p for name, p in model.named_parameters() if name.startswith(keep)}
+
+
 def is_norm(module: torch.nn.Module) -> bool:
     """A LayerNorm or RMSNorm (any class named *Norm*) with a gain."""
     return "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None
