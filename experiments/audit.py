@@ -235,7 +235,7 @@ def main():
     chosen = removals(handle, splits, forget, reference, cfg, sweep, args.kfac_tokens,
                       methods, blocks, tuple(args.matched_seeds))
     steering, probe = steering_removal(handle, splits.canaries + own, sweep,
-                                       (blocks or list(range(handle.n_layers + 1)))[:-1],
+                                       blocks[:-1] if blocks else list(range(handle.n_layers)),
                                        tune="steering" in methods)
     if steering:
         chosen.append(steering)

@@ -211,12 +211,6 @@ def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: f
             p.grad = None
 
 
-def _row_losses(handle: ModelHandle, token_ids: list[list[int]]) -> list[torch.Tensor]:
-    """Per sequence, its next-token losses (no gradients)."""
-    return [row[k].cpu() for loss, keep in batch_losses(handle, token_ids)
-            for row, k in zip(loss, keep, strict=True)]
-
-
 @contextlib.contextmanager
 def restorable(handle: ModelHandle):
     """Every parameter comes back, bit for bit, when the block ends (for in-place training)."""
@@ -265,11 +259,17 @@ def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: Extract
             for name, (ids, prefix) in variants.items()}
 
 
+def _row_losses(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32
+                ) -> list[torch.Tensor]:
+    """Per sequence, its next-token losses (no gradients)."""
+    return [row[k].cpu() for loss, keep in batch_losses(handle, token_ids, batch_size)
+            for row, k in zip(loss, keep, strict=True)]
+
+
 def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
                       batch_size: int = 32) -> torch.Tensor:
     """Every next-token loss in ``token_ids``, as one flat tensor."""
-    return torch.cat([loss[keep].cpu() for loss, keep in
-                      batch_losses(handle, token_ids, batch_size)])
+    return torch.cat(_row_losses(handle, token_ids, batch_size))
 
 
 def mean_losses(handle: ModelHandle, token_ids: list[list[int]], start: int = 1,
