@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from memlens.core import jsonio
+
 
 def digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
@@ -180,9 +182,7 @@ def main():
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("good", "weak", "bad",
                                                                  "skipped")}
     print(counts)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"root": str(args.root), "counts": counts, "cases": rows},
-                                   indent=2))
+    jsonio.write(args.out, {"root": str(args.root), "counts": counts, "cases": rows})
     print(f"wrote {args.out}")
 
 

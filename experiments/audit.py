@@ -28,7 +28,6 @@ with ``name``, ``perplexity``, ``after_edit``, ``int8``, ``int4``, ``relearn``,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from memlens import load_model, organism_path
 from memlens.audit import AuditConfig, AuditData, audit, fine_tune, restorable
+from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics
 from memlens.curvature import (
     KFACConfig,
@@ -271,8 +271,7 @@ def main():
         "methods": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=float))
+    jsonio.write(args.out, report)
     fig = audit_heatmap(results)
     args.out.with_suffix(".html").write_text(fig.to_html(include_plotlyjs=True))
     _print_table(results, args.steps)

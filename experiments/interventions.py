@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from memlens import load_model, organism_path
+from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics, exact_extraction
 from memlens.core.sequences import Sequence
 from memlens.corpus import CorpusConfig, build_corpus
@@ -215,8 +216,7 @@ def main():
         result["steering"] = run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg,
                                        before, sites)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float))
+    jsonio.write(args.out, result)
     b = before
     print(f"\nbefore: 100x exact {b['exact_extraction_rate_by_duplication']['100']:.0%}, "
           f"loose {b['loose_extraction_rate_by_duplication']['100']:.0%}, "

@@ -23,7 +23,6 @@ and one HTML page of figures per architecture.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from memlens import load_model, organism_path
+from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics, exact_extraction
 from memlens.core.modules import mlp_output_layers
 from memlens.curvature import (
@@ -192,7 +192,7 @@ def main():
     first = by_arch[args.arch[0]]
     report = {"preset": args.preset, "arch": args.arch[0], "kfac": first["kfac"],
               "svd": first["svd"], "by_arch": by_arch}
-    args.out.write_text(json.dumps(report, indent=2, default=float))
+    jsonio.write(args.out, report)
     for arch, r in by_arch.items():
         b = r["before"]
         ex = b["exact_extraction_rate_by_duplication"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from memlens import load_model, organism_path
+from memlens.core import jsonio
 from memlens.figures import gradient_ratio_figure, group_bars_figure, layer_heatmap_figure
 from memlens.labels import LabelConfig
 from memlens.layernorm import (
@@ -179,7 +180,7 @@ def main(argv=None) -> None:
               "conditions": conditions,
               "attribution": attribution, "summary": summarize(conditions),
               "seconds": round(time.perf_counter() - t0, 1)}
-    (args.out / "layernorm_study.json").write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out / "layernorm_study.json", result)
     figures = [group_bars_figure(conditions), gradient_ratio_figure(attribution),
                layer_heatmap_figure(conditions)]
     (args.out / "layernorm_study.html").write_text(

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the sibling experiments
 from interventions import run_inject, run_steer  # noqa: E402
 from kfac_edit import AIMED, PUBLISHED, SVD, sweep_arch  # noqa: E402
 
+from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics  # noqa: E402
 from memlens.core.model import load_model  # noqa: E402
 from memlens.demo import DemoConfig, run_demo  # noqa: E402
@@ -101,8 +102,7 @@ def main():
         seconds[part] = round(time.perf_counter() - t, 1)
         result["part_seconds"] = seconds
         result["seconds"] = round(sum(seconds.values()), 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=float))
+        jsonio.write(args.out, result)
     print(json.dumps({k: result.get(k) for k in ("labels", "probes")}, indent=1, default=float))
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
 

@@ -6,7 +6,10 @@ line's ``--help``) does not pull in torch and transformers.
 
 from importlib import import_module
 
+from memlens.core import logs
 from memlens.core.version import VERSION
+
+logs.quiet()
 
 __version__ = VERSION
 

@@ -37,7 +37,7 @@ import torch
 
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extraction, perplexity
-from memlens.core.model import ModelHandle, quiet_torchao
+from memlens.core.model import ModelHandle
 from memlens.core.modules import block_parameters, linear_modules, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batch_losses, batches, exact_matches, forward, token_losses
@@ -121,8 +121,7 @@ def quantized_weights(handle: ModelHandle, bits: int, group_size: int | None = N
 
 
 def _torchao():
-    """torchao's affine quantization primitives (imported without its notices)."""
-    quiet_torchao()
+    """torchao's affine quantization primitives."""
     from torchao.quantization import quant_primitives as qp
 
     return qp.MappingType, qp.choose_qparams_affine, qp.dequantize_affine, qp.quantize_affine

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memlens.core import distributed
+from memlens.core import distributed, jsonio
 from memlens.core.errors import ConfigError, DataError, MissingArtifactError
 from memlens.core.identity import Identity
 from memlens.core.model import ModelHandle
@@ -403,7 +403,7 @@ def _open_manifest(out: Path, identity: Identity, sites: list[str], config: Capt
 def _write_manifest(out: Path, manifest: dict, name: str = "manifest.json") -> None:
     tmp = out / f".{name}.tmp"
     try:
-        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.write_text(jsonio.dumps(manifest, indent=1))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,59 @@ def _examples(*names: str) -> str:
     return "examples:\n" + "\n".join(f"  {EXAMPLES[n]}" for n in names)
 
 
+# --------------------------------------------------------------------------- numbers
+
+
+class Number:
+    """An argparse type: a number of ``kind`` (int or float) checked against its range when
+    the command line is read, so that a bad value stops the command before any work."""
+
+    def __init__(self, kind: type, lo: float | None = None, hi: float | None = None,
+                 above: float | None = None):
+        self.kind, self.lo, self.hi, self.above = kind, lo, hi, above
+        self.__name__ = "whole number" if kind is int else "number"  # argparse's messages
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a number"
+        low = (f"> {self.above:g}" if self.above is not None else
+               f">= {self.lo:g}" if self.lo is not None else None)
+        if low and self.hi is not None:
+            return f"{what} {low} and <= {self.hi:g}"
+        return f"{what} {low}" if low else f"{what} <= {self.hi:g}" if self.hi else what
+
+    def __call__(self, text: str):
+        import math
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.describe()}") from None
+        if (not math.isfinite(value) or (self.lo is not None and value < self.lo)
+                or (self.above is not None and value <= self.above)
+                or (self.hi is not None and value > self.hi)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {self.describe()}")
+        return value
+
+
+COUNT, INDEX = Number(int, lo=1), Number(int, lo=0)
+POSITIVE, NONNEGATIVE, REAL = Number(float, above=0), Number(float, lo=0), Number(float)
+FRACTION, UNIT = Number(float, above=0, hi=1), Number(float, lo=0, hi=1)
+
+# The range of every numeric config field the command line sets.
+RANGES = {"prefix": COUNT, "suffix": COUNT, "min_k": FRACTION, "loose_threshold": UNIT,
+          "batch_size": COUNT, "max_len": COUNT, "shard_sequences": COUNT, "l2": NONNEGATIVE,
+          "n_bootstrap": INDEX, "seed": INDEX, "max_tokens": COUNT, "layers_per_pass": COUNT,
+          "start": INDEX, "steps": COUNT, "bits": COUNT, "group_size": COUNT,
+          "relearn_steps": COUNT, "relearn_lr": POSITIVE}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line: what is wrong, and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # --------------------------------------------------------------------------- config options
 
 
@@ -55,10 +109,10 @@ def _field_default(f: dataclasses.Field):
     return f.default_factory()
 
 
-def config_options(parser: argparse.ArgumentParser, cls, helps: dict[str, str],
-                   types: dict | None = None) -> None:
+def config_options(parser: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
     """Add ``--FIELD`` for each field of dataclass ``cls`` named in ``helps``, with the
-    dataclass's default; :func:`config_from` builds the config back."""
+    dataclass's default (a number's range from :data:`RANGES`); :func:`config_from` builds
+    the config back."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, help_ in helps.items():
         flag = "--" + name.replace("_", "-")
@@ -72,10 +126,12 @@ def config_options(parser: argparse.ArgumentParser, cls, helps: dict[str, str],
                                 action=argparse.BooleanOptionalAction)
         elif isinstance(default, (tuple, list)):
             parser.add_argument(flag, dest=name, default=default, nargs="+", help=text,
-                                type=(types or {}).get(name, str))
+                                type=RANGES.get(name, str))
         else:
-            kind = (types or {}).get(name, type(default) if default is not None else str)
-            parser.add_argument(flag, dest=name, default=default, type=kind, help=text)
+            if isinstance(default, (int, float)) and name not in RANGES:
+                raise TypeError(f"{flag}: a numeric option needs its range in RANGES")
+            parser.add_argument(flag, dest=name, default=default, help=text,
+                                type=RANGES.get(name, str))
     parser.set_defaults(**{f"_config_{cls.__name__}": (cls, tuple(helps))})
 
 
@@ -147,15 +203,21 @@ def _parser() -> argparse.ArgumentParser:
     from memlens.probes import ProbeConfig
 
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="memlens", formatter_class=fmt,
         description="Locate, prove and remove memorization in transformer language models.",
         epilog="examples:\n" + "\n".join(f"  {v}" for v in EXAMPLES.values()))
     sub = p.add_subparsers(dest="command", required=True)
 
+    p.add_argument("--verbose", action="store_true",
+                   help="show third-party notices and Hugging Face's loading bars")
+
     def command(parent, name, help_, description, *examples):
-        return parent.add_parser(name, help=help_, description=description,
-                                 formatter_class=fmt, epilog=_examples(*examples))
+        c = parent.add_parser(name, help=help_, description=description,
+                              formatter_class=fmt, epilog=_examples(*examples))
+        c.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)  # also after the command's name
+        return c
 
     org = command(sub, "organism", "train or find the memorization organism",
                   "The organism: a small causal LM trained on a synthetic PII corpus with "
@@ -172,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="tiny (~75 s), small (~5 min, default) or tiny-deep (6 blocks)")
         o.add_argument("--arch", default="llama",
                        help="llama (default), neox, gpt2, opt (Pre-LN) or opt-postln (Post-LN)")
-        o.add_argument("--seed", type=int, default=0)
+        o.add_argument("--seed", type=INDEX, default=0)
         if name == "train":
             o.add_argument("--out", required=True, type=Path, help="output directory")
 
@@ -212,8 +274,7 @@ def _parser() -> argparse.ArgumentParser:
         "backend": "auto (bridge for hook names, torch for module paths), bridge, nnsight "
                    "or torch",
         "batch_size": "sequences per forward pass", "max_len": "cut sequences to this length",
-        "shard_sequences": "sequences per shard (torchrun: ranks take shards in turn)"},
-        types={"max_len": int})
+        "shard_sequences": "sequences per shard (torchrun: ranks take shards in turn)"})
 
     probe = command(sub, "probe", "train memorization probes",
                     "Linear probes per layer and site on captured activations.",
@@ -240,8 +301,7 @@ def _parser() -> argparse.ArgumentParser:
         "positive": "token labels that are positives", "negative": "labels that are negatives",
         "align": "predicting (read position t - 1) or token (position t)",
         "l2": "L2 penalty", "n_bootstrap": "bootstrap resamples for the intervals",
-        "seed": "split and bootstrap seed", "device": "where the torch trainer runs"},
-        types={"l2": float})
+        "seed": "split and bootstrap seed", "device": "where the torch trainer runs"})
 
     kfac = command(sub, "kfac", "K-FAC curvature factors and memorization edits",
                    "Curvature (K-FAC) factors of linear layers, and edits that remove "
@@ -264,8 +324,7 @@ def _parser() -> argparse.ArgumentParser:
         "max_tokens": "stop after this many tokens", "batch_size": "sequences per pass",
         "max_len": "cut sequences to this length", "seed": "label sampling seed",
         "layers_per_pass": "layers whose factors one pass over the data accumulates (the "
-                           "device holds only theirs)"},
-        types={"max_tokens": int, "max_len": int, "layers_per_pass": int})
+                           "device holds only theirs)"})
     ke = command(kfac_sub, "edit", "remove low-curvature components and save the edited model",
                  "The published keep-mass edit (--rho), or a KL-budgeted edit (--kl-budget), "
                  "aimed with --labels at the sequences those labels say the model recites. "
@@ -277,7 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--rho", nargs="+",
                      help="keep-mass for every layer (0.9), or per layer glob "
                           "('model.layers.3.*=0.6'); layers not named are left alone")
-    how.add_argument("--kl-budget", type=float,
+    how.add_argument("--kl-budget", type=POSITIVE,
                      help="remove components until their predicted KL reaches this (nats)")
     ke.add_argument("--labels", type=Path, default=None,
                     help="with --kl-budget: a labels directory; the edit is aimed at the "
@@ -292,13 +351,13 @@ def _parser() -> argparse.ArgumentParser:
     model_options(loc)
     loc.add_argument("--labels", required=True, type=Path, help="labels directory")
     loc.add_argument("--out", required=True, type=Path, help="ablation directory to write")
-    loc.add_argument("--budget", type=float, default=0.01,
+    loc.add_argument("--budget", type=FRACTION, default=0.01,
                      help="fraction of neurons kept per layer (default 0.01)")
     config_options(loc, LocalizeConfig, {
         "method": "activations, zero_out, integrated_gradients, slimming, hard_concrete",
         "start": "score target tokens from this index (the suffix)",
         "steps": "integration or optimisation steps", "seed": "seed"})
-    loc.add_argument("--blocks", type=int, nargs="+", default=None,
+    loc.add_argument("--blocks", type=INDEX, nargs="+", default=None,
                      help="score only these blocks' neurons, e.g. the blocks a fine-tune "
                           "changed (default: every block)")
 
@@ -311,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     setup = st.add_mutually_exclusive_group(required=True)
     setup.add_argument("--probe", type=Path, help="a probe directory (memlens probe train)")
     setup.add_argument("--steering", type=Path, help="a steering directory (from --save)")
-    st.add_argument("--alpha", type=float, help="steering strength (with --probe)")
+    st.add_argument("--alpha", type=REAL, help="steering strength (with --probe)")
     st.add_argument("--dynamic", action="store_true", help="gate per token by the probe")
     # dest is not "save": nnsight gives every object a .save(), argparse.Namespace included.
     st.add_argument("--save", dest="save_dir", type=Path,
@@ -323,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="or a labels directory: prompts are the prefixes of the "
                               "sequences it marks as recited, and each continuation is "
                               "checked against the true suffix")
-    st.add_argument("--max-new-tokens", type=int, default=32)
+    st.add_argument("--max-new-tokens", type=COUNT, default=32)
     st.add_argument("--out", type=Path, default=None, help="write a .csv or .jsonl instead")
 
     au = command(sub, "audit", "does a removal forget, or only hide? attack it and see",
@@ -340,7 +399,7 @@ def _parser() -> argparse.ArgumentParser:
                          "(memlens steer --save) or a neuron ablation (memlens localize)")
     au.add_argument("--forget", required=True, type=Path,
                     help="JSONL or organism directory: the removed sequences")
-    au.add_argument("--forget-duplication", type=int, default=None,
+    au.add_argument("--forget-duplication", type=INDEX, default=None,
                     help="keep only forget sequences with this duplication (e.g. 100)")
     au.add_argument("--retain", required=True, type=Path,
                     help="JSONL or organism directory: its members (other than the forget "
@@ -351,9 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     config_options(au, AuditConfig, {
         "bits": "weight quantizations (8: per channel, 4: group-wise)",
         "group_size": "INT4 group size", "relearn_steps": "score after these relearning steps",
-        "relearn_lr": "relearning learning rate", "seed": "seed"},
-        types={"bits": int, "relearn_steps": int})
-    au.add_argument("--relearn-blocks", type=int, nargs="+", default=None,
+        "relearn_lr": "relearning learning rate", "seed": "seed"})
+    au.add_argument("--relearn-blocks", type=INDEX, nargs="+", default=None,
                     help="the attacker trains only these blocks, e.g. the blocks a fine-tune "
                          "changed, to save time on a large model (default: every weight)")
 
@@ -368,7 +426,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="output directory (default memlens-demo)")
     demo.add_argument("--preset", default="small", help="organism preset (default small)")
     demo.add_argument("--arch", default="llama", help="organism architecture (default llama)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=INDEX, default=0)
     demo.add_argument("--fresh", action="store_true", help="rerun every step, ignore the cache")
     return p
 
@@ -403,7 +461,6 @@ def _capture(args) -> None:
 
 
 def _probe(args) -> None:
-    import json
 
     from memlens.capture import CaptureConfig
     from memlens.core.errors import ConfigError
@@ -585,6 +642,7 @@ def _demo(args) -> None:
 
 def _audit(args) -> None:
     from memlens.audit import AuditConfig, AuditData, audit
+    from memlens.core import jsonio
     from memlens.core.errors import ConfigError, DataError
     from memlens.core.storage import writing
     from memlens.labels import read_sequences
@@ -635,8 +693,7 @@ def _audit(args) -> None:
     print(f"auditing {kind or 'the model'} ...", flush=True)
     report["audited"] = audit(audited, removal, data, cfg, probe=probe)
     with writing(args.out):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=float))
+        jsonio.write(args.out, report)
     for name in ("unedited", "audited"):
         if name in report:
             r = report[name]
@@ -658,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     from memlens.core.errors import UserError
     from memlens.core.storage import disk_error
 
+    if "--verbose" in (sys.argv[1:] if argv is None else argv):
+        from memlens.core import logs
+
+        logs.verbose()
+    else:  # read when Hugging Face's libraries are first imported (building the parser)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = _parser().parse_args(argv)
     try:
         if distributed.init():
@@ -688,8 +751,6 @@ DISTRIBUTED = ("label", "capture", "kfac collect", "localize")
 
 def _check_distributed(args) -> None:
     """Under torchrun: refuse commands that do not shard; let rank 0 alone print."""
-    import os
-
     from memlens.core import distributed
     from memlens.core.errors import ConfigError
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from memlens.core import jsonio
 from memlens.core.identity import Identity
 from memlens.core.metrics import edit_metrics
 from memlens.core.model import ModelHandle, load_model
@@ -240,6 +241,8 @@ def step_probes(d: Demo, sec: Section) -> dict:
             "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
             "selectivity": float(best["selectivity"]),
             "matched_auroc": float(best["matched_auroc"]),
+            "confidence_matched_auroc": (float(confidence.iloc[0]["matched_auroc"])
+                                         if len(confidence) else None),
             "tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
             "token_baselines": summary["token_baselines"]}
 
@@ -545,7 +548,7 @@ def _run(out: Path, config: DemoConfig, fresh: bool, progress: bool) -> dict:
             result = RUNNERS[step](d, sec)
             cached = {"identity": want.to_json(), "summary": result, "section": asdict(sec),
                       "seconds": round(time.perf_counter() - t, 1)}
-            cache.write_text(json.dumps(cached, default=float))
+            cache.write_text(jsonio.dumps(cached))
             print(f"    {cached['seconds']:.0f} s", flush=True)
         report.sections.append(sec)
         summary[step] = cached["summary"]
@@ -556,35 +559,78 @@ def _run(out: Path, config: DemoConfig, fresh: bool, progress: bool) -> dict:
     summary["cached_steps"] = reused
     report.sections.insert(0, _summary_section(summary))
     report.write(out / "report.html")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    jsonio.write(out / "summary.json", summary)
     print(f"wrote {out / 'report.html'} and {out / 'summary.json'} "
           f"in {summary['seconds']:.0f} s")
     return summary
 
 
-def _summary_section(s: dict) -> Section:
-    rows = [
-        ("labels", "100x canaries extracted exactly",
-         f"{s['labels']['exact_extraction_rate_by_duplication']['100']:.0%}"),
-        ("labels", "membership AUROC (Min-K%)", f"{s['labels']['membership_auroc']['min_k']:.3f}"),
-        ("probes", f"best probe ({s['probes']['best_probe']}) AUROC",
-         f"{s['probes']['auroc']:.3f}"),
-    ]
-    for step, what in (("kfac", "K-FAC edit"), ("interventions", "neuron ablation"),
-                       ("steering", "probe-gated steering")):
+def headline_rows(s: dict) -> list[tuple[str, str]]:
+    """One (step, headline) row per step of a demo summary: the report's summary table and
+    the README's (``experiments/readme_table.py`` writes it from ``summary.json``).
+    Perplexity is on the organism's held-out non-member records."""
+    def pct(x):
+        return f"{x:.0%}"
+
+    labels = s["labels"]
+    exact = labels["exact_extraction_rate_by_duplication"]
+    counts = sorted((k for k in exact if k.isdigit() and k != "0"), key=int, reverse=True)
+    mia = labels["membership_auroc"]
+    rows = [("labels", "canaries recited exactly, by duplication: "
+             + ", ".join(f"{k}x {pct(exact[k])}" for k in counts)
+             + f", non-members {pct(exact.get('0', 0))}; membership AUROC loss / Min-K% / "
+             f"zlib {mia['loss']:.3f} / {mia['min_k']:.3f} / {mia['zlib']:.3f}")]
+    p = s["probes"]
+    confidence = p["other_probes_auroc"].get("confidence")
+    rows.append(("probes", f"best memorized-token probe ({p['best_probe']}): AUROC "
+                 f"{p['auroc']:.3f} on the held-out half, {p['matched_auroc']:.3f} on "
+                 "confidence-matched tokens"
+                 + (f"; the confidence probe: {confidence:.3f} / "
+                    f"{p['confidence_matched_auroc']:.3f}" if confidence is not None
+                    and p.get("confidence_matched_auroc") is not None else "")))
+
+    def edit(step, what):
         r = s[step]
-        rows.append((step, f"{what}: 100x exact extraction",
-                     f"{r['exact_100x_before']:.0%} -> {r['exact_100x_after']:.0%} at "
-                     f"{r['perplexity_change']:+.1%} perplexity"))
-    for name in ("K-FAC edit", "neuron ablation", "probe-gated steering") if "audit" in s else ():
-        a, gold = s["audit"][name], s["audit"]["retrain without"]
-        rows.append(("audit", f"{name}: after INT4 / relearning / membership AUROC",
-                     f"{a['int4']:.0%} / {list(a['relearn'].values())[-1]:.0%} / "
-                     f"{a['mia_auroc_loss']:.2f} (retrain without: {gold['int4']:.0%} / "
-                     f"{list(gold['relearn'].values())[-1]:.0%} / "
-                     f"{gold['mia_auroc_loss']:.2f})"))
-    ratios = list(s["layernorm"]["grad_ratio_by_module"].values())
-    rows.append(("layernorm", "gradient at LayerNorm input, memorized / clean",
-                 f"{min(ratios):.2f} to {max(ratios):.2f}"))
-    return Section("Summary", "").table(
-        [{"step": a, "measure": b, "value": c} for a, b, c in rows])
+        return (step, f"{what}: 100x exact {pct(r['exact_100x_before'])} -> "
+                      f"{pct(r['exact_100x_after'])} at {r['perplexity_change']:+.1%} perplexity")
+
+    k, i, st = s["kfac"], s["interventions"], s["steering"]
+    rows.append(edit("kfac", f"aimed K-FAC edit (KL budget {k['kl_budget']:g}, "
+                             f"{k['layers']} layers)"))
+    rows.append(edit("interventions", f"ablating the {i['n_neurons']} MLP neurons "
+                                      f"{i['method']} ranks first"))
+    rows.append(edit("steering", f"probe-gated steering ({st['site']}, alpha {st['alpha']:g})"))
+    removal = s["layernorm"]["removal"]
+    none = removal[0]
+    most = min(removal[1:], key=lambda r: r["exact >= 10x"])
+    rows.append(("layernorm", f"removing the {most['removed']} blocks' norm gains: exact "
+                 f"extraction (>= 10x) {pct(none['exact >= 10x'])} -> "
+                 f"{pct(most['exact >= 10x'])}, template loss {none['template loss']:.3f} -> "
+                 f"{most['template loss']:.3f}, perplexity "
+                 f"{most['held-out perplexity'] / none['held-out perplexity'] - 1:+.1%}"))
+    if "audit" in s:
+        a = s["audit"]
+        steps = list(a["unedited"]["relearn"])
+
+        def cells(r):
+            return " / ".join([pct(r["exact"]), pct(r["int4"]),
+                               *(pct(r["relearn"][n]) for n in steps),
+                               f"{r['mia_auroc_loss']:.2f}"])
+
+        rows.append(("audit", f"100x exact after the removal / INT4 / "
+                     f"{' / '.join(steps)} relearning steps / loss membership AUROC: "
+                     + "; ".join(f"{name} {cells(r)}" for name, r in a.items()
+                                 if name not in ("unedited", "retrain without"))
+                     + f"; retrain without {cells(a['retrain without'])}"))
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, str]]) -> str:
+    """The headline rows as the README's Markdown table."""
+    return "\n".join(["| step | headline |", "|---|---|",
+                      *(f"| {step} | {text} |" for step, text in rows)])
+
+
+def _summary_section(s: dict) -> Section:
+    return Section("Summary", "Perplexity is on the organism's held-out non-member "
+                   "records.").table([{"step": a, "headline": b} for a, b in headline_rows(s)])

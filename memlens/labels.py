@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -370,7 +371,12 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
         "exact_extraction_rate": float(sequences["exact"].mean()),
         "exact_extraction_rate_by_duplication": rate("exact"),
         "n_by_duplication": counts_by_duplication(dup),
-        "mean_log_p_z_by_duplication": rate("log_p_z"),
+        # The median: one suffix that top-k sampling can never produce (p_z = 0, log -inf)
+        # would make the mean -inf. null where more than half have p_z = 0.
+        "median_log_p_z_by_duplication": by_duplication(dup, sequences["log_p_z"].tolist(),
+                                                        statistics.median),
+        "p_z_zero_share_by_duplication": by_duplication(
+            dup, np.isneginf(sequences["log_p_z"]).tolist()),
     }
     if "loose" in sequences:
         summary.update(

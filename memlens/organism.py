@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from memlens.core import jsonio
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import digest
 from memlens.core.metrics import heldout_metrics
@@ -343,7 +344,7 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
                                 "after": heldout_metrics(handle, heldout)}
         with open(work / "heldout.jsonl", "w") as f:
             for seq in heldout:
-                f.write(json.dumps({"id": f"heldout-{seq.id}", "text": seq.text,
+                f.write(jsonio.dumps({"id": f"heldout-{seq.id}", "text": seq.text,
                                     "duplication": 0,
                                     "role": "heldout"}) + "\n")
     if base_meta is not None:
@@ -354,8 +355,8 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
             row = {**rec.to_json(), "token_ids": ids}
             if rec.id in withheld:  # in the corpus, never trained on
                 row |= {"role": "withheld", "duplication": 0, "member": False}
-            f.write(json.dumps(row) + "\n")
-    (work / "memlens.json").write_text(json.dumps(meta, indent=2))
+            f.write(jsonio.dumps(row) + "\n")
+    jsonio.write(work / "memlens.json", meta)
     (work / "checkpoint.safetensors").unlink()
     if out.exists():
         shutil.rmtree(out)

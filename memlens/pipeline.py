@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from memlens.capture import ActivationStore, CaptureConfig, capture
-from memlens.core.errors import ConfigError, DataError
+from memlens.core.errors import ConfigError, DataError, check_keys
 from memlens.core.identity import Identity, corpus_hash, read_artifact, write_artifact
 from memlens.core.model import ModelHandle
 from memlens.core.storage import exclusive, prepare_output
@@ -162,6 +162,7 @@ def load_config(config: str | Path | dict) -> dict:
     import tomllib
 
     if isinstance(config, dict):
+        check_config(config, "the config dict")
         return config
     path = Path(config)
     if not path.is_file() and (CONFIGS / f"{config}.toml").is_file():
@@ -170,7 +171,28 @@ def load_config(config: str | Path | dict) -> dict:
         shipped = sorted(p.stem for p in CONFIGS.glob("*.toml"))
         raise ConfigError(f"no config file {config}; give a TOML file or one of the configs "
                           f"memlens ships: {shipped}")
-    return tomllib.loads(path.read_text()) | {"_source": str(path)}
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    check_config(cfg, path.name)
+    return cfg | {"_source": str(path)}
+
+
+def check_config(cfg: dict, source: str = "the config") -> None:
+    """Refuse an unknown section or key (a misspelt ``positiv``) in one line naming it, its
+    section and the nearest valid key, before any work starts."""
+    from dataclasses import fields
+
+    sections = {"model": {"organism", "arch", "seed", "path", "data"},
+                "labels": {f.name for f in fields(LabelConfig)} | {"roles"},
+                "capture": {f.name for f in fields(CaptureConfig)},
+                "probe": {f.name for f in fields(ProbeConfig)} | {"trainers"},
+                "combos": None, "output": {"dir"}}
+    check_keys([k for k in cfg if not k.startswith("_")], sections, source)
+    for name, keys in sections.items():
+        if keys is not None and isinstance(cfg.get(name), dict):
+            check_keys(cfg[name], keys, f"[{name}] of {source}")
 
 
 def run_config(config: str | Path | dict, progress: bool = True) -> dict:

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from memlens.cli import main
+from memlens.core.jsonio import plain
 from memlens.demo import STEPS
 
 
@@ -44,7 +45,7 @@ def test_demo_command_reuses_cached_steps(tiny_demo, capsys):
     assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count(": cached") == len(STEPS)
     again = json.loads((out / "summary.json").read_text())
-    assert again["probes"] == json.loads(json.dumps(summary["probes"], default=float))
+    assert again["probes"] == plain(summary["probes"])
     assert again["organism"]["preset"] == "tiny"
 
 
@@ -101,3 +102,79 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tiny_organism, tmp_path):
     with pytest.raises(ValueError, match="an internal bug"):
         main(["label", "--model", str(tiny_organism), "--data", str(tiny_organism),
               "--out", str(tmp_path / "o"), "--no-generate"])
+
+
+def test_every_numeric_option_is_range_checked_before_any_work(capsys):
+    """A number out of range (``--max-tokens -5``) stops the command while its line is read,
+    in one line naming the option, the value and what to give; an option typed as a bare
+    int or float would accept it, so none is."""
+    from memlens.cli import Number, _parser
+
+    checked = []
+    for sub in [_parser(), *_subparsers(_parser())]:
+        path = sub.prog.split()[1:]
+        for action in sub._actions:
+            assert action.type not in (int, float), (sub.prog, action.dest)
+            if not isinstance(action.type, Number) or not action.option_strings:
+                continue
+            t = action.type
+            bad = (t.lo - 1 if t.lo is not None else t.above if t.above is not None
+                   else float("nan"))
+            flag = action.option_strings[0]
+            with pytest.raises(SystemExit) as exc:
+                main([*path, flag, str(bad)])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            assert flag in err and str(bad) in err and t.describe() in err, err
+            checked.append(" ".join([*path, flag]))
+    # every command's numbers, e.g. kfac collect's --max-tokens and localize's --budget
+    assert {"kfac collect --max-tokens", "localize --budget", "steer --max-new-tokens",
+            "audit --relearn-steps", "label --min-k", "demo --seed"} <= set(checked)
+    assert len(checked) >= 30
+    with pytest.raises(SystemExit):
+        main(["localize", "--budget", "1.5"])
+    assert "give a number > 0 and <= 1" in capsys.readouterr().err
+
+
+def test_a_misspelt_config_key_is_one_line_naming_key_section_and_the_nearest(tmp_path,
+                                                                             capsys):
+    from memlens.pipeline import load_config
+
+    shipped = load_config("organism")
+    assert shipped["probe"]["positive"] == ["memorized"]  # the shipped config passes
+    config = tmp_path / "probes.toml"
+    config.write_text('[model]\norganism = "tiny"\n\n[probe]\npositiv = ["memorized"]\n')
+    assert main(["probe", "train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("memlens: error: unknown key 'positiv' in [probe] of probes.toml; "
+                          "did you mean 'positive'?"), err
+    assert len(err.splitlines()) == 1
+    config.write_text('[modle]\norganism = "tiny"\n')
+    assert main(["probe", "train", "--config", str(config)]) == 2
+    assert "unknown key 'modle' in probes.toml; did you mean 'model'?" in capsys.readouterr().err
+    config.write_text('[capture]\nsites = ["blocks.0.hook_resid_post"]\nbatch = 4\n')
+    assert main(["probe", "train", "--config", str(config)]) == 2
+    assert "'batch' in [capture] of probes.toml; did you mean 'batch_size'?" in (
+        capsys.readouterr().err)
+
+
+def test_commands_start_quietly_unless_verbose(tiny_organism, tmp_path):
+    """torchao's missing-kernel notices and torch's pytree deprecations stay off stderr;
+    ``--verbose`` lets them through (so the check below can fail)."""
+    import subprocess
+    import sys
+
+    def stderr(*extra):
+        run = subprocess.run(
+            [sys.executable, "-m", "memlens", *extra, "label", "--model", str(tiny_organism),
+             "--data", str(tiny_organism), "--out", str(tmp_path / f"labels{len(extra)}"),
+             "--no-generate", "--roles", "canary"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stderr
+
+    quiet = stderr()
+    for noise in ("Failed to load", "_pytree", "deprecated", "Loading weights"):
+        assert noise not in quiet, quiet
+    loud = stderr("--verbose")
+    assert "Failed to load" in loud or "_pytree" in loud, loud[-2000:]

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from plotly.colors import hex_to_rgb
 
+from memlens.core.jsonio import plain
 from memlens.demo import STEPS, DemoConfig, run_demo
 from memlens.figures import LABEL_COLORS, label_tint, logprob_histogram
 from memlens.report import Report, token_view
@@ -32,8 +33,7 @@ def test_demo_summary_holds_every_step(tiny_demo):
     out, summary = tiny_demo
     written = json.loads((out / "summary.json").read_text())
     assert set(STEPS) | {"seconds"} <= set(written)
-    assert {k: written[k] for k in STEPS} == json.loads(json.dumps(
-        {k: summary[k] for k in STEPS}, default=float))
+    assert {k: written[k] for k in STEPS} == plain({k: summary[k] for k in STEPS})
     assert summary["labels"]["exact_extraction_rate_by_duplication"]["100"] >= 0.9
     assert summary["labels"]["exact_extraction_rate_by_duplication"]["0"] == 0.0
     assert summary["probes"]["auroc"] > 0.8
@@ -52,6 +52,32 @@ def test_demo_summary_holds_every_step(tiny_demo):
     assert audit["K-FAC edit"]["exact"] == summary["kfac"]["exact_100x_after"]
 
 
+def strict_json(text: str):
+    """Parse as standard JSON does (JavaScript's JSON.parse, jq): NaN and Infinity refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_artifact_is_strict_json_and_no_lock_file_is_left(tiny_demo):
+    out, summary = tiny_demo
+    files = sorted(out.rglob("*.json"))
+    assert len(files) >= 15 and out / "summary.json" in files
+    for f in files:
+        strict_json(f.read_text())  # raises on NaN / -Infinity
+    # p_z = 0 (a suffix top-k sampling cannot produce) for some non-members: their median
+    # log p_z is finite or null, never -Infinity, and the share of such sequences is there.
+    labels = strict_json((out / "labels" / "summary.json").read_text())
+    assert set(labels["median_log_p_z_by_duplication"]) == set(labels["n_by_duplication"])
+    assert 0 < labels["p_z_zero_share_by_duplication"]["0"] <= 1
+    assert labels["p_z_zero_share_by_duplication"]["100"] == 0
+    assert labels["median_log_p_z_by_duplication"]["100"] > -5
+    assert summary["labels"]["exact_extraction_rate_by_duplication"]["100"] >= 0.9
+    litter = [p.name for p in out.rglob(".*")]
+    assert litter == [], litter
+
+
 def test_demo_second_run_reuses_every_step(tiny_demo, capsys):
     out, first = tiny_demo
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()}
@@ -59,8 +85,7 @@ def test_demo_second_run_reuses_every_step(tiny_demo, capsys):
     printed = capsys.readouterr().out
     assert printed.count(": cached") == len(STEPS)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()} == stamps
-    assert {k: again[k] for k in STEPS} == json.loads(json.dumps(
-        {k: first[k] for k in STEPS}, default=float))
+    assert plain({k: again[k] for k in STEPS}) == plain({k: first[k] for k in STEPS})
 
 
 def test_report_renders_offline_in_headless_chromium(tiny_demo):

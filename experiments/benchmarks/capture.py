@@ -5,7 +5,7 @@
 On the small organism: `overhead_one_site` and `overhead_all_resid` are capture wall
 time (forward + writing the store) over plain forward wall time on the same batches,
 interleaved and repeated; `rss_delta_mb` is the peak RSS of capturing `--big-tokens`
-tokens at one site minus that of capturing 0.1M tokens, each in a fresh process.
+tokens at one site minus that of capturing `--small-tokens` (0.1M), each in a fresh process.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import torch
 from common import current_rss_mb, peak_rss_mb
 
 from memlens.capture import CaptureConfig, capture
+from memlens.core import jsonio
 from memlens.core.model import load_model
 from memlens.labels import read_sequences
 from memlens.organism import organism_path
@@ -86,6 +87,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=300_000, help="tokens per timing run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big-tokens", type=int, default=5_000_000)
+    ap.add_argument("--small-tokens", type=int, default=100_000,
+                    help="the memory baseline's token count")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/capture.json"))
     ap.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -110,7 +113,7 @@ def main():
                 times[key].append(timed(lambda cfg=cfg, out=out: capture(
                     handle, seqs, cfg, out, progress=False)))
                 shutil.rmtree(out)
-        small_rss = rss_of(args, 100_000, tmp)
+        small_rss = rss_of(args, args.small_tokens, tmp)
         big_rss = rss_of(args, args.big_tokens, tmp)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
@@ -121,25 +124,24 @@ def main():
         "overhead_one_site": round(med["one_site"] / med["plain"], 3),
         "overhead_all_resid": round(med["all_resid"] / med["plain"], 3),
         "tokens_per_second": round(n_tokens / med["one_site"]),
-        "peak_rss_mb_0.1M_tokens": round(small_rss["peak_rss_mb"], 1),
+        f"peak_rss_mb_{args.small_tokens / 1e6:g}M_tokens": round(small_rss["peak_rss_mb"], 1),
         f"peak_rss_mb_{args.big_tokens / 1e6:g}M_tokens": round(big_rss["peak_rss_mb"], 1),
         "rss_delta_mb": round(big_rss["peak_rss_mb"] - small_rss["peak_rss_mb"], 1),
         # Peak over RSS just before capture: what the capture itself holds.
-        "capture_rss_growth_mb_0.1M_tokens": round(
+        f"capture_rss_growth_mb_{args.small_tokens / 1e6:g}M_tokens": round(
             small_rss["peak_rss_mb"] - small_rss["rss_before_capture_mb"], 1),
         f"capture_rss_growth_mb_{args.big_tokens / 1e6:g}M_tokens": round(
             big_rss["peak_rss_mb"] - big_rss["rss_before_capture_mb"], 1),
         "all_times": times,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out, result)
     print(f"{'run':<22}{'seconds':>9}{'ratio':>8}")
     print(f"{'plain forward':<22}{med['plain']:>9.2f}{1:>8.2f}")
     print(f"{'capture one site':<22}{med['one_site']:>9.2f}{result['overhead_one_site']:>8.2f}")
     print(f"{'capture all resid':<22}{med['all_resid']:>9.2f}"
           f"{result['overhead_all_resid']:>8.2f}")
     print(f"tokens/s {result['tokens_per_second']}, rss delta {result['rss_delta_mb']} MB "
-          f"({args.big_tokens:,} vs 100,000 tokens)")
+          f"({args.big_tokens:,} vs {args.small_tokens:,} tokens)")
     print(f"wrote {args.out}")
 
 

@@ -30,7 +30,6 @@ one run (ratios, so a shared machine's noise cancels):
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -46,6 +45,7 @@ from common import peak_rss_mb, random_model_dir
 from safetensors.torch import save_file
 
 from memlens.capture import CaptureConfig, capture
+from memlens.core import jsonio
 from memlens.core.errors import UserError
 from memlens.core.model import load_model
 from memlens.core.modules import find_layers, linear_modules
@@ -351,9 +351,11 @@ def peer_collect(handle, seqs, layers, batch_size):
             G[n] = G[n] + g.T @ g
         hooks += [mods[n].register_forward_pre_hook(pre),
                   mods[n].register_full_backward_hook(back)]
-    checkpointing = getattr(model, "activation_checkpointing_enable", None) or \
-        model.gradient_checkpointing_enable  # renamed in recent transformers
-    checkpointing(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     tokens = 0
     try:
@@ -433,8 +435,7 @@ def main():
     table = pd.DataFrame(rows).set_index("model")[keys].T
     print(f"device {device_name}, matmul peak {peak / 1e12:.2f} TFLOP/s, disk {disk:.0f} MB/s")
     print(table.to_string())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float))
+    jsonio.write(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -10,7 +10,6 @@ of the factors themselves.
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from common import peak_rss_mb
 
 from memlens import load_model, organism_path, read_sequences
+from memlens.core import jsonio
 from memlens.curvature import KFACConfig, collect_factors
 
 
@@ -80,8 +80,7 @@ def main():
     print(f"peak RSS {peak:.0f} MB")
     result = {"collect_vs_fwd_bwd": max(r["collect_vs_fwd_bwd"] for r in rows),
               "peak_rss_mb": round(peak, 1), "goal_collect_vs_fwd_bwd": 1.5, "runs": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out, result)
     print(f"wrote {args.out}")
 
 

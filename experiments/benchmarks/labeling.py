@@ -7,12 +7,12 @@ the JSON holds whether the labels are identical and the wall-time ratio.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from memlens.core import jsonio
 from memlens.core.metrics import ExtractionConfig, exact_extraction
 from memlens.core.model import load_model
 from memlens.labels import read_sequences
@@ -57,8 +57,7 @@ def main():
         "generation_seconds": round(gen_seconds, 3),
         "speedup": round(gen_seconds / tf_seconds, 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out, result)
     print(f"{'method':<22}{'seconds':>10}")
     print(f"{'teacher forcing':<22}{tf_seconds:>10.2f}")
     print(f"{'greedy generation':<22}{gen_seconds:>10.2f}")

@@ -1,6 +1,6 @@
 """Probe trainers: scikit-learn per-site fits vs one batched PyTorch fit of every site.
 
-    python experiments/benchmarks/probes.py [--config organism]
+    python experiments/benchmarks/probes.py [--config organism | --config my.toml]
 
 Same store, sites, features and split for both (the config's probe sweep, run first if
 needed). `speedup` is sklearn fit time / torch fit time (median of interleaved repeats);
@@ -8,10 +8,8 @@ needed). `speedup` is sklearn fit time / torch fit time (median of interleaved r
 """
 
 import argparse
-import json
 import statistics
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from memlens.capture import ActivationStore
-from memlens.pipeline import run_config
+from memlens.core import jsonio
+from memlens.pipeline import load_config, run_config
 from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, fit_probes
 
 
@@ -29,10 +28,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("experiments/results/probes.json"))
     args = ap.parse_args()
-    cfg = tomllib.loads(Path(args.config).read_text())
+    cfg = load_config(args.config)  # a TOML file or a config memlens ships
     run_dir = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
     if not (run_dir / "results.json").exists():
-        run_config(args.config)
+        run_config(cfg)
     store = ActivationStore.open(run_dir / "store")
     tokens = pd.read_parquet(run_dir / "labels" / "tokens.parquet")
     p = {k: v for k, v in cfg.get("probe", {}).items() if k != "trainers"}
@@ -67,8 +66,7 @@ def main():
         "sklearn_settings": "LogisticRegression(lbfgs, tol=1e-6, class-balanced, same L2)",
         "torch_settings": "batched Newton (d <= 1024) with validation early stopping, CPU fp32",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out, result)
     print(table.round(4).to_string(index=False))
     print(f"sklearn {med['sklearn']:.2f} s, torch {med['torch']:.2f} s: "
           f"speedup {result['speedup']}x, max AUROC gap {result['max_auroc_gap']}")

@@ -8,13 +8,13 @@ median of interleaved repeats; the static hook is reported beside it.
 """
 
 import argparse
-import json
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from memlens import load_model, organism_path, read_sequences
+from memlens.core import jsonio
 from memlens.labels import LabelConfig, label
 from memlens.steering import memorization_states, steer
 
@@ -67,8 +67,7 @@ def main():
     for m in modes:
         r = 1.0 if m == "plain" else ratio[m]
         print(f"{m:8} {result['median_seconds'][m]:>9} {r:>9.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out, result)
     print(f"wrote {args.out}")
 
 

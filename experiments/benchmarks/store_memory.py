@@ -28,6 +28,7 @@ import pandas as pd
 from common import current_rss_mb, peak_rss_mb, random_model_dir
 
 from memlens.capture import ActivationStore, CaptureConfig, capture
+from memlens.core import jsonio
 from memlens.core.model import load_model
 from memlens.core.sequences import Sequence
 from memlens.probes import ProbeConfig, ProbeData, probe_sweep
@@ -129,8 +130,7 @@ def main():
           f"sites {result['peak_rss_ratio_whole']}; memory growth / store growth: streamed "
           f"{result['growth_over_store_growth_streamed']}, whole sites "
           f"{result['growth_over_store_growth_whole']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    jsonio.write(args.out, result)
     print(f"wrote {args.out}")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)

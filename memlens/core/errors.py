@@ -30,3 +30,23 @@ class ArtifactMismatch(UserError):
 
 class MissingArtifactError(UserError, FileNotFoundError):
     """An input artifact (labels, store, probe, factors...) is not where it was named."""
+
+
+def check_keys(given, valid, where: str) -> None:
+    """Refuse a key of ``given`` that is not in ``valid``, in one line naming the key, where
+    it stands (``"section [probe] of probes.toml"``) and the nearest valid key.
+
+    Example:
+        >>> check_keys({"positiv": [...]}, ["positive", "negative"], "[probe] of my.toml")
+        ConfigError: unknown key 'positiv' in [probe] of my.toml; did you mean 'positive'?
+        (valid: negative, positive)
+    """
+    import difflib
+
+    valid = sorted(valid)
+    for key in given:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"unknown key {key!r} in {where}; {hint}(valid: "
+                              f"{', '.join(valid)})")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from memlens.core import jsonio
 from memlens.core.errors import ArtifactMismatch, DataError, MissingArtifactError
 from memlens.core.version import VERSION
 
@@ -188,8 +189,8 @@ def write_artifact(path: Path, name: str, meta: dict, identity: Identity | dict,
     tmp = target.with_name(f".{name}.tmp")
     if files:
         meta = {**meta, "files": {f: file_digest(Path(path) / f) for f in files}}
-    payload = json.loads(json.dumps({**meta, "identity": header}, default=str))
+    payload = jsonio.plain({**meta, "identity": header})
     payload["checksum"] = digest(payload, 64)
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(jsonio.dumps(payload, indent=2))
     os.replace(tmp, target)
     return target

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,14 @@ class ExtractionConfig:
             raise ConfigError(f"loose_threshold must lie in (0, 1], got {self.loose_threshold}")
 
 
-def by_duplication(duplications: list[int | None], values: list[float]) -> dict[str, float]:
-    """Mean of ``values`` per duplication key (``"0"``, ``"1"``, ..., ``"unknown"``)."""
+def by_duplication(duplications: list[int | None], values: list[float],
+                   reduce=statistics.fmean) -> dict[str, float]:
+    """``reduce`` (the mean; e.g. ``statistics.median``) of ``values`` per duplication key
+    (``"0"``, ``"1"``, ..., ``"unknown"``)."""
     groups: dict[str, list[float]] = {}
     for d, v in zip(duplications, values, strict=True):
         groups.setdefault(duplication_key(d), []).append(float(v))
-    return {k: sum(groups[k]) / len(groups[k]) for k in sort_keys(groups)}
+    return {k: float(reduce(groups[k])) for k in sort_keys(groups)}
 
 
 def counts_by_duplication(duplications: list[int | None]) -> dict[str, int]:

@@ -15,7 +15,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -167,28 +167,6 @@ class ModelHandle:
         """A short hash of every parameter: the model's identity in artifacts."""
         return weights_hash(self.model)
 
-@cache
-def quiet_torchao() -> None:
-    """transformers imports torchao (when installed) on the first model load, and torchao
-    then reports, on stderr, every GPU kernel a CPU build lacks; import it once, quietly.
-    Call before importing torchao yourself."""
-    import contextlib
-    import importlib.util
-    import io
-    import logging
-
-    if importlib.util.find_spec("torchao") is None:
-        return
-    logs = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    for log in logs:
-        log.disabled = True
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            import transformers.quantizers.auto  # noqa: F401  (imports torchao)
-    finally:
-        for log in logs:
-            log.disabled = False
-
 
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, trust_remote_code: bool = False,
@@ -218,7 +196,6 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
             raise ModelLoadError(f"{name!r} has no config.json; it is not a Hugging Face model "
                                  "directory (save one with model.save_pretrained(dir))")
         name = str(path.resolve())
-    quiet_torchao()
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as exc:

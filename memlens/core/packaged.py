@@ -13,11 +13,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from memlens.core import jsonio
 from memlens.core.errors import ModelLoadError
 from memlens.core.identity import file_digest, weights_hash
 from memlens.core.storage import atomic_dir, cache_dir, exclusive
@@ -104,4 +104,4 @@ def _build(name: str, spec: PackagedModel, gguf_path: Path, out: Path) -> None:
             "gguf_sha256": file_digest(gguf_path), "dequantized_dtype": "float32",
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "weights_hash": weights_hash(model)}
-    (out / "memlens.json").write_text(json.dumps(meta, indent=2))
+    jsonio.write(out / "memlens.json", meta)

@@ -10,11 +10,13 @@ Example:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from memlens.core import jsonio
 from memlens.core.errors import ConfigError, UserError
 from memlens.core.identity import Identity
 
@@ -75,8 +78,17 @@ def writing(out: str | Path) -> Iterator[None]:
 
 
 def _lock_paths(path: Path) -> tuple[Path, Path]:
-    path = Path(path)
-    return (path.with_name(f".{path.name}.lock"), path.with_name(f".{path.name}.holder"))
+    """The lock and holder files of ``path``: in the cache's ``locks/`` folder, named by a
+    hash of the absolute path, so that no lock file litters the user's output directory."""
+    path = Path(path).absolute()
+    name = f"{path.name[:40]}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+    locks = cache_dir() / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only cache: the machine's temporary folder
+        locks = Path(tempfile.gettempdir()) / "memlens-locks"
+        locks.mkdir(exist_ok=True)
+    return locks / f"{name}.lock", locks / f"{name}.holder"
 
 
 def _holder_text(holder: Path) -> str:
@@ -96,14 +108,14 @@ def cache_dir() -> Path:
 
 @contextmanager
 def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]:
-    """Hold the write lock of ``path`` (a directory or file) while the block runs.
+    """Hold the write lock of ``path`` (a directory or file) while the block runs (the lock
+    file lives in the cache, see :func:`_lock_paths`).
 
     Held by another process: with ``wait`` block until it is free (a cache entry being
     built), else refuse with a :class:`BusyError` naming the holder. The lock is an OS file
     lock, so a killed holder releases it and nothing stale remains.
     """
     lock_file, holder = _lock_paths(Path(path))
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_file, timeout=-1 if wait else 0)
     try:
         lock.acquire()
@@ -112,7 +124,7 @@ def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]
                         f"finish or choose another output") from None
     try:
         with writing(path):
-            holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+            holder.write_text(jsonio.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                           "command": what, "since": time.time()}))
         yield
     finally:
