@@ -235,25 +235,34 @@ def _corrupted(ids: list[int], where: range, vocab: int, gen: torch.Generator) -
     return out
 
 
-def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
-                         corrupt: int = 2, shift: int = 8, seed: int = 0) -> dict:
-    """Exact extraction under prompt perturbations: ``corrupt`` random prefix tokens at the
-    start (after a BOS) and at the end of the prefix, the prefix ``shift`` tokens shorter
-    (same suffix) and longer (the suffix moves on by ``shift``)."""
+def perturbed_prompts(seqs: list[Sequence], cfg: ExtractionConfig, vocab: int,
+                      bos: bool, corrupt: int = 2, shift: int = 8, seed: int = 0
+                      ) -> dict[str, tuple[list[list[int]], int]]:
+    """The perturbed windows and their prefix length, by perturbation: ``corrupt`` random
+    prefix tokens at the start (after a BOS when ``bos``) or at the end of the prefix; the
+    prefix ``shift`` tokens shorter (its first tokens dropped, the same suffix); and the
+    prefix ``shift`` tokens longer, the suffix moving on by ``shift`` (the window grows to
+    prefix + shift + suffix tokens, as far as the sequence goes)."""
     p, s = cfg.prefix, cfg.suffix
     if p <= shift + corrupt + 1:
         raise ConfigError(f"prefix {p} is too short to drop {shift} tokens and corrupt {corrupt}")
     gen = torch.Generator().manual_seed(seed)
-    vocab = len(handle.tokenizer)
     windows = [q.token_ids[:p + s] for q in seqs]
-    first = 1 if handle.tokenizer.bos_token_id is not None else 0
-    variants = {
+    first = 1 if bos else 0
+    return {
         "corrupt_start": ([_corrupted(w, range(first, first + corrupt), vocab, gen)
                            for w in windows], p),
         "corrupt_end": ([_corrupted(w, range(p - corrupt, p), vocab, gen) for w in windows], p),
         "shorter_prefix": ([w[:first] + w[first + shift:] for w in windows], p - shift),
-        "longer_prefix": ([w for w in windows], p + shift),
+        "longer_prefix": ([q.token_ids[:p + shift + s] for q in seqs], p + shift),
     }
+
+
+def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+                         corrupt: int = 2, shift: int = 8, seed: int = 0) -> dict:
+    """Exact extraction of ``seqs`` under each of :func:`perturbed_prompts`' perturbations."""
+    variants = perturbed_prompts(seqs, cfg, len(handle.tokenizer),
+                                 handle.tokenizer.bos_token_id is not None, corrupt, shift, seed)
     return {name: float(np.mean(exact_matches(handle, ids, prefix, cfg.batch_size)))
             for name, (ids, prefix) in variants.items()}
 
@@ -320,18 +329,28 @@ def membership(handle: ModelHandle, forget: list[Sequence], nonmembers: list[Seq
 @torch.no_grad()
 def probe_score(handle: ModelHandle, probe, seqs: list[Sequence], cfg: ExtractionConfig
                 ) -> float:
-    """The probe's mean memorization probability on the states predicting the suffixes."""
+    """The probe's mean memorization probability on the states predicting the suffixes,
+    read before any edit on the probe's own site (steering there) changes them: under
+    steering it says what the model still computes, not what the steering hands on."""
     from memlens.core.sites import run_sites
 
     site = probe.sites[0]
     scores = []
     for chunk, ids, mask in batches(handle, [q.token_ids[:cfg.prefix + cfg.suffix]
                                              for q in seqs], cfg.batch_size):
-        acts = run_sites(handle, [site], ids, mask, backend="torch")[site].float()
+        acts = run_sites(handle, [site], ids, mask, backend="torch",
+                         before_edits=True)[site].float()
         for b, toks in enumerate(chunk):
             states = acts[b, cfg.prefix - 1:len(toks) - 1].cpu().numpy()
             scores.extend(np.asarray(probe.score(states)).tolist())
     return float(np.mean(scores))
+
+
+def probe_fits(probe, handle: ModelHandle) -> bool:
+    """Whether ``probe`` was fitted on this model's activations (its identity names these
+    weights; a probe with no recorded model is taken at its word)."""
+    fitted_on = (probe.identity or {}).get("model_hash")
+    return fitted_on is None or fitted_on == handle.weights_hash()
 
 
 def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
@@ -342,7 +361,8 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
 
     Returns ``after_edit``, ``int8`` / ``int4``, ``relearn`` (by steps), each with ``exact``,
     ``loose`` and ``perplexity``; ``perturbed`` (exact rate per perturbation); ``mia_auroc``;
-    ``probe_score`` (with a probe); the model comes back unchanged.
+    ``probe_score`` (with a probe fitted on this model; None for another model's probe);
+    the model comes back unchanged.
     """
     cfg = config or AuditConfig()
     ec = extraction_config or ExtractionConfig()
@@ -355,6 +375,8 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     stages = ["after_edit", *[f"int{b}" for b in cfg.bits], "relearn", "perturbed", "mia"]
     bar = progress_bar(total=len(stages), desc="audit", unit="attack", disable=not progress)
     out: dict = {}
+    # Checked on the model as given: a weight edit below changes its hash, not its stream.
+    fits = probe is not None and probe_fits(probe, handle)
     with bar, removal():
         out["after_edit"] = scored()
         bar.update()
@@ -366,9 +388,11 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
                                                 cfg.seed)
         bar.update()
         out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
-        if probe is not None:
+        if probe is not None and fits:
             out["probe_score"] = probe_score(handle, probe, data.forget, ec)
             out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
+        elif probe is not None:  # another model's residual stream: its score means nothing
+            out["probe_score"] = out["probe_score_nonmembers"] = None
         bar.update()
         relearn: dict = {}
 

@@ -416,7 +416,9 @@ def step_audit(d: Demo, sec: Section) -> dict:
     forget = s.at(100)  # the held-out 100x canaries every removal above was scored on
     relearn = ([q.token_ids for q in s.canaries if q.duplication != 100]
                + [q.token_ids for q in s.general[:500]])
-    data = AuditData(forget, relearn, s.nonmembers, s.heldout)
+    # Membership against the non-members nothing above was fitted on (the steering probe
+    # and localization's clean text used the even half).
+    data = AuditData(forget, relearn, s.evaluation_nonmembers, s.heldout)
     config = AuditConfig(relearn_steps=d.config.audit_relearn_steps)
     probe = Probe.load(d.probe_path(d.config.steer_site))
     weights = _kfac_edit(d)[2]
@@ -473,8 +475,8 @@ TEXT = {
     "interventions": "MLP neurons scored by how much ablating each one lowers the "
                      "log-probability of recited canaries; the top ones are then ablated. "
                      "The curve shows how much must go before heavily duplicated canaries "
-                     "stop being recited: in the organism, memorization is not held by a few "
-                     "neurons.",
+                     "stop being recited, for this one ranking method (other methods, and "
+                     "targets sampled across counts, are in experiments/interventions.py).",
     "steering": "A probe at one site gates a steering vector per token: the vector is "
                 "subtracted only where the probe sees memorization.",
     "layernorm": "Per normalization layer: the gradient at its input for memorized PII tokens "

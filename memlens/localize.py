@@ -172,6 +172,7 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
     n_tokens = sum(int(m[:, max(cfg.start, 1):].sum()) for _, m in batches)
     # Under torchrun, each step each rank takes the next batch in turn.
     size, rank = distributed.world_size(), distributed.rank()
+    drive = torch.zeros_like(params)  # how hard the losses pushed each gate, summed
     with tracking_gradients(handle.model, []):
         for step in progress_bar(range(cfg.steps), desc=cfg.method, leave=False):
             ids, mask = batches[(step * size + rank) % len(batches)]
@@ -190,9 +191,13 @@ def _train_masks(handle, sites, targets, cfg, width, hard: bool):
                 loss.backward()
             if size > 1:  # data parallel: the mean gradient of the ranks' batches
                 distributed.all_reduce_sum(params.grad).div_(size)
+            drive -= params.grad
             opt.step()
     # Unclamped parameters rank the neurons (a clamped mask ties every dropped neuron at 0).
-    return params.detach().cpu()
+    # Adam moves every parameter the loss keeps pushing one way by about lr a step, so the
+    # neurons a record needs end nearly tied; among near-equals, the summed push decides.
+    tie_break = cfg.lr * drive / drive.abs().max().clamp_min(1e-30)  # at most one step
+    return (params.detach() + tie_break).cpu()
 
 
 def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int]] | None = None,

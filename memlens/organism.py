@@ -328,7 +328,8 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
     train_seconds = time.perf_counter() - t0
 
     meta = {
-        "memlens_version": VERSION, "preset": preset_name, "arch": arch, "seed": seed,
+        "memlens_version": VERSION, "libraries": library_versions(), "preset": preset_name,
+        "arch": arch, "seed": seed,
         "preset_config": asdict(preset), "norm_free_layers": list(norm_free_layers),
         "withheld": list(withheld),
         "train_seconds": round(train_seconds, 1),
@@ -364,19 +365,30 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
     return out
 
 
-def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
-                  progress: bool = True, norm_free_layers: tuple[int, ...] = (),
-                  device: str = "cpu", withheld: tuple[int, ...] = ()) -> Path:
-    """The cached organism for (preset, arch, seed, memlens version); trains it if missing.
+# The libraries whose releases take part in training an organism: the corpus generator,
+# the tokenizer trainer, the model code and the numerics. A cache from other releases is
+# not reused as if it were the same organism.
+TRAINING_LIBRARIES = ("torch", "transformers", "tokenizers", "faker", "numpy")
 
-    The preset's settings are part of the key, so changing a preset retrains.
-    ``withheld`` (record ids) trains the same organism without those records: the gold
-    standard a removal of them is compared with (:mod:`memlens.audit`).
-    """
+
+def library_versions() -> dict[str, str]:
+    """The installed release of each of :data:`TRAINING_LIBRARIES`."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in TRAINING_LIBRARIES}
+
+
+def organism_dir(preset: str = "small", arch: str = "llama", seed: int = 0,
+                 norm_free_layers: tuple[int, ...] = (), withheld: tuple[int, ...] = ()
+                 ) -> Path:
+    """Where the organism for these settings is cached (it may not be trained yet): the
+    name holds the preset, arch, variant, seed, memlens version and a key over the preset's
+    settings and the releases of :data:`TRAINING_LIBRARIES`."""
     chosen = get_preset(preset)
     # Natural text comes from this Python's standard library: part of what the key covers.
     python = list(sys.version_info[:2]) if chosen.corpus.general == "natural" else None
-    key = digest({**asdict(chosen), **({"python": python} if python else {})}, 8)
+    key = digest({**asdict(chosen), **({"python": python} if python else {}),
+                  "libraries": library_versions()}, 8)
     norm_free_layers = tuple(sorted(set(norm_free_layers)))
     variant = "-nonorm" + "_".join(map(str, norm_free_layers)) if norm_free_layers else ""
     withheld = tuple(sorted({int(i) for i in withheld}))
@@ -388,8 +400,23 @@ def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
                               f"members of the {preset} corpus; withhold canary or general "
                               "record ids")
         variant += "-without" + digest(list(withheld), 6)
-    path = (cache_dir() / "organisms"
+    return (cache_dir() / "organisms"
             / f"{preset}-{arch}{variant}-seed{seed}-v{VERSION}-{key}")
+
+
+def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
+                  progress: bool = True, norm_free_layers: tuple[int, ...] = (),
+                  device: str = "cpu", withheld: tuple[int, ...] = ()) -> Path:
+    """The cached organism for (preset, arch, seed, memlens version); trains it if missing.
+
+    The preset's settings and the releases of :data:`TRAINING_LIBRARIES` are part of the
+    key (:func:`organism_dir`), so changing a preset or upgrading one of them retrains.
+    ``withheld`` (record ids) trains the same organism without those records: the gold
+    standard a removal of them is compared with (:mod:`memlens.audit`).
+    """
+    path = organism_dir(preset, arch, seed, norm_free_layers, withheld)
+    norm_free_layers = tuple(sorted(set(norm_free_layers)))
+    withheld = tuple(sorted({int(i) for i in withheld}))
     if not (path / "memlens.json").exists():
         # Several processes may want it at once: one trains, the others wait and reuse it.
         with exclusive(path, "train an organism", wait=True):

@@ -62,13 +62,21 @@ class Splits:
 
     @property
     def aim_nonmembers(self) -> list[Sequence]:
+        """Even-half non-members: clean text that probes, directions and localization may
+        be fitted on."""
         return self.nonmembers[0::2]
+
+    @property
+    def evaluation_nonmembers(self) -> list[Sequence]:
+        """Odd-half non-members: nothing is fitted on them; membership inference scores
+        against these."""
+        return self.nonmembers[1::2]
 
     @property
     def heldout(self) -> list[list[int]]:
         """Clean text for perplexity (token ids): the held-out prose where the organism has
         some, else the odd-half non-members."""
-        return [s.token_ids for s in (self.prose or self.nonmembers[1::2])]
+        return [s.token_ids for s in (self.prose or self.evaluation_nonmembers)]
 
     def at(self, duplication: int, half: str = "evaluation") -> list[Sequence]:
         """Canaries of one duplication count from ``half`` (aim, evaluation or canaries)."""
@@ -81,7 +89,7 @@ class Splits:
         for group in (self.aim, self.aim_nonmembers):
             for i, s in enumerate(group):
                 out[s.id] = "val" if i % val_every == val_every - 1 else "train"
-        for s in self.evaluation + self.nonmembers[1::2]:
+        for s in self.evaluation + self.evaluation_nonmembers:
             out[s.id] = "test"
         return out
 

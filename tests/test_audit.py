@@ -13,6 +13,7 @@ from memlens.audit import (
     fine_tune,
     membership,
     perturbed_extraction,
+    perturbed_prompts,
     quantized,
     quantized_weights,
     restorable,
@@ -22,6 +23,7 @@ from memlens.core.errors import ConfigError, DataError
 from memlens.core.metrics import ExtractionConfig, exact_extraction
 from memlens.core.model import load_model
 from memlens.core.modules import linear_modules
+from memlens.core.sequences import Sequence
 from memlens.organism import organism_path
 from memlens.splits import Splits
 
@@ -88,6 +90,29 @@ def test_audit_of_the_unedited_organism(tiny):
     assert report["mia_auroc"]["loss"] > 0.9 and report["mia_auroc"]["neighbourhood"] > 0.9
     for k, v in handle.model.state_dict().items():  # relearning was undone
         assert torch.equal(v, before[k]), k
+
+
+def test_each_perturbed_prompt_changes_what_its_name_says():
+    p, s, shift, corrupt = 32, 32, 8, 2
+    seqs = [Sequence(str(i), list(range(1000 * (i + 1), 1000 * (i + 1) + n)))
+            for i, n in enumerate((80, 72, 70))]
+    cfg = ExtractionConfig(prefix=p, suffix=s)
+    got = perturbed_prompts(seqs, cfg, vocab=50, bos=True, corrupt=corrupt, shift=shift)
+    for q, start, end, shorter, longer in zip(seqs, *(got[k][0] for k in (
+            "corrupt_start", "corrupt_end", "shorter_prefix", "longer_prefix")), strict=True):
+        w = q.token_ids[:p + s]
+        # Random tokens (< 50) only where the name says: never the BOS, never the suffix.
+        assert [i for i, (a, b) in enumerate(zip(start, w, strict=True)) if a != b] == [1, 2]
+        assert [i for i, (a, b) in enumerate(zip(end, w, strict=True)) if a != b] == [30, 31]
+        # Shorter: the first tokens after the BOS dropped, the same suffix.
+        assert got["shorter_prefix"][1] == p - shift
+        assert shorter[:1] == w[:1] and shorter[1:p - shift] == w[1 + shift:p]
+        assert shorter[p - shift:] == q.token_ids[p:p + s]
+        # Longer: the prefix grows and the suffix moves on, as far as the sequence goes.
+        assert got["longer_prefix"][1] == p + shift
+        assert longer[:p + shift] == q.token_ids[:p + shift]
+        assert longer[p + shift:] == q.token_ids[p + shift:p + shift + s]
+    assert [len(x) - (p + shift) for x in got["longer_prefix"][0]] == [32, 32, 30]
 
 
 def test_perturbations_change_the_prompt_where_they_say(tiny):

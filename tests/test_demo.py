@@ -40,9 +40,17 @@ def test_demo_summary_holds_every_step(tiny_demo):
     for step in ("kfac", "interventions", "steering"):
         r = summary[step]
         assert r["exact_100x_before"] == summary["labels"]["before"][
-            "exact_extraction_rate_by_duplication"]["100"]
-        assert 0 <= r["exact_100x_after"] <= 1 and r["perplexity_after"] > 1
+            "exact_extraction_rate_by_duplication"]["100"] >= 0.9
         assert r["perplexity_after"] != r["perplexity_before"]  # the edit took effect
+    # Steering that added the vector would leave the held-out 100x canaries recited
+    # (measured: 1.0 -> 0.4 at +19% on the tiny organism). The demo's K-FAC budget (.003)
+    # removes nothing on the tiny organism; the aimed edit's selection is tested in
+    # test_curvature, and its held-out effect on the small organism by test_readme
+    # (100% -> 0% at +0.9%), which a sign-flipped edit fails.
+    steering = summary["steering"]
+    assert steering["exact_100x_after"] <= 0.6 < steering["exact_100x_before"]
+    assert steering["perplexity_change"] > 0
+    assert summary["interventions"]["perplexity_change"] > 0
     assert len(summary["layernorm"]["grad_ratio_by_module"]) == 4  # 2 blocks x 2 norms
     audit = summary["audit"]
     assert set(audit) == {"unedited", "retrain without", "K-FAC edit", "neuron ablation",

@@ -187,9 +187,11 @@ def test_localize_command_writes_a_neuron_ablation(tiny_organism, tmp_path, caps
     assert set(one.table["layer"]) == {1} and len(one.table) == 3
     assert torch.isnan(one.scores[0]).all()
     assert torch.equal(one.scores[1], ablation.scores[1])
-    assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
-                 "--budget", "5", "--out", str(tmp_path / "x")]) == 2
-    assert "budget is a fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused while the command line is read
+        main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
+              "--budget", "5", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "--budget: 5 is out of range: give a number > 0 and <= 1" in capsys.readouterr().err
     assert main(["localize", "--model", str(tiny_organism), "--labels", str(labels),
                  "--blocks", "2", "--out", str(tmp_path / "x")]) == 2
     assert "blocks (2,) must name some of the model's blocks 0..1" in capsys.readouterr().err

@@ -24,18 +24,39 @@ def modules() -> dict[str, ast.Module]:
     out = {}
     for path in ROOT.rglob("*.py"):
         name = ".".join(("memlens", *path.relative_to(ROOT).with_suffix("").parts))
-        out[name.removesuffix(".__init__")] = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text())
+        tree.package = name.removesuffix(".__init__") if path.name == "__init__.py" else (
+            name.rpartition(".")[0])
+        out[name.removesuffix(".__init__")] = tree
     return out
 
 
+def absolute(node: ast.ImportFrom, package: str) -> str:
+    """The module a (possibly relative: ``from ..core import x``) import names."""
+    if node.level == 0:
+        return node.module
+    base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports(tree: ast.Module):
-    """(module, names) for every import, at any depth (function-level ones included)."""
+    """(module, names) for every import, at any depth (function-level ones included), with
+    relative imports resolved against the module's package."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module, [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom):
+            yield absolute(node, tree.package), [a.name for a in node.names]
         elif isinstance(node, ast.Import):
             for a in node.names:
                 yield a.name, []
+
+
+def test_relative_imports_are_resolved():
+    tree = ast.parse("from ..core import errors\nfrom .metrics import f\nfrom . import x")
+    tree.package = "memlens.core"
+    assert [m for m, _ in imports(tree)] == ["memlens.core", "memlens.core.metrics",
+                                             "memlens.core"]
+    tree.package = "memlens.methods.probes"
+    assert [m for m, _ in imports(tree)][0] == "memlens.methods.core"
 
 
 def layer(module: str) -> int:
@@ -93,15 +114,43 @@ def test_plotly_only_in_figures_report_and_orchestration():
     assert offenders == []
 
 
+def kernel_bypasses(source: str) -> list[str]:
+    """Places in ``source`` that compute logits or the prediction mask themselves: reading
+    ``.logits``, calling a model (``model(...)``, ``handle.model(...)[0]``), or slicing an
+    attention mask by shifted positions, however the code is spaced."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "logits":
+            hits.append(f"line {node.lineno}: .logits")
+        elif isinstance(node, ast.Call) and (
+                (isinstance(node.func, ast.Name) and node.func.id == "model")
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "model")):
+            hits.append(f"line {node.lineno}: a model call")
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Tuple) and (
+                "mask" in ast.unparse(node.value)
+                and ast.unparse(node.slice).strip("()").replace(" ", "") in (":,:-1", ":,1:")):
+            hits.append(f"line {node.lineno}: a shifted mask")
+    return hits
+
+
+def test_the_bypass_check_sees_through_spelling():
+    assert kernel_bypasses("y = handle.model(ids)[0]") == ["line 1: a model call"]
+    assert kernel_bypasses("y = model(input_ids=ids)") == ["line 1: a model call"]
+    assert kernel_bypasses("out.logits") == ["line 1: .logits"]
+    assert kernel_bypasses("m = attn_mask[ :,  :-1 ]") == ["line 1: a shifted mask"]
+    assert kernel_bypasses("y = forward(handle, ids, mask)") == []
+
+
 def test_one_scoring_kernel():
     """Logits come from memlens.core.scoring.forward only; the "predicts index >= start"
-    mask from memlens.core.scoring.predicts only."""
+    mask from memlens.core.scoring.predicts only. (memlens.core.sites runs the model to
+    record activations, never logits.)"""
     hits = []
     for path in ROOT.rglob("*.py"):
         if path.name == "scoring.py":
             continue
-        text = path.read_text()
-        for needle in (".logits", "mask[:, :-1]", "mask[:, 1:]"):
-            if needle in text:
-                hits.append(f"{path.relative_to(ROOT)}: {needle}")
+        for hit in kernel_bypasses(path.read_text()):
+            if path.name == "sites.py" and hit.endswith("a model call"):
+                continue
+            hits.append(f"{path.relative_to(ROOT)} {hit}")
     assert hits == []

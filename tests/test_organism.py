@@ -43,6 +43,24 @@ def test_organism_path_reuses_the_cache(tiny_organism):
     assert (tiny_organism / "model.safetensors").stat().st_mtime == stamp
 
 
+def test_a_cache_from_other_library_releases_is_not_reused(tiny_organism, monkeypatch):
+    """The releases that take part in training are in the cache key (and the metadata): an
+    organism trained with another Faker or transformers is another organism."""
+    import json
+
+    from memlens import organism
+
+    assert organism.organism_dir("tiny", "llama", 0) == tiny_organism
+    meta = json.loads((tiny_organism / "memlens.json").read_text())
+    assert meta["libraries"] == organism.library_versions()
+    assert set(meta["libraries"]) == {"torch", "transformers", "tokenizers", "faker", "numpy"}
+    for name in organism.TRAINING_LIBRARIES:
+        changed = {**organism.library_versions(), name: "0.0.1"}
+        monkeypatch.setattr(organism, "library_versions", lambda changed=changed: changed)
+        assert organism.organism_dir("tiny", "llama", 0) != tiny_organism, name
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
 def test_training_is_deterministic(arch, tmp_path):
     a = train_organism(tmp_path / "a", MICRO, arch, seed=3, progress=False)

@@ -34,7 +34,7 @@ sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
 n_bootstrap = 50
 trainers = ["torch", "sklearn"]
 [combos]
-all_sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post", "confidence"]
+all_sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
 [output]
 dir = "{out}"
 """)
@@ -69,10 +69,11 @@ def test_config_run_writes_results_and_beats_single_sites(run):
     assert (probes["auroc"] <= probes["auroc_ci_high"]).all()
     # Control tasks: token identity is decodable, but less than memorization.
     assert summary["selectivity"] > 0.05
-    # Among tokens the model is equally confident about, the confidence probe has almost
-    # nothing left; the residual probe's figure is what the residual stream adds.
+    # Among tokens the model is equally confident about, the activations alone (the combo
+    # holds no confidence feature) still tell memorized tokens apart, well beyond what the
+    # confidence probe has left there: what the residual stream adds.
     matched = probes.set_index("probe")["matched_auroc"]
-    assert matched["confidence"] < 0.75 < matched["all_sites"]
+    assert matched["all_sites"] > matched["confidence"] + 0.1, matched
     # The two trainers agree site by site (on this small set, early stopping on the
     # validation split moves the torch fit off the fully converged sklearn one a little;
     # the median gap measured 0.004 to 0.008 on separately trained tiny organisms).

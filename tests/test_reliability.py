@@ -126,13 +126,16 @@ def test_outputs_are_checked_before_any_work(tiny_organism, labeled, tmp_path, c
                  ["label", "--model", org, "--data", org, "--out", str(foreign)],
                  ["capture", "--model", org, "--labels", str(labeled), "--sites",
                   "blocks.0.hook_resid_post", "--out", str(a_file)],
-                 ["localize", "--model", org, "--labels", str(labeled), "--out", str(foreign)],
-                 ["label", "--model", org, "--data", org, "--out", str(tmp_path / "b"),
-                  "--batch-size", "0"]):
+                 ["localize", "--model", org, "--labels", str(labeled), "--out", str(foreign)]):
         capsys.readouterr()
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "memlens: error:" in err and "Traceback" not in err, argv
+    with pytest.raises(SystemExit) as exc:  # a number out of range: refused as it is read
+        main(["label", "--model", org, "--data", org, "--out", str(tmp_path / "b"),
+              "--batch-size", "0"])
+    assert exc.value.code == 2
+    assert "--batch-size: 0 is out of range" in capsys.readouterr().err
     assert a_file.read_text() == "keep me"
     assert (foreign / "summary.json").read_text() == '{"mine": true}'
     assert not (tmp_path / "b").exists()

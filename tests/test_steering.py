@@ -89,3 +89,31 @@ def test_side_by_side_generation_and_steer_command(fitted, tiny_organism, tmp_pa
     assert main(["steer", "--model", str(tiny_organism), "--probe", str(tmp_path / "nope"),
                  "--alpha", "4", "--prompt", "x"]) == 2
     assert "holds no probe" in capsys.readouterr().err
+
+
+def test_the_audits_probe_score_under_steering_is_the_models_own_state(fitted):
+    """Steering at the probe's own site must not grade itself: the audit's probe score reads
+    the state the model computed (before the steering hook), which a score read after the
+    hook would understate."""
+    from memlens.audit import probe_fits, probe_score, restorable
+    from memlens.core.metrics import ExtractionConfig
+    from memlens.core.scoring import batches
+    from memlens.core.sites import run_sites
+
+    handle, states, _, canaries, _ = fitted
+    probe, d = states.fit_probe(), states.mean_difference()
+    recited = [q for q in canaries if q.duplication == 100]
+    cfg = ExtractionConfig()
+    plain = probe_score(handle, probe, recited, cfg)
+    with steer(handle, SITE, d, 4.0, probe=probe):
+        own = probe_score(handle, probe, recited, cfg)
+        _, ids, mask = next(iter(batches(handle, [q.token_ids[:64] for q in recited], 64)))
+        handed_on = run_sites(handle, [SITE], ids, mask, backend="torch")[SITE]
+    assert plain > 0.5 and own == pytest.approx(plain, abs=1e-6)
+    after_hook = float(probe.score(handed_on[:, 31:63].reshape(-1, handed_on.shape[-1])).mean())
+    assert after_hook < plain - 0.2  # what the circular score used to read
+    # A probe is applied only to the model it was fitted on.
+    assert probe_fits(probe, handle)
+    with restorable(handle), torch.no_grad():
+        next(handle.model.parameters()).add_(1e-3)
+        assert not probe_fits(probe, handle)

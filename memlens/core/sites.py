@@ -121,8 +121,11 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _recording(handle: ModelHandle, sites: list[str], backend: str, out: dict):
-    """Within the block, a forward pass fills ``out[site]`` and stops after the last site."""
+def _recording(handle: ModelHandle, sites: list[str], backend: str, out: dict,
+               before_edits: bool = False):
+    """Within the block, a forward pass fills ``out[site]`` and stops after the last site;
+    with ``before_edits`` (torch backend) each site is read before the hooks already on its
+    module (an edit there, such as steering) change it."""
     n = len(sites)
 
     def keep(site, value):
@@ -146,9 +149,11 @@ def _recording(handle: ModelHandle, sites: list[str], backend: str, out: dict):
                 raise UnknownSiteError(f"no module {path!r} in the model; nearest: {near}"
                                        ) from None
             if io == "input":
-                h = mod.register_forward_pre_hook(lambda m, args, s=s: keep(s, args[0]))
+                h = mod.register_forward_pre_hook(lambda m, args, s=s: keep(s, args[0]),
+                                                  prepend=before_edits)
             else:
-                h = mod.register_forward_hook(lambda m, args, o, s=s: keep(s, o))
+                h = mod.register_forward_hook(lambda m, args, o, s=s: keep(s, o),
+                                              prepend=before_edits)
             stack.callback(h.remove)
         yield handle.model
 
@@ -213,17 +218,19 @@ def _pick_backend(sites: list[str], backend: str) -> str:
 
 @torch.no_grad()
 def run_sites(handle: ModelHandle, sites: list[str], ids: torch.Tensor, mask: torch.Tensor,
-              backend: str = "auto") -> dict[str, torch.Tensor]:
+              backend: str = "auto", before_edits: bool = False) -> dict[str, torch.Tensor]:
     """Activations at ``sites`` for one padded batch, stopping after the last site.
 
-    Left padding is handled: position ids follow the attention mask.
+    Left padding is handled: position ids follow the attention mask. ``before_edits``
+    (torch backend) reads each site before an edit already hooked on it (steering there)
+    changes it: the state the model computed, not the one the edit passes on.
     """
     backend = _pick_backend(sites, backend)
     pos = handle.position_ids(mask)
     if backend == "nnsight":
         return _run_nnsight(handle, sites, ids, mask, pos)
     out: dict = {}
-    with _recording(handle, sites, backend, out) as model:
+    with _recording(handle, sites, backend, out, before_edits) as model:
         try:
             model(input_ids=ids, attention_mask=mask, position_ids=pos)
         except _StopForward:
