@@ -9,5 +9,8 @@
 - :mod:`~memlens.core.identity`: the header every artifact writes and checks on load;
 - :mod:`~memlens.core.errors`: the errors that mean "the input is wrong" (not a bug);
 - :mod:`~memlens.core.progress`: progress bars that stay readable in logs;
-- :mod:`~memlens.core.distributed`: data parallel under torchrun (shard, gather, all-reduce).
+- :mod:`~memlens.core.distributed`: data parallel under torchrun (shard, gather, all-reduce);
+- :mod:`~memlens.core.jsonio`: strict JSON for every artifact (no NaN or Infinity);
+- :mod:`~memlens.core.logs`: third-party start-up notices kept quiet unless asked for;
+- :mod:`~memlens.core.storage`: one writer at a time, outputs checked first, written whole.
 """
