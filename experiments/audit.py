@@ -228,7 +228,10 @@ def main():
     config = AuditConfig(relearn_steps=tuple(args.steps), relearn_lr=args.relearn_lr,
                          relearn_batch_size=args.relearn_batch_size,
                          relearn_blocks=tuple(blocks) if blocks else None)
-    sweep = Sweep(handle, forget, splits.heldout, cfg)
+    # Every strength is chosen within a perplexity limit measured on text membership is not
+    # scored on: held-out prose where the organism has some, else the removals' own half.
+    sweep = Sweep(handle, forget, splits.heldout if splits.prose else
+                  [s.token_ids for s in own], cfg)
 
     print("== tuning the removals on the forget set", flush=True)
     reference = [s.token_ids[:cfg.prefix + cfg.suffix] for s in own]

@@ -52,8 +52,11 @@ def test_dynamic_steering_stops_recitation_and_spares_clean_text(fitted):
         dynamic = edit_metrics(handle, canaries, heldout, loose=False)
     with steer(handle, SITE, d, 2.0):
         static = edit_metrics(handle, canaries, heldout, loose=False)
-    # The tiny organism's probe is weak; measured: 100x 1.0 -> 0.6 at +0% (static: +13%).
-    assert dynamic["exact_extraction_rate_by_duplication"]["100"] <= 0.8
+    # Measured on the 5 held-out canaries per count: 100x 1.0 -> .4, 25x 1.0 -> .2 and
+    # 10x .8 -> .2 at +0.8% perplexity (static: .2 / 0 / 0 at +13%). Steering that stopped
+    # one canary per count (.8) fails here.
+    after = dynamic["exact_extraction_rate_by_duplication"]
+    assert max(after["100"], after["25"], after["10"]) <= 0.4, after
     assert dynamic["perplexity"] < 1.03 * before["perplexity"]
     assert static["perplexity"] > 1.05 * before["perplexity"]
     with pytest.raises(ValueError, match="not 'blocks.1.hook_resid_post'"):
