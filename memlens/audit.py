@@ -388,7 +388,7 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
                                                 cfg.seed)
         bar.update()
         out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
-        if probe is not None and fits:
+        if fits:
             out["probe_score"] = probe_score(handle, probe, data.forget, ec)
             out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
         elif probe is not None:  # another model's residual stream: its score means nothing

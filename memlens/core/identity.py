@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,12 +184,8 @@ def write_artifact(path: Path, name: str, meta: dict, identity: Identity | dict,
     (a crash leaves the old file or the new one, never half of one). ``files`` (names in
     ``path``, written before) get a checksum that :func:`read_artifact` verifies."""
     header = identity.to_json() if isinstance(identity, Identity) else identity
-    target = Path(path) / name
-    tmp = target.with_name(f".{name}.tmp")
     if files:
         meta = {**meta, "files": {f: file_digest(Path(path) / f) for f in files}}
     payload = jsonio.plain({**meta, "identity": header})
     payload["checksum"] = digest(payload, 64)
-    tmp.write_text(jsonio.dumps(payload, indent=2))
-    os.replace(tmp, target)
-    return target
+    return jsonio.write(Path(path) / name, payload)
