@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,14 +112,23 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
     sweep = probe_sweep(data, labels.sequences, combos=combos, trainers=trainers,
                         progress=progress)
     res = sweep.results[(sweep.results["trainer"] == trainers[0]) & ~sweep.results["control"]]
-    best = res.loc[res["auroc"].idxmax()]
+    # Sites are chosen on validation tokens and reported on test tokens: picking the best of
+    # many sites by test AUROC would overstate the chosen one.
+    selected_on = "val" if res["val_auroc"].notna().all() else "test"
+    if selected_on == "test":
+        print("memlens: warning: the validation split holds one class only, so the best "
+              "probe is chosen on test tokens (optimistic); label more sequences",
+              file=sys.stderr)
+    key = {"val": "val_auroc", "test": "auroc"}[selected_on]
+    best = res.loc[res[key].idxmax()]
     single = res[(res["kind"] != "combined") & (res["probe"] != CONFIDENCE)]
-    best_single = single.loc[single["auroc"].idxmax()]
+    best_single = single.loc[single[key].idxmax()]
     seq = sweep.baselines.get("sequence_memorized", {})
     summary = {
         "model": labels.identity.model, "labels": str(labels.path), "store": str(store.path),
         "n_tokens": int(len(data.tokens)), "n_positive": int(data.tokens["y"].sum()),
         "n_test_tokens": int(data.mask("test").sum()),
+        "selected_on": selected_on,
         "best_site": best["probe"], "best_token_auroc": float(best["auroc"]),
         "best_token_auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
         "best_tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),

@@ -450,6 +450,10 @@ def score_metrics(y, score, groups, threshold: float, n_bootstrap: int, seed: in
     return out
 
 
+def _auroc_or_nan(y: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+
+
 def _best_threshold(y: np.ndarray, score: np.ndarray) -> float:
     """The score threshold with the best F1 on validation tokens."""
     cands = np.unique(np.quantile(score, np.linspace(0.01, 0.99, 99)))
@@ -615,6 +619,7 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
             m = score_metrics(yy[te], s, groups[te], probe.threshold, cfg.n_bootstrap,
                               cfg.seed)
             m["matched_auroc"] = matched_auroc(yy[te], s, confidence[te])
+            m["val_auroc"] = _auroc_or_nan(yy[va], f.val_score)
             probe.metrics = m
             layer, kind = _site_layer(sites[0]) if len(sites) == 1 else (-1, "combined")
             rows.append({"probe": name, "trainer": trainer, "layer": layer, "kind": kind,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,33 @@ def generate_side_by_side(handle: ModelHandle, prompts: list[str] | list[list[in
             gen = greedy_continuations(handle, ids, max_new_tokens, batch_size=len(ids))
         out[name] = handle.tokenizer.batch_decode(gen, skip_special_tokens=True)
     return pd.DataFrame({"prompt": prompts, **out})
+
+
+def calibrate_alpha(handle: ModelHandle, probe: Probe, targets: list[list[int]], prefix: int,
+                    heldout: list[list[int]], alphas=(0.5, 1.0, 2.0, 4.0, 8.0),
+                    gated: bool = True, max_share: float = 0.0,
+                    max_ppl_increase: float = 0.05) -> tuple[float | None, pd.DataFrame]:
+    """The weakest ``alpha`` that leaves at most ``max_share`` of ``targets`` (calibration
+    sequences the model recites) recited while perplexity on ``heldout`` rises at most
+    ``max_ppl_increase``; None when no alpha does. Returns it and the curve it was chosen from
+    (alpha, recited share, perplexity change). Alphas are tried in increasing order, stopping
+    at the first that works or the first over the perplexity budget. Score the chosen setting
+    on other sequences than ``targets``."""
+    from memlens.core.metrics import perplexity
+
+    base = perplexity(handle, heldout)
+    rows, chosen = [], None
+    for alpha in sorted(alphas):
+        steering = Steering.from_probe(probe, handle, alpha, gated=gated)
+        table = recitation_side_by_side(handle, targets, prefix, partial(steering.apply, handle))
+        with steering.apply(handle):
+            increase = perplexity(handle, heldout) / base - 1
+        recited = table.loc[table["plain_exact"], "steered_exact"]
+        share = float(recited.mean()) if len(recited) else float("nan")
+        rows.append({"alpha": alpha, "recited_share": share, "ppl_increase": increase})
+        if increase > max_ppl_increase:
+            break
+        if share <= max_share:
+            chosen = alpha
+            break
+    return chosen, pd.DataFrame(rows)
