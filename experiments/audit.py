@@ -14,7 +14,9 @@ loss-matched forgetting (``fine_tune(..., match=nonmembers, anchor=general)``): 
 set's token losses pulled onto the distribution of the model's losses on held-out
 non-members, rather than up without bound, while the general records' losses are held.
 Half the non-members serve the removals (loss matching's reference, the probe's
-negatives); membership inference is scored on the other half.
+negatives); membership inference is scored on the other half. Steering is scored after
+relearning twice: with its gate as fitted, and with gate and direction fitted again on the
+relearned model (``relearn_refit``): a stale gate is told apart from memory that came back.
 
 On a pretrained organism that trained only its top blocks (``--preset smollm2-cpu``), the
 K-FAC edits, the fine-tuning removals and the relearning attack act on those blocks, and
@@ -185,8 +187,14 @@ def steering_removal(handle, seqs, sweep: Sweep, layers: list[int], tune: bool =
         if best is None or (chosen["exact"], chosen["perplexity"]) < best[0]:
             best = ((chosen["exact"], chosen["perplexity"]), site, diff, probe, p, pts)
     _, site, diff, probe, p, pts = best
+
+    def refit():  # the gate and direction fitted again on the model as it is then
+        again = memorization_states(handle, site, seqs, tokens)
+        q, d = again.fit_probe(), again.mean_difference()
+        return lambda: steer(handle, site, d, p, probe=q)
+
     return ("probe-gated steering", lambda: steer(handle, site, diff, p, probe=probe),
-            f"{site} alpha {p}", pts), probe
+            f"{site} alpha {p}", pts, refit), probe
 
 
 def main():
@@ -245,9 +253,9 @@ def main():
 
     results = []
 
-    def audited(name, model, removal, param=None, points=None):
+    def audited(name, model, removal, param=None, points=None, refit=None):
         print(f"== audit: {name}", flush=True)
-        r = audit(model, removal, data, config, cfg, probe=probe, progress=False)
+        r = audit(model, removal, data, config, cfg, probe=probe, refit=refit, progress=False)
         results.append({"name": name, "param": param, "perplexity":
                         r["after_edit"]["perplexity"], **r, "sweep": points or []})
         print(f"   after {r['after_edit']['exact']:.0%}, int4 {r['int4']['exact']:.0%}, "
@@ -258,8 +266,8 @@ def main():
     without = load_model(organism_path(args.preset, args.arch,
                                        withheld=tuple(int(s.id) for s in forget)))
     audited("retrain without", without, None)
-    for name, make, param, points in chosen:
-        audited(name, handle, make, param, points)
+    for name, make, param, points, *refit in chosen:
+        audited(name, handle, make, param, points, *refit)
     report = {
         "organism": str(path),
         "forget_set": {"what": f"every canary repeated {FORGET_DUPLICATION}x",
@@ -290,6 +298,9 @@ def _print_table(results, steps):
                  max(r["perturbed"].values())]
         print(f"{r['name']:24}" + "".join(f"{c:8.0%}" for c in cells)
               + f"{r['mia_auroc']['loss']:8.2f}{r['perplexity']:8.2f}")
+        if "relearn_refit" in r:
+            (k, v), = r["relearn_refit"].items()
+            print(f"{'  its gate refitted':24} after {k} relearning steps {v['exact']:.0%}")
 
 
 if __name__ == "__main__":

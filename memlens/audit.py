@@ -355,7 +355,8 @@ def probe_fits(probe, handle: ModelHandle) -> bool:
 
 def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
           config: AuditConfig | None = None, extraction_config: ExtractionConfig | None = None,
-          probe=None, progress: bool = True) -> dict:
+          probe=None, refit: Callable[[], Removal] | None = None, progress: bool = True
+          ) -> dict:
     """Score ``removal`` (a callable returning a context that applies it; None: the model
     as it is) on ``data.forget`` right after it and under every attack of the config.
 
@@ -363,6 +364,11 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     ``loose`` and ``perplexity``; ``perturbed`` (exact rate per perturbation); ``mia_auroc``;
     ``probe_score`` (with a probe fitted on this model; None for another model's probe);
     the model comes back unchanged.
+
+    ``refit``, for a removal fitted to the model's states (a steering gate), builds it again
+    on the model as it is then: after the last relearning step the stale removal is taken
+    off and the refitted one scored (``relearn_refit``), so hidden memory and a gate that no
+    longer fires are told apart. Only for removals that leave the weights alone (hooks).
     """
     cfg = config or AuditConfig()
     ec = extraction_config or ExtractionConfig()
@@ -377,23 +383,25 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     out: dict = {}
     # Checked on the model as given: a weight edit below changes its hash, not its stream.
     fits = probe is not None and probe_fits(probe, handle)
-    with bar, removal():
-        out["after_edit"] = scored()
-        bar.update()
-        for bits in cfg.bits:
-            with quantized(handle, bits, None if bits == 8 else cfg.group_size):
-                out[f"int{bits}"] = scored()
+    with bar:
+        with removal():
+            out["after_edit"] = scored()
             bar.update()
-        out["perturbed"] = perturbed_extraction(handle, data.forget, ec, cfg.corrupt, cfg.shift,
-                                                cfg.seed)
-        bar.update()
-        out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
-        if fits:
-            out["probe_score"] = probe_score(handle, probe, data.forget, ec)
-            out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
-        elif probe is not None:  # another model's residual stream: its score means nothing
-            out["probe_score"] = out["probe_score_nonmembers"] = None
-        bar.update()
+            for bits in cfg.bits:
+                with quantized(handle, bits, None if bits == 8 else cfg.group_size):
+                    out[f"int{bits}"] = scored()
+                bar.update()
+            out["perturbed"] = perturbed_extraction(handle, data.forget, ec, cfg.corrupt,
+                                                    cfg.shift, cfg.seed)
+            bar.update()
+            out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec,
+                                          cfg.neighbours)
+            if fits:
+                out["probe_score"] = probe_score(handle, probe, data.forget, ec)
+                out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
+            elif probe is not None:  # another model's residual stream: its score means nothing
+                out["probe_score"] = out["probe_score_nonmembers"] = None
+            bar.update()
         relearn: dict = {}
 
         def score_relearned(step: int) -> None:
@@ -401,9 +409,13 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
                 relearn[str(step)] = scored()
 
         with restorable(handle):
-            fine_tune(handle, data.relearn, max(cfg.relearn_steps), cfg.relearn_lr,
-                      cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned,
-                      blocks=cfg.relearn_blocks)
+            with removal():  # the attacker fine-tunes the model with the removal in place
+                fine_tune(handle, data.relearn, max(cfg.relearn_steps), cfg.relearn_lr,
+                          cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned,
+                          blocks=cfg.relearn_blocks)
+            if refit is not None:
+                with refit()():
+                    out["relearn_refit"] = {str(max(cfg.relearn_steps)): scored()}
         out["relearn"] = relearn
         bar.update()
     return out

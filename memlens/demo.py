@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -431,8 +431,13 @@ def step_audit(d: Demo, sec: Section) -> dict:
                                   .apply(d.handle)),
               "probe-gated steering": (d.handle, lambda: Steering.load(d.steering_dir)
                                        .apply(d.handle))}
+    # Steering's gate is refitted on the relearned model too: hidden memory, or a stale gate?
+    fit_on = s.aim + s.aim_nonmembers
+    refits = {"probe-gated steering": lambda: partial(
+        Steering.load(d.steering_dir).refit(d.handle, fit_on, d.labels.tokens).apply,
+        d.handle)}
     results = [{"name": name, **audit(model, removal, data, config, d.cfg, probe=probe,
-                                      progress=d.progress)}
+                                      refit=refits.get(name), progress=d.progress)}
                for name, (model, removal) in models.items()]
     sec.figure(audit_heatmap(results))
     last = str(max(config.relearn_steps))
@@ -450,8 +455,17 @@ def step_audit(d: Demo, sec: Section) -> dict:
                 f"membership AUROC {closest['mia_auroc']['loss']:.2f} against "
                 f"{gold['mia_auroc']['loss']:.2f}); a removal that forgets matches that row "
                 "under every attack.")
+    steered = results[-1]
+    stale, refitted = steered["relearn"][last]["exact"], steered["relearn_refit"][last]["exact"]
+    sec.finding(f"After {last} relearning steps steering leaves {stale:.0%} of the forget set "
+                f"recited with its stale gate and {refitted:.0%} with a gate refitted on the "
+                f"relearned model (the unedited model after the same steps: "
+                f"{results[0]['relearn'][last]['exact']:.0%}).")
     return {r["name"]: {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
                         "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
+                        **({"relearn_refit": {k: v["exact"]
+                                              for k, v in r["relearn_refit"].items()}}
+                           if "relearn_refit" in r else {}),
                         "mia_auroc_loss": r["mia_auroc"]["loss"],
                         "perplexity": r["after_edit"]["perplexity"]} for r in results}
 

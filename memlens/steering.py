@@ -145,6 +145,14 @@ class Steering:
         return cls(probe.sites[0], steering_vector(probe), alpha, probe if gated else None,
                    identity)
 
+    def refit(self, handle: ModelHandle, sequences: list[Sequence],
+              token_labels: pd.DataFrame) -> Steering:
+        """The same site, alpha and gating on ``handle`` as it is now (e.g. after further
+        training), with the probe fitted again on its states of ``sequences``
+        (:func:`memorization_states`, labeled by ``token_labels``)."""
+        probe = memorization_states(handle, self.site, sequences, token_labels).fit_probe()
+        return Steering.from_probe(probe, handle, self.alpha, gated=self.gate is not None)
+
     @contextmanager
     def apply(self, handle: ModelHandle) -> Iterator[None]:
         """Steer while the block runs (hooks removed after, even on error)."""

@@ -120,3 +120,39 @@ def test_the_audits_probe_score_under_steering_is_the_models_own_state(fitted):
     with restorable(handle), torch.no_grad():
         next(handle.model.parameters()).add_(1e-3)
         assert not probe_fits(probe, handle)
+
+
+def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism):
+    """Relearning with steering on is scored twice: with the stale setup, and with one
+    refitted on the relearned model, the stale hooks taken off first."""
+    from functools import partial
+
+    from memlens.audit import AuditConfig, AuditData, audit
+    from memlens.core.sites import site_module
+
+    handle, states, _, canaries, heldout = fitted
+    s = Splits.from_organism(tiny_organism, handle.tokenizer)
+    tokens = label(handle, s.labeled, LabelConfig(generate=False), progress=False).tokens
+    steering = Steering.from_probe(states.fit_probe(), handle, 2.0, gated=True)
+    module, _ = site_module(handle, SITE)
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    seen = []
+
+    def refit():
+        again = steering.refit(handle, s.aim + s.aim_nonmembers, tokens)
+        seen.append((again, len(module._forward_hooks)))
+        return partial(again.apply, handle)
+
+    forget = [q for q in canaries if q.duplication == 100]
+    relearn = [q.token_ids for q in s.general[:100]]
+    data = AuditData(forget, relearn, s.evaluation_nonmembers, heldout)
+    report = audit(handle, partial(steering.apply, handle), data,
+                   AuditConfig(bits=(8,), relearn_steps=(3, 6), neighbours=2), refit=refit,
+                   progress=False)
+    assert set(report["relearn"]) == {"3", "6"} and set(report["relearn_refit"]) == {"6"}
+    (again, hooks), = seen
+    assert hooks == 0  # the stale steering was off when the refitted one was made and scored
+    # fitted on the relearned weights, not the ones the stale setup was made with
+    assert again.identity.model_hash != steering.identity.model_hash
+    assert again.site == SITE and again.alpha == 2.0 and again.gate is not None
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
