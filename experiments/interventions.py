@@ -31,6 +31,7 @@ import torch
 from memlens import load_model, organism_path
 from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics, exact_extraction
+from memlens.core.modules import neuron_width
 from memlens.core.sequences import Sequence
 from memlens.corpus import CorpusConfig, build_corpus
 from memlens.interventions import add_vector
@@ -44,6 +45,7 @@ from memlens.localize import (
     recall,
     top_neurons,
 )
+from memlens.pipeline import recited_targets
 from memlens.splits import Splits
 from memlens.steering import memorization_states, steer, steering_vector
 from memlens.subnet import SubnetConfig, balanced_subnet
@@ -109,6 +111,48 @@ def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, 
         .drop(columns="record").reset_index().to_dict("records"),
         "runs": df.to_dict("records"),
     }
+
+
+def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
+                n_targets=16, seed=0):
+    """Is recitation in a few neurons? Every method scores the neurons for ``n_targets``
+    recited canaries of the even half, sampled across the duplication counts; the top
+    ``budget`` of each layer is ablated and both the targets themselves (``exact_targets``)
+    and the odd half's canaries of the same counts are scored (with held-out perplexity),
+    beside as many random neurons per layer."""
+    labels = label(handle, splits.labeled, LabelConfig(generate=False), progress=False)
+    aim = {s.id for s in splits.aim}
+    targets = recited_targets(labels, aim, limit=n_targets)  # round-robin over the counts
+    counts = sorted({s.duplication for s in labels.to_sequences(recited=True) if s.id in aim})
+    clean = [s.token_ids for s in splits.aim_nonmembers]
+    scored = [s for s in splits.evaluation if s.duplication in counts]
+    aimed = [Sequence(id=f"target-{i}", token_ids=t, text="", duplication=None, spans=[],
+                      offsets=[]) for i, t in enumerate(targets)]
+
+    def point(method, budget, found, seconds=0.0):
+        m = edit_metrics(handle, scored, splits.heldout, cfg)
+        row = dict(method=method, budget=budget, perplexity=m["perplexity"],
+                   seconds=round(seconds, 1),
+                   exact_targets=float(sum(exact_extraction(handle, aimed, cfg)) / len(aimed)),
+                   **{f"exact_{k}x": v for k, v in
+                      m["exact_extraction_rate_by_duplication"].items() if int(k) in counts})
+        print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in row.items()), flush=True)
+        return row
+
+    rows = [point("none", 0.0, None)]
+    gen = torch.Generator().manual_seed(seed)
+    shape = (handle.n_layers, neuron_width(handle.model))
+    for method in ("random", *methods):
+        t0 = time.perf_counter()
+        scores = (torch.rand(shape, generator=gen) if method == "random" else
+                  localize(handle, targets, clean, LocalizeConfig(method=method, start=1)))
+        seconds = time.perf_counter() - t0
+        for budget in budgets:
+            with ablate_neurons(handle, top_neurons(handle, scores, budget)):
+                rows.append(point(method, budget, None, seconds))
+    return {"recited_localization": {"targets": len(targets), "counts": counts,
+                                     "scored": len(scored), "points": rows}}
 
 
 def run_subnet(handle, aim, eval_canaries, general, heldout, cfg, before):
@@ -189,7 +233,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--arch", default="llama")
-    ap.add_argument("--parts", nargs="+", default=["inject", "subnet", "steer"])
+    ap.add_argument("--parts", nargs="+", default=["inject", "recited", "subnet", "steer"],
+                    choices=["inject", "recited", "subnet", "steer"])
     ap.add_argument("--records", type=int, default=3, help="injected records per budget")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/interventions.json"))
     args = ap.parse_args()
@@ -208,6 +253,8 @@ def main():
     if "inject" in args.parts:
         result.update(run_inject(handle, seqs, general, eval_canaries, heldout, args.records,
                                  cfg))
+    if "recited" in args.parts:
+        result.update(run_recited(handle, splits, cfg))
     if "subnet" in args.parts:
         result["balanced_subnet"] = run_subnet(handle, splits.aim, eval_canaries, general, heldout,
                                                cfg, before)

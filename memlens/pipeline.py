@@ -239,14 +239,22 @@ def run_config(config: str | Path | dict, progress: bool = True) -> dict:
     return summary
 
 
-def recited_targets(labels: Labels, ids: set[str] | None = None) -> list[list[int]]:
+def recited_targets(labels: Labels, ids: set[str] | None = None, limit: int | None = None
+                    ) -> list[list[int]]:
     """Token ids (cut to prefix + suffix) of the sequences the labels say the model recites,
-    optionally only those with ids in ``ids``."""
+    optionally only those with ids in ``ids``. ``limit`` keeps that many, taken in turn from
+    each duplication count (most repeated first), so a sample spans the counts rather than
+    the corpus order's first ones."""
     cfg = labels.config
     seqs = [s for s in labels.to_sequences(recited=True) if ids is None or s.id in ids]
     if not seqs:
         raise DataError(f"the model recites none of the sequences in {labels.where}; there "
                         "is nothing to aim at")
+    if limit is not None:
+        counts = sorted({s.duplication or 0 for s in seqs}, reverse=True)
+        queues = [[s for s in seqs if (s.duplication or 0) == c] for c in counts]
+        seqs = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+        seqs = seqs[:limit]
     return [s.token_ids[:cfg.prefix + cfg.suffix] for s in seqs]
 
 
@@ -302,7 +310,7 @@ def localize_step(handle: ModelHandle, labels: Labels, out: str | Path | None,
     labels.check_model(handle)
     if out is not None:
         prepare_output(out, "ablation", marker="ablation.json")
-    targets = recited_targets(labels, ids)[:max_targets]
+    targets = recited_targets(labels, ids, limit=max_targets)
     clean = [s.token_ids for s in labels.to_sequences() if s.duplication == 0
              and (ids is None or s.id in ids)]
     _, ablation = find_neurons(handle, targets, clean or None, cfg or LocalizeConfig(),
