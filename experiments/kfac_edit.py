@@ -13,7 +13,16 @@ on non-member records (perplexity):
 - kl-budget aimed: components that hold up the recitation of memorized sequences, ranked by
   recitation log-odds per unit of predicted KL. The canaries are split in two: the edit is
   aimed with the recited canaries of one half and every method is scored on the other half;
-- svd: the baseline that drops the smallest singular components of W.
+- svd: the baseline that drops the smallest singular components of W;
+- two controls for the aimed edit at the same predicted KL: random components (does the
+  selection matter, or the size?) and one step against the recitation gradient (aimed, but
+  without curvature's component selection).
+
+Every method's 100x extraction is also interpolated at the aimed edit's perplexity
+(``at_aimed_perplexity``), rather than read at the nearest grid point. On an organism
+continued on prose, the loading of the memorized canaries on low-curvature components is
+compared with prose and with non-member PII records (the control that isolates
+memorization from PII formatting).
 
 Writes experiments/results/kfac_edit.json (`kfac` and `svd`: before/after for the best K-FAC
 point and the SVD point at matched perplexity, first architecture; `by_arch`: every point)
@@ -28,6 +37,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from memlens import load_model, organism_path
@@ -41,6 +51,7 @@ from memlens.curvature import (
     collect_factors,
     component_loading,
     eigenbasis,
+    gradient_step_weights,
     kfac_weights,
     mass_curves,
     memorization_gradient,
@@ -58,6 +69,8 @@ SVD_RHOS = [0.999, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4]
 PUBLISHED = "published keep-mass (all MLP)"
 AIMED = "kl-budget aimed at recited canaries"
 SVD = "svd (smallest singular components)"
+RANDOM = "random components at the same predicted KL (control)"
+GRADIENT = "gradient step at the same predicted KL (aimed, no selection)"
 
 
 def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
@@ -106,6 +119,11 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
             (b, lambda b=b: budget_weights(handle, basis, b, grads)) for b in AIMED_BUDGETS],
         SVD: [
             (r, lambda r=r: svd_weights(handle, layers, r)) for r in SVD_RHOS],
+        RANDOM: [
+            (b, lambda b=b: budget_weights(handle, basis, b, shuffle=0)) for b in AIMED_BUDGETS],
+        GRADIENT: [
+            (b, lambda b=b: gradient_step_weights(handle, basis, b, grads))
+            for b in AIMED_BUDGETS],
     }
     if methods_named:
         methods = {k: v for k, v in methods.items() if k in methods_named}
@@ -157,11 +175,21 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
         "svd": {"method": svd_row.method, "param": svd_row.param, "before": before,
                 "after": after(svd_row)},
         "svd_best_within_10pct": {"param": best(svd).param, "after": after(best(svd))},
+        # Each edit's 100x extraction interpolated at the aimed edit's perplexity (linear in
+        # log perplexity between its grid points; None outside its range).
+        "at_aimed_perplexity": {
+            "perplexity": float(df[df.method == AIMED].pipe(best).perplexity),
+            **{m: at_perplexity(df[df.method == m], best(df[df.method == AIMED]).perplexity)
+               for m in df.method.unique()}},
         "points": points,
     }
     memorized = [s.token_ids for s in eval_half if s.duplication == 100]
     loads = {"memorized (100x canaries)": component_loading(handle, basis, memorized, cfg.prefix),
              "clean (non-members)": component_loading(handle, basis, heldout, cfg.prefix)}
+    if splits.prose:  # the clean text is prose: the control for PII is PII never trained on
+        loads["clean (held-out prose)"] = loads.pop("clean (non-members)")
+        loads["non-member PII records"] = component_loading(
+            handle, basis, [s.token_ids for s in splits.evaluation_nonmembers], cfg.prefix)
     result["loading_by_curvature_bin"] = {
         k: v.groupby("bin").loading.mean().round(5).tolist() for k, v in loads.items()}
     figs = [pareto_figure(df, baseline_x=base_ppl), loading_figure(loads),
@@ -171,6 +199,16 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
                               for i, f in enumerate(figs)))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def at_perplexity(points: pd.DataFrame, ppl: float) -> float | None:
+    """100x extraction of a method's grid interpolated at perplexity ``ppl`` (linear in log
+    perplexity between the two grid points around it); None outside the grid's range."""
+    pts = points.sort_values("perplexity")
+    x, y = np.log(pts.perplexity.to_numpy()), pts.exact_100.to_numpy()
+    if not x[0] <= math.log(ppl) <= x[-1]:
+        return None
+    return float(np.interp(math.log(ppl), x, y))
 
 
 def _row(name: str, entry: dict) -> str:
@@ -204,6 +242,11 @@ def main():
         print(_row("best K-FAC: " + r["kfac"]["method"][:22], r["kfac"]))
         print(_row("published recipe", r["published"]))
         print(_row("svd at matched perplexity", r["svd"]))
+        print(f"100x extraction at the aimed edit's perplexity "
+              f"({r['at_aimed_perplexity']['perplexity']:.3f}):")
+        for k, v in r["at_aimed_perplexity"].items():
+            if k != "perplexity":
+                print(f"  {k:44} " + ("outside its grid" if v is None else f"{v:.0%}"))
         print("loading, memorized vs clean (bin 0 = top curvature):")
         for k, v in r["loading_by_curvature_bin"].items():
             print(f"  {k:26} " + " ".join(f"{x:.3f}" for x in v))

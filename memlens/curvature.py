@@ -447,8 +447,8 @@ def apply_weights(handle: ModelHandle, weights: dict[str, torch.Tensor],
 
 
 def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget: float,
-                   memorized_grad: dict[str, torch.Tensor] | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   memorized_grad: dict[str, torch.Tensor] | None = None,
+                   shuffle: int | None = None) -> dict[str, torch.Tensor]:
     """Remove components across all layers until their predicted KL on clean text reaches
     ``kl_budget`` (nats per token).
 
@@ -457,6 +457,8 @@ def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget:
     components go first. With it (from :func:`memorization_gradient`), only components that
     hold up recitation (``C_ij * D_ij > 0``, D the gradient in the basis) are removed, in order
     of recitation log-odds per unit of cost, so layers and projections are chosen by the data.
+    ``shuffle`` (a seed) removes components in a random order instead: the control that an
+    edit's selection, not its size, does the work.
     """
     if kl_budget < 0:
         raise ConfigError(f"kl_budget is a KL in nats per token and must be >= 0, got {kl_budget}")
@@ -477,6 +479,8 @@ def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget:
         else:
             ranks.append(cost.flatten())
     cost, rank = torch.cat(costs), torch.cat(ranks)
+    if shuffle is not None:
+        rank = torch.rand(len(cost), generator=torch.Generator().manual_seed(shuffle))
     order = rank.argsort()
     order = order[rank[order].isfinite()]
     n_remove = int(torch.searchsorted(cost[order].cumsum(0), kl_budget))
@@ -487,6 +491,23 @@ def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget:
         out[name] = basis[name].unproject(C * keep[offset:offset + C.numel()].view_as(C))
         offset += C.numel()
     return out
+
+
+def gradient_step_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget: float,
+                          memorized_grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One step against the recitation gradient (:func:`memorization_gradient`) on every
+    layer of ``basis``, sized so its predicted KL (the same K-FAC quadratic model as
+    :func:`budget_weights`) is ``kl_budget``: an aimed edit without curvature's selection,
+    to compare the aimed component removal with at equal predicted cost."""
+    if kl_budget < 0:
+        raise ConfigError(f"kl_budget is a KL in nats per token and must be >= 0, got {kl_budget}")
+    modules = linear_modules(handle.model)
+    steps = {name: b.project(memorized_grad[name].cpu()) for name, b in basis.items()}
+    cost = sum(float((0.5 * basis[n].curvature * D ** 2).sum()) for n, D in steps.items())
+    scale = (kl_budget / cost) ** 0.5 if cost > 0 else 0.0
+    return {name: basis[name].unproject(b.project(linear_weight(modules[name]).cpu())
+                                        - scale * steps[name])
+            for name, b in basis.items()}
 
 
 @contextmanager

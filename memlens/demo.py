@@ -629,9 +629,11 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
         steps = list(a["unedited"]["relearn"])
 
         def cells(r):
+            refit = "".join(f" ({pct(v)} with its gate refitted after {k} steps)"
+                            for k, v in r.get("relearn_refit", {}).items())
             return " / ".join([pct(r["exact"]), pct(r["int4"]),
                                *(pct(r["relearn"][n]) for n in steps),
-                               f"{r['mia_auroc_loss']:.2f}"])
+                               f"{r['mia_auroc_loss']:.2f}"]) + refit
 
         rows.append(("audit", f"100x exact after the removal / INT4 / "
                      f"{' / '.join(steps)} relearning steps / loss membership AUROC: "

@@ -5,6 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from memlens import load_model, read_sequences
+from memlens.audit import mean_losses
 from memlens.cli import main
 from memlens.core.metrics import edit_metrics
 from memlens.core.modules import find_layers, linear_modules, linear_weight
@@ -18,6 +19,7 @@ from memlens.curvature import (
     collect_factors,
     component_loading,
     eigenbasis,
+    gradient_step_weights,
     kfac_edit,
     kfac_weights,
     mass_curves,
@@ -295,3 +297,37 @@ def test_the_aimed_edit_removes_what_holds_up_recitation_not_the_opposite(tiny):
                recited(budget_weights(handle, basis, b, flipped))) for b in (0.01, 0.03)}
     assert got[0.03][0] <= 0.2 and got[0.03][1] >= got[0.03][0] + 0.4, got
     assert got[0.01][0] < got[0.01][1], got
+
+
+def test_the_controls_spend_the_same_predicted_kl(tiny):
+    """The random-order removal and the gradient step cost the budget they are given under
+    the K-FAC quadratic model, so they compare with the aimed edit at equal predicted KL."""
+    handle, factors, canaries, _ = tiny
+    basis = eigenbasis(factors)
+    aimed = [s for s in canaries if s.duplication == 100][0::2]
+    grads = memorization_gradient(handle, [s.token_ids[:64] for s in aimed], factors.layers,
+                                  start=32)
+    modules = linear_modules(handle.model)
+
+    def predicted_kl(weights) -> float:
+        return sum(float((0.5 * b.curvature * (b.project(weights[n])
+                                               - b.project(linear_weight(modules[n]))) ** 2)
+                         .sum()) for n, b in basis.items())
+
+    budget = 0.01
+    step = gradient_step_weights(handle, basis, budget, grads)
+    assert predicted_kl(step) == pytest.approx(budget, rel=1e-3)
+    shuffled = budget_weights(handle, basis, budget, shuffle=0)
+    cheapest = budget_weights(handle, basis, budget)
+    # Removal stops at the last component within budget: a little under it, never over.
+    assert 0.9 * budget < predicted_kl(shuffled) <= budget
+    removed = {n: (shuffled[n] - linear_weight(modules[n])).abs().sum() > 0 for n in basis}
+    assert sum(removed.values()) == len(basis)  # random components fall in every layer
+    assert not all(torch.equal(shuffled[n], cheapest[n]) for n in basis)
+    assert torch.equal(budget_weights(handle, basis, budget, shuffle=0)[factors.layers[0]],
+                       shuffled[factors.layers[0]])  # the seed fixes the order
+    # The step lowers the aimed canaries' log-odds: their suffix loss rises.
+    ids = [s.token_ids[:64] for s in aimed]
+    before = mean_losses(handle, ids, start=32).mean()
+    with apply_weights(handle, step):
+        assert mean_losses(handle, ids, start=32).mean() > before
