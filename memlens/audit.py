@@ -383,37 +383,40 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     out: dict = {}
     # Checked on the model as given: a weight edit below changes its hash, not its stream.
     fits = probe is not None and probe_fits(probe, handle)
-    with bar:
-        with removal():
-            out["after_edit"] = scored()
+    plain = handle.weights_hash() if refit is not None else None
+    with bar, contextlib.ExitStack() as applied:
+        applied.enter_context(removal())
+        if refit is not None and handle.weights_hash() != plain:
+            raise ConfigError("refit is for removals that leave the weights alone (steering, "
+                              "ablation hooks); this removal changed them")
+        out["after_edit"] = scored()
+        bar.update()
+        for bits in cfg.bits:
+            with quantized(handle, bits, None if bits == 8 else cfg.group_size):
+                out[f"int{bits}"] = scored()
             bar.update()
-            for bits in cfg.bits:
-                with quantized(handle, bits, None if bits == 8 else cfg.group_size):
-                    out[f"int{bits}"] = scored()
-                bar.update()
-            out["perturbed"] = perturbed_extraction(handle, data.forget, ec, cfg.corrupt,
-                                                    cfg.shift, cfg.seed)
-            bar.update()
-            out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec,
-                                          cfg.neighbours)
-            if fits:
-                out["probe_score"] = probe_score(handle, probe, data.forget, ec)
-                out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
-            elif probe is not None:  # another model's residual stream: its score means nothing
-                out["probe_score"] = out["probe_score_nonmembers"] = None
-            bar.update()
+        out["perturbed"] = perturbed_extraction(handle, data.forget, ec, cfg.corrupt,
+                                                cfg.shift, cfg.seed)
+        bar.update()
+        out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
+        if fits:
+            out["probe_score"] = probe_score(handle, probe, data.forget, ec)
+            out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
+        elif probe is not None:  # another model's residual stream: its score means nothing
+            out["probe_score"] = out["probe_score_nonmembers"] = None
+        bar.update()
         relearn: dict = {}
 
         def score_relearned(step: int) -> None:
             if step in cfg.relearn_steps:
                 relearn[str(step)] = scored()
 
-        with restorable(handle):
-            with removal():  # the attacker fine-tunes the model with the removal in place
-                fine_tune(handle, data.relearn, max(cfg.relearn_steps), cfg.relearn_lr,
-                          cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned,
-                          blocks=cfg.relearn_blocks)
+        with restorable(handle):  # the attacker fine-tunes the model with the removal on
+            fine_tune(handle, data.relearn, max(cfg.relearn_steps), cfg.relearn_lr,
+                      cfg.relearn_batch_size, seed=cfg.seed, every=score_relearned,
+                      blocks=cfg.relearn_blocks)
             if refit is not None:
+                applied.close()  # the stale hooks off; the relearned weights stay
                 with refit()():
                     out["relearn_refit"] = {str(max(cfg.relearn_steps)): scored()}
         out["relearn"] = relearn

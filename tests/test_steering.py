@@ -156,3 +156,19 @@ def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism)
     assert again.identity.model_hash != steering.identity.model_hash
     assert again.site == SITE and again.alpha == 2.0 and again.gate is not None
     assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
+    # A removal that changes the weights cannot be refitted: its edit would be undone.
+    from contextlib import contextmanager
+
+    from memlens.audit import restorable
+    from memlens.core.errors import ConfigError
+
+    @contextmanager
+    def weight_edit():
+        with restorable(handle), torch.no_grad():
+            next(handle.model.parameters()).add_(1e-3)
+            yield
+
+    with pytest.raises(ConfigError, match="leave the weights alone"):
+        audit(handle, weight_edit, data, AuditConfig(bits=(8,), relearn_steps=(3,)),
+              refit=refit, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
