@@ -8,10 +8,12 @@ Parts (each kept in the JSON when a later run leaves it out):
 - demo: the demo's chain (labels, probes, the aimed K-FAC edit, neuron ablation, probe-gated
   steering, norm attribution and removal); its report goes beside the JSON
   (``pretrained-demo/report.html``), steps already computed are reused;
-- kfac: the published keep-mass edit, the aimed KL-budget edit and SVD, each at several
+- kfac: the published keep-mass edit, the aimed KL-budget edit, SVD and the aimed edit's two
+  controls at equal predicted KL (random components; a gradient step), each at several
   strengths on the MLPs of the blocks the organism trained (memorization can live only
-  there), with factors from ``--kfac-tokens`` prose tokens; SVD is reported at the
-  perplexity of the best K-FAC point;
+  there), with factors from ``--kfac-tokens`` prose tokens; every method is interpolated at
+  the aimed edit's perplexity, and the canaries' loading on low-curvature components is set
+  beside prose and non-member PII records;
 - localize: recall of injected neurons per method at 0.1% and 1% of each block's neurons,
   injected into and searched in the trained blocks;
 - steer: static and probe-gated steering at the trained blocks' residual streams;
@@ -33,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling experiments
 
 from interventions import run_inject, run_steer  # noqa: E402
-from kfac_edit import AIMED, PUBLISHED, SVD, sweep_arch  # noqa: E402
+from kfac_edit import AIMED, GRADIENT, PUBLISHED, RANDOM, SVD, sweep_arch  # noqa: E402
 
 from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics  # noqa: E402
@@ -174,7 +176,7 @@ def probe_diagnosis(out: Path, trained: list[int]) -> dict:
 
 def kfac_part(args, trained: list[int], out_dir: Path) -> dict:
     r = sweep_arch(args.preset, "llama", args.kfac_tokens, out_dir, blocks=trained,
-                   methods_named=[PUBLISHED, AIMED, SVD])
+                   methods_named=[PUBLISHED, AIMED, SVD, RANDOM, GRADIENT])
     scope = f"the MLPs of the trained blocks {trained}"
     return {"before": r["before"], "after": r["kfac"]["after"],
             "factor_tokens": r["factor_tokens"], "scope": scope,
@@ -182,6 +184,7 @@ def kfac_part(args, trained: list[int], out_dir: Path) -> dict:
             "best": r["kfac"], "published": r["published"], "svd": r["svd"],
             "svd_best_within_10pct": r["svd_best_within_10pct"],
             "loading_by_curvature_bin": r["loading_by_curvature_bin"],
+            "at_aimed_perplexity": r["at_aimed_perplexity"],
             "points": r["points"]}
 
 
