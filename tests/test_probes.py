@@ -76,6 +76,9 @@ def test_config_run_writes_results_and_beats_single_sites(run):
     # Among tokens the model is equally confident about, the activations alone (the combo
     # holds no confidence feature) still tell memorized tokens apart, well beyond what the
     # confidence probe has left there: what the residual stream adds.
+    width = probes.set_index("probe")["n_features"]
+    sites = [p for p in width.index if p.startswith("blocks.")]
+    assert width["all_sites"] == width[sites].sum()  # the sites alone, no confidence feature
     matched = probes.set_index("probe")["matched_auroc"]
     assert matched["all_sites"] > matched["confidence"] + 0.1, matched
     # The two trainers agree site by site (on this small set, early stopping on the
