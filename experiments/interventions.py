@@ -129,7 +129,7 @@ def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
     aimed = [Sequence(id=f"target-{i}", token_ids=t, text="", duplication=None, spans=[],
                       offsets=[]) for i, t in enumerate(targets)]
 
-    def point(method, budget, found, seconds=0.0):
+    def point(method, budget, seconds=0.0):
         m = edit_metrics(handle, scored, splits.heldout, cfg)
         row = dict(method=method, budget=budget, perplexity=m["perplexity"],
                    seconds=round(seconds, 1),
@@ -140,7 +140,7 @@ def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
                                for k, v in row.items()), flush=True)
         return row
 
-    rows = [point("none", 0.0, None)]
+    rows = [point("none", 0.0)]
     gen = torch.Generator().manual_seed(seed)
     shape = (handle.n_layers, neuron_width(handle.model))
     for method in ("random", *methods):
@@ -150,7 +150,7 @@ def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
         seconds = time.perf_counter() - t0
         for budget in budgets:
             with ablate_neurons(handle, top_neurons(handle, scores, budget)):
-                rows.append(point(method, budget, None, seconds))
+                rows.append(point(method, budget, seconds))
     return {"recited_localization": {"targets": len(targets), "counts": counts,
                                      "scored": len(scored), "points": rows}}
 

@@ -162,6 +162,7 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
     svd = df[is_svd]
     svd_row = svd.iloc[(svd.perplexity.map(math.log) - math.log(kfac_row.perplexity))
                        .abs().argmin()]
+    aimed_ppl = float(best(df[df.method == AIMED]).perplexity) if AIMED in methods else None
     result = {
         "organism": str(path), "factor_tokens": factors.tokens,
         "n_aim_recited": len(recited), "n_eval_by_duplication":
@@ -177,10 +178,8 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
         "svd_best_within_10pct": {"param": best(svd).param, "after": after(best(svd))},
         # Each edit's 100x extraction interpolated at the aimed edit's perplexity (linear in
         # log perplexity between its grid points; None outside its range).
-        "at_aimed_perplexity": {
-            "perplexity": float(df[df.method == AIMED].pipe(best).perplexity),
-            **{m: at_perplexity(df[df.method == m], best(df[df.method == AIMED]).perplexity)
-               for m in df.method.unique()}},
+        "at_aimed_perplexity": {"perplexity": aimed_ppl, **{
+            m: at_perplexity(df[df.method == m], aimed_ppl) for m in df.method.unique()}},
         "points": points,
     }
     memorized = [s.token_ids for s in eval_half if s.duplication == 100]

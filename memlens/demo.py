@@ -455,7 +455,7 @@ def step_audit(d: Demo, sec: Section) -> dict:
                 f"membership AUROC {closest['mia_auroc']['loss']:.2f} against "
                 f"{gold['mia_auroc']['loss']:.2f}); a removal that forgets matches that row "
                 "under every attack.")
-    steered = results[-1]
+    steered = next(r for r in results if "relearn_refit" in r)
     stale, refitted = steered["relearn"][last]["exact"], steered["relearn_refit"][last]["exact"]
     sec.finding(f"After {last} relearning steps steering leaves {stale:.0%} of the forget set "
                 f"recited with its stale gate and {refitted:.0%} with a gate refitted on the "

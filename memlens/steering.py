@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,9 @@ from safetensors.torch import load_file, save_file
 
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.metrics import perplexity
 from memlens.core.model import ModelHandle
-from memlens.core.scoring import greedy_continuations
+from memlens.core.scoring import exact_matches, greedy_continuations
 from memlens.core.sequences import Sequence
 from memlens.core.sites import run_sites
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
@@ -230,17 +230,16 @@ def calibrate_alpha(handle: ModelHandle, probe: Probe, targets: list[list[int]],
     (alpha, recited share, perplexity change). Alphas are tried in increasing order, stopping
     at the first that works or the first over the perplexity budget. Score the chosen setting
     on other sequences than ``targets``."""
-    from memlens.core.metrics import perplexity
-
     base = perplexity(handle, heldout)
+    recited = [t for t, hit in zip(targets, exact_matches(handle, targets, prefix), strict=True)
+               if hit]  # greedy recites a sequence iff teacher forcing's argmax matches
     rows, chosen = [], None
     for alpha in sorted(alphas):
         steering = Steering.from_probe(probe, handle, alpha, gated=gated)
-        table = recitation_side_by_side(handle, targets, prefix, partial(steering.apply, handle))
         with steering.apply(handle):
             increase = perplexity(handle, heldout) / base - 1
-        recited = table.loc[table["plain_exact"], "steered_exact"]
-        share = float(recited.mean()) if len(recited) else float("nan")
+            hits = exact_matches(handle, recited, prefix) if recited else []
+        share = float(np.mean(hits)) if hits else float("nan")
         rows.append({"alpha": alpha, "recited_share": share, "ppl_increase": increase})
         if increase > max_ppl_increase:
             break
