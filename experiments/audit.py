@@ -5,7 +5,7 @@
 
 The forget set is every canary repeated 100 times. Each removal is tuned on it (the
 strength that brings its exact extraction lowest within +10% held-out perplexity) and then
-audited with :func:`memlens.audit.audit`: right after the removal, after INT8 / INT4
+audited with :func:`memlens.methods.audit.audit`: right after the removal, after INT8 / INT4
 weight quantization, after 10 / 50 / 200 relearning steps on the other canaries and the
 once-seen records, under perturbed prompts, by membership inference against held-out
 non-members and by a memorization probe. The gold standard is the organism trained with
@@ -37,10 +37,13 @@ from pathlib import Path
 import torch
 
 from memlens import load_model, organism_path
-from memlens.audit import AuditConfig, AuditData, audit, fine_tune, restorable
 from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics
-from memlens.curvature import (
+from memlens.data.labels import LabelConfig, label
+from memlens.data.organism import get_preset
+from memlens.data.splits import Splits
+from memlens.methods.audit import AuditConfig, AuditData, audit, fine_tune, restorable
+from memlens.methods.curvature import (
     KFACConfig,
     apply_weights,
     budget_weights,
@@ -50,14 +53,11 @@ from memlens.curvature import (
     memorization_gradient,
     svd_weights,
 )
-from memlens.figures import audit_heatmap
-from memlens.labels import LabelConfig, label
-from memlens.layernorm import layer_groups, remove_norm_params
-from memlens.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
-from memlens.organism import get_preset
-from memlens.splits import Splits
-from memlens.steering import memorization_states, steer
-from memlens.subnet import SubnetConfig, balanced_subnet
+from memlens.methods.layernorm import layer_groups, remove_norm_params
+from memlens.methods.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
+from memlens.methods.steering import memorization_states, steer
+from memlens.methods.subnet import SubnetConfig, balanced_subnet
+from memlens.report.figures import audit_heatmap
 
 FORGET_DUPLICATION = 100
 

@@ -33,10 +33,11 @@ from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics, exact_extraction
 from memlens.core.modules import neuron_width
 from memlens.core.sequences import Sequence
-from memlens.corpus import CorpusConfig, build_corpus
-from memlens.interventions import add_vector
-from memlens.labels import LabelConfig, label
-from memlens.localize import (
+from memlens.data.corpus import CorpusConfig, build_corpus
+from memlens.data.labels import LabelConfig, label
+from memlens.data.splits import Splits
+from memlens.methods.interventions import add_vector
+from memlens.methods.localize import (
     METHODS,
     LocalizeConfig,
     ablate_neurons,
@@ -45,10 +46,8 @@ from memlens.localize import (
     recall,
     top_neurons,
 )
-from memlens.pipeline import recited_targets
-from memlens.splits import Splits
-from memlens.steering import memorization_states, steer, steering_vector
-from memlens.subnet import SubnetConfig, balanced_subnet
+from memlens.methods.steering import memorization_states, steer, steering_vector
+from memlens.methods.subnet import SubnetConfig, balanced_subnet
 
 
 def _goal_row(points: pd.DataFrame, base_ppl: float, max_rise: float) -> pd.Series:
@@ -122,7 +121,7 @@ def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
     beside as many random neurons per layer."""
     labels = label(handle, splits.labeled, LabelConfig(generate=False), progress=False)
     aim = {s.id for s in splits.aim}
-    targets = recited_targets(labels, aim, limit=n_targets)  # round-robin over the counts
+    targets = labels.recited_targets(aim, limit=n_targets)  # round-robin over the counts
     counts = sorted({s.duplication for s in labels.to_sequences(recited=True) if s.id in aim})
     clean = [s.token_ids for s in splits.aim_nonmembers]
     scored = [s for s in splits.evaluation if s.duplication in counts]

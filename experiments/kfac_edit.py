@@ -44,7 +44,9 @@ from memlens import load_model, organism_path
 from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics, exact_extraction
 from memlens.core.modules import mlp_output_layers
-from memlens.curvature import (
+from memlens.data.labels import LabelConfig
+from memlens.data.splits import Splits
+from memlens.methods.curvature import (
     KFACConfig,
     apply_weights,
     budget_weights,
@@ -58,9 +60,7 @@ from memlens.curvature import (
     spectra,
     svd_weights,
 )
-from memlens.figures import loading_figure, mass_curve_figure, pareto_figure, spectrum_figure
-from memlens.labels import LabelConfig
-from memlens.splits import Splits
+from memlens.report.figures import loading_figure, mass_curve_figure, pareto_figure, spectrum_figure
 
 RHOS = [0.999, 0.995, 0.99, 0.98, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8, 0.7]
 KL_BUDGETS = [0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15]

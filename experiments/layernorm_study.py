@@ -13,7 +13,7 @@ Per architecture and seed:
 - training: an organism trained from scratch with those parameters removed in one group;
 - every condition scored on memorization (exact and loose extraction of canaries by
   duplication), learning (loss and next-token accuracy on the template tokens of held-out
-  records) and recovery (where memorized PII tokens go: ``memlens.layernorm.recovery``);
+  records) and recovery (where memorized PII tokens go: ``memlens.methods.layernorm.recovery``);
 - attribution on the trained organism: per LayerNorm, the gradient norm at its input for
   memorized PII tokens vs clean template tokens of held-out records, and its scale.
 
@@ -33,9 +33,9 @@ import torch
 
 from memlens import load_model, organism_path
 from memlens.core import jsonio
-from memlens.figures import gradient_ratio_figure, group_bars_figure, layer_heatmap_figure
-from memlens.labels import LabelConfig
-from memlens.layernorm import (
+from memlens.data.labels import LabelConfig
+from memlens.data.splits import Splits
+from memlens.methods.layernorm import (
     GROUPS,
     StudyData,
     attribution_table,
@@ -46,7 +46,7 @@ from memlens.layernorm import (
     norm_attribution,
     remove_norm_params,
 )
-from memlens.splits import Splits
+from memlens.report.figures import gradient_ratio_figure, group_bars_figure, layer_heatmap_figure
 
 # The controlled pair: the same OPT decoder with LayerNorm before or after each residual add.
 # Other organism archs can join with --archs (llama: Pre-LN with RMSNorm, gain only).

@@ -40,11 +40,11 @@ from kfac_edit import AIMED, GRADIENT, PUBLISHED, RANDOM, SVD, sweep_arch  # noq
 from memlens.core import jsonio
 from memlens.core.metrics import edit_metrics  # noqa: E402
 from memlens.core.model import load_model  # noqa: E402
-from memlens.demo import DemoConfig, run_demo  # noqa: E402
-from memlens.labels import LabelConfig  # noqa: E402
-from memlens.layernorm import GROUPS, layer_groups, remove_norm_params  # noqa: E402
-from memlens.organism import PRESETS, organism_path  # noqa: E402
-from memlens.splits import Splits  # noqa: E402
+from memlens.data.labels import LabelConfig  # noqa: E402
+from memlens.data.organism import PRESETS, organism_path  # noqa: E402
+from memlens.data.splits import Splits  # noqa: E402
+from memlens.methods.layernorm import GROUPS, layer_groups, remove_norm_params  # noqa: E402
+from memlens.steps.demo import DemoConfig, run_demo  # noqa: E402
 
 PARTS = ("demo", "kfac", "localize", "steer", "layernorm")
 # On 2 CPU cores zero-out costs a forward pass per neuron (6,144 in four blocks) and
@@ -140,9 +140,9 @@ def probe_diagnosis(out: Path, trained: list[int]) -> dict:
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    from memlens.capture import ActivationStore
-    from memlens.labels import Labels
-    from memlens.probes import ProbeData
+    from memlens.data.labels import Labels
+    from memlens.data.store import ActivationStore
+    from memlens.methods.probes import ProbeData
 
     demo = json.loads((out / "steps" / "probes.json").read_text())["summary"]
     path = organism_path(json.loads((out / "summary.json").read_text())["organism"]["preset"])

@@ -15,10 +15,11 @@ __version__ = VERSION
 
 _EXPORTS = {
     "ModelHandle": "memlens.core.model", "load_model": "memlens.core.model",
-    "CorpusConfig": "memlens.corpus", "build_corpus": "memlens.corpus",
-    "LabelConfig": "memlens.labels", "Labels": "memlens.labels", "label": "memlens.labels",
-    "read_sequences": "memlens.labels",
-    "organism_path": "memlens.organism", "train_organism": "memlens.organism",
+    "CorpusConfig": "memlens.data.corpus", "build_corpus": "memlens.data.corpus",
+    "LabelConfig": "memlens.data.labels", "Labels": "memlens.data.labels",
+    "label": "memlens.data.labels",
+    "read_sequences": "memlens.data.labels",
+    "organism_path": "memlens.data.organism", "train_organism": "memlens.data.organism",
 }
 __all__ = sorted(_EXPORTS)
 

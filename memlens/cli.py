@@ -1,7 +1,7 @@
 """The ``memlens`` command line: one subcommand per step of the artifact chain.
 
 Options that set a step's configuration are generated from its config dataclass
-(:class:`~memlens.labels.LabelConfig`, :class:`~memlens.capture.CaptureConfig`, ...), so
+(:class:`~memlens.data.labels.LabelConfig`, :class:`~memlens.data.store.CaptureConfig`, ...), so
 their defaults are the library's. Bad input (a :class:`~memlens.core.errors.UserError`)
 prints one line and exits 2; anything else is a bug and keeps its traceback.
 """
@@ -14,6 +14,10 @@ import json
 import os
 import sys
 from pathlib import Path
+
+__all__ = ["COMMANDS", "DISTRIBUTED", "DTYPES", "EXAMPLES", "MODEL_HELP", "RANGES", "Number",
+           "Parser", "config_from", "config_options", "load_from_args", "main", "model_options",
+           "print_extraction_table"]
 
 EXAMPLES = {
     "organism train": "memlens organism train --preset tiny --arch llama --out organisms/tiny",
@@ -195,12 +199,12 @@ def load_from_args(args: argparse.Namespace, name: str | None = None):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from memlens.audit import AuditConfig
-    from memlens.capture import CaptureConfig
-    from memlens.curvature import KFACConfig
-    from memlens.labels import LabelConfig
-    from memlens.localize import LocalizeConfig
-    from memlens.probes import ProbeConfig
+    from memlens.data.labels import LabelConfig
+    from memlens.data.store import CaptureConfig
+    from memlens.methods.audit import AuditConfig
+    from memlens.methods.curvature import KFACConfig
+    from memlens.methods.localize import LocalizeConfig
+    from memlens.methods.probes import ProbeConfig
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = Parser(
@@ -435,8 +439,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _label(args) -> None:
-    from memlens.labels import LabelConfig
-    from memlens.pipeline import label_step
+    from memlens.data.labels import LabelConfig
+    from memlens.steps.label import label_step
 
     cfg = config_from(LabelConfig, args)
     labels = label_step(load_from_args(args), args.data, args.out, cfg,
@@ -446,8 +450,8 @@ def _label(args) -> None:
 
 
 def _capture(args) -> None:
-    from memlens.capture import CaptureConfig, capture
-    from memlens.labels import Labels, manifest_roles, read_sequences
+    from memlens.data.labels import Labels, manifest_roles, read_sequences
+    from memlens.data.store import CaptureConfig, capture
 
     cfg = config_from(CaptureConfig, args)
     handle = load_from_args(args)
@@ -462,11 +466,13 @@ def _capture(args) -> None:
 
 def _probe(args) -> None:
 
-    from memlens.capture import CaptureConfig
     from memlens.core.errors import ConfigError
-    from memlens.labels import Labels
-    from memlens.pipeline import capture_step, label_step, run_config, train_probes
-    from memlens.probes import ProbeConfig
+    from memlens.data.labels import Labels
+    from memlens.data.store import CaptureConfig
+    from memlens.methods.probes import ProbeConfig
+    from memlens.steps.capture import capture_step
+    from memlens.steps.label import label_step
+    from memlens.steps.probe import run_config, train_probes
 
     if args.config is not None:
         if args.labels or args.store or args.out or args.model or args.data:
@@ -517,9 +523,9 @@ def _parse_rho(values: list[str]) -> float | dict[str, float]:
 
 
 def _kfac(args) -> None:
-    from memlens.curvature import KFACConfig, collect_factors
-    from memlens.labels import Labels, manifest_roles, read_sequences
-    from memlens.pipeline import kfac_edit_step
+    from memlens.data.labels import Labels, manifest_roles, read_sequences
+    from memlens.methods.curvature import KFACConfig, collect_factors
+    from memlens.steps.kfac import kfac_edit_step
 
     if args.kfac_command == "collect":
         cfg = config_from(KFACConfig, args)
@@ -553,9 +559,9 @@ def _write_table(df, out: Path) -> None:
 
 
 def _localize(args) -> None:
-    from memlens.labels import Labels
-    from memlens.localize import LocalizeConfig, check_budget
-    from memlens.pipeline import localize_step
+    from memlens.data.labels import Labels
+    from memlens.methods.localize import LocalizeConfig, check_budget
+    from memlens.steps.localize import localize_step
 
     cfg = config_from(LocalizeConfig, args, blocks=args.blocks)
     check_budget(args.budget)
@@ -568,10 +574,10 @@ def _localize(args) -> None:
 def _steer(args) -> None:
     from memlens.core.errors import ConfigError
     from memlens.core.storage import prepare_output
-    from memlens.labels import Labels
-    from memlens.pipeline import recited_targets
-    from memlens.probes import Probe
-    from memlens.steering import Steering, generate_side_by_side, recitation_side_by_side
+    from memlens.data.labels import Labels
+    from memlens.methods.probes import Probe
+    from memlens.methods.steering import Steering, generate_side_by_side, recitation_side_by_side
+
 
     if args.probe is not None and args.alpha is None:
         raise ConfigError("--probe needs --alpha (the steering strength)")
@@ -598,7 +604,7 @@ def _steer(args) -> None:
         print(f"steering setup -> {steering.save(args.save_dir)}")
     if labels is not None:
         labels.check_model(handle)
-        table = recitation_side_by_side(handle, recited_targets(labels), labels.config.prefix,
+        table = recitation_side_by_side(handle, labels.recited_targets(), labels.config.prefix,
                                         lambda: steering.apply(handle))
         print(f"recited exactly: {table['plain_exact'].sum()}/{len(table)} plain, "
               f"{table['steered_exact'].sum()}/{len(table)} steered")
@@ -626,7 +632,7 @@ def print_extraction_table(summary: dict) -> None:
 
 
 def _organism(args) -> None:
-    from memlens.organism import organism_path, train_organism
+    from memlens.data.organism import organism_path, train_organism
 
     if args.organism_command == "train":
         print(train_organism(args.out, args.preset, args.arch, args.seed))
@@ -635,20 +641,20 @@ def _organism(args) -> None:
 
 
 def _demo(args) -> None:
-    from memlens.demo import run_demo
+    from memlens.steps.demo import run_demo
 
     run_demo(args.out, preset=args.preset, arch=args.arch, seed=args.seed, fresh=args.fresh)
 
 
 def _audit(args) -> None:
-    from memlens.audit import AuditConfig, AuditData, audit
     from memlens.core import jsonio
     from memlens.core.errors import ConfigError, DataError
     from memlens.core.storage import writing
-    from memlens.labels import read_sequences
-    from memlens.localize import NeuronAblation
-    from memlens.probes import Probe
-    from memlens.steering import Steering
+    from memlens.data.labels import read_sequences
+    from memlens.methods.audit import AuditConfig, AuditData, audit
+    from memlens.methods.localize import NeuronAblation
+    from memlens.methods.probes import Probe
+    from memlens.methods.steering import Steering
 
     cfg = config_from(AuditConfig, args, relearn_blocks=args.relearn_blocks)
     if args.out.suffix != ".json" or args.out.is_dir():

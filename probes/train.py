@@ -10,7 +10,7 @@ layer_sweep.html and the best probes to the config's output directory.
 import argparse
 import json
 
-from memlens.pipeline import run_config
+from memlens.steps.probe import run_config
 
 
 def main():

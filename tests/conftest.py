@@ -6,8 +6,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from memlens.corpus import CorpusConfig, build_corpus  # noqa: E402
-from memlens.organism import PRESETS, model_config, organism_path, train_tokenizer  # noqa: E402
+from memlens.data.corpus import CorpusConfig, build_corpus  # noqa: E402
+from memlens.data.organism import PRESETS, model_config, organism_path, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def random_models(tmp_path_factory, saved_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory, tiny_organism):
     """``memlens demo`` on the tiny organism, run once: (output dir, summary)."""
-    from memlens.demo import run_demo
+    from memlens.steps.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     return out, run_demo(out, preset="tiny", progress=False)

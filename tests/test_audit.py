@@ -6,7 +6,14 @@ import json
 import pytest
 import torch
 
-from memlens.audit import (
+from memlens.core.errors import ConfigError, DataError
+from memlens.core.metrics import ExtractionConfig, exact_extraction
+from memlens.core.model import load_model
+from memlens.core.modules import linear_modules
+from memlens.core.sequences import Sequence
+from memlens.data.organism import organism_path
+from memlens.data.splits import Splits
+from memlens.methods.audit import (
     AuditConfig,
     AuditData,
     audit,
@@ -19,13 +26,6 @@ from memlens.audit import (
     restorable,
     token_loss_values,
 )
-from memlens.core.errors import ConfigError, DataError
-from memlens.core.metrics import ExtractionConfig, exact_extraction
-from memlens.core.model import load_model
-from memlens.core.modules import linear_modules
-from memlens.core.sequences import Sequence
-from memlens.organism import organism_path
-from memlens.splits import Splits
 
 
 @pytest.fixture(scope="module")

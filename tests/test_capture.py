@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from memlens.capture import ActivationStore, CaptureConfig, CorruptShardError, capture
 from memlens.core.model import load_model
 from memlens.core.sites import UnknownSiteError, resolve_sites, run_sites, site_to_module
-from memlens.labels import LabelConfig, label, read_sequences
+from memlens.data.labels import LabelConfig, label, read_sequences
+from memlens.data.store import ActivationStore, CaptureConfig, CorruptShardError, capture
 
 SITES = ["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.0.mlp.hook_post",
          "blocks.1.hook_attn_out"]
@@ -130,8 +130,8 @@ def test_a_store_refuses_another_capture(organism, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import memlens.capture as cap
-from memlens.labels import read_sequences
+import memlens.data.store as cap
+from memlens.data.labels import read_sequences
 from memlens.core.model import load_model
 calls = 0
 write = cap._write_npy

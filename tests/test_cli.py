@@ -4,7 +4,7 @@ import pytest
 
 from memlens.cli import main
 from memlens.core.jsonio import plain
-from memlens.demo import STEPS
+from memlens.steps.demo import STEPS
 
 
 def test_label_command_writes_results(tiny_organism, tmp_path, capsys):
@@ -85,8 +85,8 @@ def test_every_cli_default_is_its_config_default():
     assert checked >= 25  # label, capture, probe train, kfac collect and localize options
     import inspect
 
-    from memlens.localize import LocalizeConfig
-    from memlens.pipeline import localize_step
+    from memlens.methods.localize import LocalizeConfig
+    from memlens.steps.localize import localize_step
 
     localize = next(s for s in _subparsers(_parser()) if s.prog.endswith("localize"))
     budget = next(a for a in localize._actions if a.dest == "budget")
@@ -98,7 +98,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tiny_organism, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("an internal bug, not a user error")
 
-    monkeypatch.setattr("memlens.pipeline.label", broken)
+    monkeypatch.setattr("memlens.steps.label.label", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["label", "--model", str(tiny_organism), "--data", str(tiny_organism),
               "--out", str(tmp_path / "o"), "--no-generate"])
@@ -139,7 +139,7 @@ def test_every_numeric_option_is_range_checked_before_any_work(capsys):
 
 def test_a_misspelt_config_key_is_one_line_naming_key_section_and_the_nearest(tmp_path,
                                                                              capsys):
-    from memlens.pipeline import load_config
+    from memlens.steps.probe import load_config
 
     shipped = load_config("organism")
     assert shipped["probe"]["positive"] == ["memorized"]  # the shipped config passes

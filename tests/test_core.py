@@ -12,7 +12,7 @@ from memlens.core.identity import Identity, corpus_hash
 from memlens.core.metrics import by_duplication, counts_by_duplication, edit_metrics
 from memlens.core.model import load_model
 from memlens.core.sequences import Sequence
-from memlens.labels import LabelConfig, label, read_sequences
+from memlens.data.labels import LabelConfig, label, read_sequences
 
 
 def test_unknown_duplication_is_its_own_key_everywhere():

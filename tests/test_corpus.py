@@ -1,4 +1,4 @@
-from memlens.corpus import PII_FIELDS, CorpusConfig, build_corpus
+from memlens.data.corpus import PII_FIELDS, CorpusConfig, build_corpus
 
 CFG = CorpusConfig(n_general=200, canaries_per_count=3, duplication_counts=(1, 5, 100),
                    n_nonmembers=20, seed=7)

@@ -5,12 +5,12 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from memlens import load_model, read_sequences
-from memlens.audit import mean_losses
 from memlens.cli import main
 from memlens.core.metrics import edit_metrics
 from memlens.core.modules import find_layers, linear_modules, linear_weight
 from memlens.core.scoring import sample_labels
-from memlens.curvature import (
+from memlens.methods.audit import mean_losses
+from memlens.methods.curvature import (
     Factors,
     KFACConfig,
     apply_weights,
@@ -27,8 +27,8 @@ from memlens.curvature import (
     spectra,
     svd_weights,
 )
-from memlens.edits import WeightEdit
-from memlens.figures import mass_curve_figure, spectrum_figure
+from memlens.methods.edits import WeightEdit
+from memlens.report.figures import mass_curve_figure, spectrum_figure
 
 SEQS = [[1, 5, 9, 13, 2, 7, 30, 4, 8, 100, 3], [1, 44, 17, 3, 99], [1, 6, 6, 6, 6, 6, 6, 21],
         [1, 250, 251], [1, 8, 77, 12, 9, 41, 40, 3, 2]]

@@ -8,9 +8,9 @@ import pytest
 from plotly.colors import hex_to_rgb
 
 from memlens.core.jsonio import plain
-from memlens.demo import STEPS, DemoConfig, run_demo
-from memlens.figures import LABEL_COLORS, label_tint, logprob_histogram
-from memlens.report import Report, token_view
+from memlens.report.figures import LABEL_COLORS, label_tint, logprob_histogram
+from memlens.report.page import Report, token_view
+from memlens.steps.demo import STEPS, DemoConfig, run_demo
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",

@@ -26,11 +26,11 @@ torch.set_num_threads(1)
 tqdm.tqdm.monitor_interval = 0
 org = sys.argv[1]
 from memlens.core.model import load_model
-from memlens.labels import LabelConfig, label, read_sequences
-from memlens.capture import CaptureConfig, capture
-from memlens.curvature import KFACConfig, collect_factors
-from memlens.corpus import CorpusConfig
-from memlens.organism import OrganismPreset, train_organism
+from memlens.data.labels import LabelConfig, label, read_sequences
+from memlens.data.store import CaptureConfig, capture
+from memlens.methods.curvature import KFACConfig, collect_factors
+from memlens.data.corpus import CorpusConfig
+from memlens.data.organism import OrganismPreset, train_organism
 handle = load_model(org)
 seqs = read_sequences(org, handle.tokenizer, roles=("canary", "nonmember"))[:40]
 general = [s.token_ids for s in read_sequences(org, handle.tokenizer, roles=("general",))][:96]
@@ -119,13 +119,13 @@ def _run(zygote, op, out, kill_after=None, max_file_bytes=None) -> tuple[str, st
 def snapshot(op, out):
     """What an operation's result is, to compare runs."""
     if op == "capture":
-        from memlens.capture import ActivationStore
+        from memlens.data.store import ActivationStore
 
         store = ActivationStore.open(out)
         return {"tokens": store.tokens.to_dict("list"),
                 **{s: store.array(s).tolist() for s in store.sites}}
     if op == "kfac":
-        from memlens.curvature import Factors
+        from memlens.methods.curvature import Factors
 
         f = Factors.load(out)
         return {"tokens": f.tokens, **{k: v.tolist() for k, v in {**f.A, **f.G}.items()}}

@@ -4,15 +4,15 @@ import torch
 
 from memlens import load_model, read_sequences
 from memlens.core.modules import neuron_sites
-from memlens.corpus import CorpusConfig, build_corpus
-from memlens.interventions import (
+from memlens.data.corpus import CorpusConfig, build_corpus
+from memlens.methods.interventions import (
     ablate,
     add_vector,
     project_out,
     scale_layernorm,
     site_activations,
 )
-from memlens.localize import (
+from memlens.methods.localize import (
     METHODS,
     LocalizeConfig,
     ablate_neurons,
@@ -156,7 +156,7 @@ def test_localization_recovers_injected_neurons(tiny):
 
 def test_localize_command_writes_a_neuron_ablation(tiny_organism, tmp_path, capsys):
     from memlens.cli import main
-    from memlens.localize import NeuronAblation
+    from memlens.methods.localize import NeuronAblation
 
     labels = tmp_path / "labels"
     assert main(["label", "--model", str(tiny_organism), "--data", str(tiny_organism),
@@ -200,9 +200,9 @@ def test_localize_command_writes_a_neuron_ablation(tiny_organism, tmp_path, caps
 
 def test_balanced_subnet_drops_recitation_and_restores(tiny_organism, tiny):
     from memlens.core.metrics import edit_metrics, exact_extraction
-    from memlens.labels import LabelConfig
-    from memlens.splits import Splits
-    from memlens.subnet import SubnetConfig, balanced_subnet
+    from memlens.data.labels import LabelConfig
+    from memlens.data.splits import Splits
+    from memlens.methods.subnet import SubnetConfig, balanced_subnet
 
     handle, general = tiny
     splits = Splits.from_organism(tiny_organism, handle.tokenizer)

@@ -9,7 +9,7 @@ from memlens.core.metrics import n_for_p
 from memlens.core.model import load_model
 from memlens.core.scoring import greedy_continuations
 from memlens.core.sequences import Sequence
-from memlens.labels import DataError, LabelConfig, label, read_sequences
+from memlens.data.labels import DataError, LabelConfig, label, read_sequences
 
 
 @pytest.fixture(scope="module")

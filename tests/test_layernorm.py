@@ -8,8 +8,9 @@ from memlens import load_model, read_sequences
 from memlens.core.errors import ModelLoadError
 from memlens.core.modules import norm_modules
 from memlens.core.sequences import PiiSpan, Sequence
-from memlens.corpus import CorpusConfig
-from memlens.layernorm import (
+from memlens.data.corpus import CorpusConfig
+from memlens.data.organism import PRESETS, model_config, organism_path, train_organism
+from memlens.methods.layernorm import (
     field_vocabulary,
     layer_groups,
     memorized_pii_positions,
@@ -17,7 +18,6 @@ from memlens.layernorm import (
     recovery,
     remove_norm_params,
 )
-from memlens.organism import PRESETS, model_config, organism_path, train_organism
 
 THREE_BLOCKS = replace(PRESETS["tiny"], n_layers=3)
 

@@ -1,23 +1,21 @@
-"""memlens is layered one way: core -> data -> methods -> figures -> orchestration.
+"""memlens is layered one way, and its folders are the layers:
+
+    core/ -> data/ -> methods/ -> report/ -> steps/ -> cli, the package
 
 The import graph of memlens/ has no cycle, no module imports another's private (``_name``)
-object, plotly is imported only by figures, the report and orchestration, and every import
-points to the same or a lower layer.
+object, plotly is imported only by report/ and steps/, every import points to the same or
+a lower layer, and every module declares its public names (``__all__``).
 """
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent / "memlens"
-LAYERS = {
-    "core": 0,
-    "corpus": 1, "organism": 1, "labels": 1, "capture": 1, "splits": 1,
-    "edits": 2, "probes": 2, "curvature": 2, "interventions": 2, "localize": 2, "subnet": 2,
-    "steering": 2, "layernorm": 2, "audit": 2,
-    "figures": 3, "report": 3, "notebook": 3,
-    "pipeline": 4, "demo": 4, "cli": 4, "__main__": 4, "__init__": 4,
-}
-PLOTLY_OK = {"figures", "report", "pipeline", "demo", "cli"}
+# Folders, lowest first; modules at the top (the command line, ``python -m memlens``, the
+# package's own names) sit above them all.
+FOLDERS = ("core", "data", "methods", "report", "steps")
+TOP = len(FOLDERS)
+PLOTLY_OK = ("report", "steps")
 
 
 def modules() -> dict[str, ast.Module]:
@@ -60,12 +58,18 @@ def test_relative_imports_are_resolved():
 
 
 def layer(module: str) -> int:
+    """The layer of ``memlens.FOLDER.x`` is its folder's; a top-level module's is TOP."""
     parts = module.split(".")
-    return LAYERS[parts[1] if len(parts) > 1 else "__init__"]
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in FOLDERS):
+        return FOLDERS.index(parts[1])
+    return TOP
 
 
-def test_every_module_has_a_layer():
-    assert {m.split(".")[1] for m in modules() if "." in m} <= set(LAYERS)
+def test_every_folder_is_a_layer_and_only_entry_points_sit_at_the_top():
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(FOLDERS)
+    top = {m for m in modules() if layer(m) == TOP}
+    assert top == {"memlens", "memlens.cli", "memlens.__main__"}
 
 
 def test_imports_point_down_with_no_cycle_and_no_private_names():
@@ -107,10 +111,10 @@ def test_imports_point_down_with_no_cycle_and_no_private_names():
     assert not problems, "\n".join(problems)
 
 
-def test_plotly_only_in_figures_report_and_orchestration():
+def test_plotly_only_in_report_and_steps():
     offenders = [name for name, tree in modules().items()
                  if any(t.split(".")[0] == "plotly" for t, _ in imports(tree))
-                 and name.split(".")[-1] not in PLOTLY_OK]
+                 and (name.count(".") < 2 or name.split(".")[1] not in PLOTLY_OK)]
     assert offenders == []
 
 
@@ -154,3 +158,19 @@ def test_one_scoring_kernel():
                 continue
             hits.append(f"{path.relative_to(ROOT)} {hit}")
     assert hits == []
+
+
+def test_every_module_declares_its_public_names_and_they_exist():
+    import importlib
+
+    problems = []
+    for name in modules():
+        if name == "memlens.__main__":  # importing it runs the command line
+            continue
+        mod = importlib.import_module(name)
+        if not hasattr(mod, "__all__"):
+            problems.append(f"{name} has no __all__")
+            continue
+        problems += [f"{name}.__all__ names {n!r}, which it does not define"
+                     for n in mod.__all__ if not hasattr(mod, n)]
+    assert problems == []

@@ -4,11 +4,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import memlens.organism as organism
+import memlens.data.organism as organism
 from memlens.core.model import load_model
-from memlens.corpus import CorpusConfig
-from memlens.labels import read_sequences
-from memlens.organism import OrganismPreset, organism_path, train_organism
+from memlens.data.corpus import CorpusConfig
+from memlens.data.labels import read_sequences
+from memlens.data.organism import OrganismPreset, organism_path, train_organism
 
 MICRO = OrganismPreset(
     corpus=CorpusConfig(n_general=40, canaries_per_count=2, duplication_counts=(1, 3),
@@ -48,7 +48,7 @@ def test_a_cache_from_other_library_releases_is_not_reused(tiny_organism, monkey
     organism trained with another Faker or transformers is another organism."""
     import json
 
-    from memlens import organism
+    from memlens.data import organism
 
     assert organism.organism_dir("tiny", "llama", 0) == tiny_organism
     meta = json.loads((tiny_organism / "memlens.json").read_text())

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import memlens.capture
-import memlens.labels
+import memlens.data.labels
+import memlens.data.store
 from memlens.cli import main
-from memlens.labels import Labels
+from memlens.data.labels import Labels
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def chain(tiny_organism, tmp_path_factory):
     """label -> capture -> probe train -> steer, with labeling and capture counted."""
     out = tmp_path_factory.mktemp("chain")
     calls = {"label": 0, "capture": 0}
-    label, capture = memlens.labels.label, memlens.capture.capture
+    label, capture = memlens.data.labels.label, memlens.data.store.capture
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -30,10 +30,10 @@ def chain(tiny_organism, tmp_path_factory):
         return wrapper
 
     mp = pytest.MonkeyPatch()
-    mp.setattr("memlens.pipeline.label", counted("label", label))
-    mp.setattr("memlens.labels.label", counted("label", label))
-    mp.setattr("memlens.capture.capture", counted("capture", capture))
-    mp.setattr("memlens.pipeline.capture", counted("capture", capture))
+    mp.setattr("memlens.steps.label.label", counted("label", label))
+    mp.setattr("memlens.data.labels.label", counted("label", label))
+    mp.setattr("memlens.data.store.capture", counted("capture", capture))
+    mp.setattr("memlens.steps.capture.capture", counted("capture", capture))
     org = str(tiny_organism)
     try:
         assert main(["label", "--model", org, "--data", org, "--out", str(out / "labels"),

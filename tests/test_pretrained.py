@@ -11,21 +11,21 @@ import pandas as pd
 import pytest
 import torch
 
-from memlens.audit import mean_losses
-from memlens.capture import ActivationStore
 from memlens.cli import main
 from memlens.core.errors import ModelLoadError
 from memlens.core.metrics import perplexity
 from memlens.core.model import load_model
 from memlens.core.sites import run_sites
-from memlens.curvature import Factors
-from memlens.labels import Labels
-from memlens.layernorm import layer_groups, norm_attribution, remove_norm_params
-from memlens.localize import NeuronAblation, ablate_neurons
-from memlens.pipeline import train_probes
-from memlens.probes import Probe, ProbeConfig, ProbeData
-from memlens.splits import Splits
-from memlens.steering import Steering, calibrate_alpha, recitation_side_by_side
+from memlens.data.labels import Labels
+from memlens.data.splits import Splits
+from memlens.data.store import ActivationStore
+from memlens.methods.audit import mean_losses
+from memlens.methods.curvature import Factors
+from memlens.methods.layernorm import layer_groups, norm_attribution, remove_norm_params
+from memlens.methods.localize import NeuronAblation, ablate_neurons
+from memlens.methods.probes import Probe, ProbeConfig, ProbeData
+from memlens.methods.steering import Steering, calibrate_alpha, recitation_side_by_side
+from memlens.steps.probe import train_probes
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memlens.capture import ActivationStore
 from memlens.core.errors import ConfigError
 from memlens.core.sites import UnknownSiteError
-from memlens.pipeline import load_config, run_config
-from memlens.probes import (
+from memlens.data.store import ActivationStore
+from memlens.methods.probes import (
     Probe,
     ProbeConfig,
     ProbeData,
@@ -19,6 +18,7 @@ from memlens.probes import (
     probe_sweep,
     split_sequences,
 )
+from memlens.steps.probe import load_config, run_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memlens.demo import headline_rows, markdown_table, run_demo
+from memlens.steps.demo import headline_rows, markdown_table, run_demo
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 from readme_table import readme_table  # noqa: E402

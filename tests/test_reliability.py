@@ -12,19 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memlens.capture import ActivationStore
 from memlens.cli import main
 from memlens.core.errors import DataError, ModelLoadError
 from memlens.core.model import load_model
 from memlens.core.storage import BusyError, exclusive
-from memlens.curvature import Factors, KFACConfig, collect_factors
-from memlens.labels import read_sequences
-from memlens.probes import Probe
+from memlens.data.labels import read_sequences
+from memlens.data.store import ActivationStore
+from memlens.methods.curvature import Factors, KFACConfig, collect_factors
+from memlens.methods.probes import Probe
 
 MICRO = """
 import sys
-from memlens.corpus import CorpusConfig
-from memlens.organism import PRESETS, OrganismPreset, organism_path
+from memlens.data.corpus import CorpusConfig
+from memlens.data.organism import PRESETS, OrganismPreset, organism_path
 PRESETS["micro"] = OrganismPreset(
     corpus=CorpusConfig(n_general=120, canaries_per_count=1, duplication_counts=(1, 5),
                         n_nonmembers=4),
@@ -149,9 +149,7 @@ def test_a_read_only_place_is_refused_before_any_work(tiny_organism, tmp_path, m
     # As root every directory is writable; a read-only mount answers access() like this.
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
         False if str(p) == str(read_only) and mode & os.W_OK else access(p, mode, **kw)))
-    import memlens.pipeline
-
-    monkeypatch.setattr(memlens.pipeline, "label", lambda *a, **k: pytest.fail("labeled"))
+    monkeypatch.setattr("memlens.steps.label.label", lambda *a, **k: pytest.fail("labeled"))
     org = str(tiny_organism)
     assert main(["label", "--model", org, "--data", org, "--out",
                  str(read_only / "labels")]) == 2
@@ -304,7 +302,7 @@ def test_interrupted_labels_leave_the_old_artifact_whole(tiny_organism, labeled,
     out = tmp_path / "labels"
     shutil.copytree(labeled, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import memlens.labels as labels_module
+    import memlens.data.labels as labels_module
 
     labels = labels_module.Labels.load(out)
     original = labels.tokens.to_parquet
@@ -342,9 +340,9 @@ def artifacts(tiny_organism, labeled, tmp_path_factory):
 
 
 def _load(kind, path):
-    from memlens.labels import Labels
-    from memlens.localize import NeuronAblation
-    from memlens.steering import Steering
+    from memlens.data.labels import Labels
+    from memlens.methods.localize import NeuronAblation
+    from memlens.methods.steering import Steering
 
     loaders = {"labels": Labels.load, "store": ActivationStore.open, "probe": Probe.load,
                "steering": Steering.load, "ablation": NeuronAblation.load,

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from memlens.capture import ActivationStore, CaptureConfig, capture
 from memlens.cli import main
 from memlens.core import distributed
 from memlens.core.model import load_model
-from memlens.curvature import Factors, KFACConfig, collect_factors
-from memlens.labels import LabelConfig, label, read_sequences
+from memlens.data.labels import LabelConfig, label, read_sequences
+from memlens.data.store import ActivationStore, CaptureConfig, capture
+from memlens.methods.curvature import Factors, KFACConfig, collect_factors
 
 
 def torchrun(*argv: str, check: bool = True) -> subprocess.CompletedProcess:

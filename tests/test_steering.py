@@ -6,9 +6,9 @@ from sklearn.metrics import roc_auc_score
 from memlens import load_model
 from memlens.cli import main
 from memlens.core.metrics import edit_metrics
-from memlens.labels import LabelConfig, label
-from memlens.splits import Splits
-from memlens.steering import (
+from memlens.data.labels import LabelConfig, label
+from memlens.data.splits import Splits
+from memlens.methods.steering import (
     Steering,
     generate_side_by_side,
     memorization_states,
@@ -98,10 +98,10 @@ def test_the_audits_probe_score_under_steering_is_the_models_own_state(fitted):
     """Steering at the probe's own site must not grade itself: the audit's probe score reads
     the state the model computed (before the steering hook), which a score read after the
     hook would understate."""
-    from memlens.audit import probe_fits, probe_score, restorable
     from memlens.core.metrics import ExtractionConfig
     from memlens.core.scoring import batches
     from memlens.core.sites import run_sites
+    from memlens.methods.audit import probe_fits, probe_score, restorable
 
     handle, states, _, canaries, _ = fitted
     probe, d = states.fit_probe(), states.mean_difference()
@@ -127,8 +127,8 @@ def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism)
     refitted on the relearned model, the stale hooks taken off first."""
     from functools import partial
 
-    from memlens.audit import AuditConfig, AuditData, audit
     from memlens.core.sites import site_module
+    from memlens.methods.audit import AuditConfig, AuditData, audit
 
     handle, states, _, canaries, heldout = fitted
     s = Splits.from_organism(tiny_organism, handle.tokenizer)
@@ -159,8 +159,8 @@ def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism)
     # A removal that changes the weights cannot be refitted: its edit would be undone.
     from contextlib import contextmanager
 
-    from memlens.audit import restorable
     from memlens.core.errors import ConfigError
+    from memlens.methods.audit import restorable
 
     @contextmanager
     def weight_edit():

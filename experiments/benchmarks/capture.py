@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from common import current_rss_mb, peak_rss_mb
 
-from memlens.capture import CaptureConfig, capture
 from memlens.core import jsonio
 from memlens.core.model import load_model
-from memlens.labels import read_sequences
-from memlens.organism import organism_path
+from memlens.data.labels import read_sequences
+from memlens.data.organism import organism_path
+from memlens.data.store import CaptureConfig, capture
 
 
 def corpus(handle, n_tokens: int):

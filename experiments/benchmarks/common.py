@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from memlens.organism import organism_path
+from memlens.data.organism import organism_path
 
 
 def random_model_dir(out: Path, model_type: str, dtype: torch.dtype = torch.float32,

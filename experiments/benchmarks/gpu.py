@@ -44,7 +44,6 @@ import torch
 from common import peak_rss_mb, random_model_dir
 from safetensors.torch import save_file
 
-from memlens.capture import CaptureConfig, capture
 from memlens.core import jsonio
 from memlens.core.errors import UserError
 from memlens.core.model import load_model
@@ -52,10 +51,11 @@ from memlens.core.modules import find_layers, linear_modules
 from memlens.core.packaged import packaged_model_path
 from memlens.core.scoring import exact_matches, forward, greedy_continuations
 from memlens.core.sequences import Sequence
-from memlens.curvature import KFACConfig, collect_factors
-from memlens.labels import LabelConfig, label
-from memlens.probes import ProbeConfig, ProbeData, fit_probes
-from memlens.steering import Steering
+from memlens.data.labels import LabelConfig, label
+from memlens.data.store import CaptureConfig, capture
+from memlens.methods.curvature import KFACConfig, collect_factors
+from memlens.methods.probes import ProbeConfig, ProbeData, fit_probes
+from memlens.methods.steering import Steering
 
 # Real configs (hidden, intermediate, layers, heads, kv heads, vocab).
 CONFIGS = {
@@ -273,7 +273,7 @@ def bench_model(name, path, args, sync, peak, disk, work) -> dict:
 
     # probe-gated steering in batched generation
     fitted = fit_probes(data, {last: ([last], y)}, index, "torch", progress=False)[last]
-    from memlens.probes import Probe
+    from memlens.methods.probes import Probe
     probe = Probe([last], fitted.weight, fitted.bias, fitted.mean, fitted.std, 0.5,
                   "predicting", class_gap=fitted.class_gap,
                   identity={**store.identity.to_json(), "kind": "probe"})

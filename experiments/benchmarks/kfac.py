@@ -19,7 +19,7 @@ from common import peak_rss_mb
 
 from memlens import load_model, organism_path, read_sequences
 from memlens.core import jsonio
-from memlens.curvature import KFACConfig, collect_factors
+from memlens.methods.curvature import KFACConfig, collect_factors
 
 
 def fwd_bwd(handle, seqs, batch_size):

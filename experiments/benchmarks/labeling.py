@@ -15,8 +15,8 @@ import torch
 from memlens.core import jsonio
 from memlens.core.metrics import ExtractionConfig, exact_extraction
 from memlens.core.model import load_model
-from memlens.labels import read_sequences
-from memlens.organism import organism_path
+from memlens.data.labels import read_sequences
+from memlens.data.organism import organism_path
 
 
 def main():

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from memlens.capture import ActivationStore
 from memlens.core import jsonio
-from memlens.pipeline import load_config, run_config
-from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, fit_probes
+from memlens.data.store import ActivationStore
+from memlens.methods.probes import CONFIDENCE, ProbeConfig, ProbeData, fit_probes
+from memlens.steps.probe import load_config, run_config
 
 
 def main():

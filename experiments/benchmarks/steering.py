@@ -15,8 +15,8 @@ from pathlib import Path
 
 from memlens import load_model, organism_path, read_sequences
 from memlens.core import jsonio
-from memlens.labels import LabelConfig, label
-from memlens.steering import memorization_states, steer
+from memlens.data.labels import LabelConfig, label
+from memlens.methods.steering import memorization_states, steer
 
 
 def main():

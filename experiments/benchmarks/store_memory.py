@@ -27,11 +27,11 @@ import numpy as np
 import pandas as pd
 from common import current_rss_mb, peak_rss_mb, random_model_dir
 
-from memlens.capture import ActivationStore, CaptureConfig, capture
 from memlens.core import jsonio
 from memlens.core.model import load_model
 from memlens.core.sequences import Sequence
-from memlens.probes import ProbeConfig, ProbeData, probe_sweep
+from memlens.data.store import ActivationStore, CaptureConfig, capture
+from memlens.methods.probes import ProbeConfig, ProbeData, probe_sweep
 
 
 def build_store(model_dir: Path, out: Path, n_tokens: int, seq_len: int = 128) -> None:

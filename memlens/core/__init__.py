@@ -14,3 +14,5 @@
 - :mod:`~memlens.core.logs`: third-party start-up notices kept quiet unless asked for;
 - :mod:`~memlens.core.storage`: one writer at a time, outputs checked first, written whole.
 """
+
+__all__ = []

@@ -21,6 +21,9 @@ from datetime import timedelta
 
 import torch
 
+__all__ = ["active", "all_reduce_sum", "barrier", "device", "gather", "init", "is_main",
+           "main_first", "mine", "only_main", "rank", "shard", "shutdown", "total", "world_size"]
+
 
 def _dist():
     import torch.distributed as dist

@@ -7,6 +7,9 @@ code that caught those before still does.
 
 from __future__ import annotations
 
+__all__ = ["ArtifactMismatch", "ConfigError", "DataError", "MissingArtifactError", "ModelLoadError",
+           "UserError", "check_keys"]
+
 
 class UserError(ValueError):
     """Bad input: a value, a file or a path. The message names it and says how to fix it."""

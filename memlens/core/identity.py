@@ -29,6 +29,9 @@ from memlens.core import jsonio
 from memlens.core.errors import ArtifactMismatch, DataError, MissingArtifactError
 from memlens.core.version import VERSION
 
+__all__ = ["Identity", "corpus_hash", "digest", "file_digest", "read_artifact", "state_hash",
+           "weights_hash", "write_artifact"]
+
 
 def digest(obj, n: int = 16) -> str:
     """A short SHA-256 of a JSON-able object (canonical: sorted keys)."""

@@ -29,6 +29,10 @@ from memlens.core.scoring import (
 )
 from memlens.core.sequences import Sequence, duplication_key, pii_token_mask, sort_keys
 
+__all__ = ["ExtractionConfig", "by_duplication", "counts_by_duplication", "edit_metrics",
+           "exact_extraction", "heldout_metrics", "loose_distances", "loose_extraction", "n_for_p",
+           "perplexity"]
+
 
 @dataclass
 class ExtractionConfig:
@@ -130,7 +134,7 @@ def edit_metrics(handle: ModelHandle, members: list[Sequence], heldout: list[lis
 @torch.no_grad()
 def heldout_metrics(handle: ModelHandle, seqs: list[Sequence], batch_size: int = 64) -> dict:
     """Loss and next-token accuracy on held-out sequences, split into template vs PII tokens
-    (sequences need text offsets and PII spans, as :func:`~memlens.labels.read_sequences`
+    (sequences need text offsets and PII spans, as :func:`~memlens.data.labels.read_sequences`
     gives for an organism's corpus)."""
     was_training = handle.model.training
     handle.model.eval()

@@ -25,6 +25,8 @@ from memlens.core.errors import ConfigError, DataError, ModelLoadError
 from memlens.core.identity import weights_hash
 from memlens.core.packaged import PACKAGED, packaged_model_path
 
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelHandle", "load_model"]
+
 # model_type -> what users know it as. Other causal LMs load with allow_untested=True.
 SUPPORTED_ARCHITECTURES = {
     "gpt_neox": "GPT-NeoX / Pythia",

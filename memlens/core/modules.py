@@ -23,6 +23,11 @@ from transformers.pytorch_utils import Conv1D
 
 from memlens.core.errors import ConfigError
 
+__all__ = ["block_parameters", "block_path", "find_layers", "flush_denormals", "freeze_norm_params",
+           "identity_norm_params", "is_norm", "linear_modules", "linear_weight",
+           "mlp_output_layers", "neuron_sites", "neuron_width", "norm_modules",
+           "tracking_gradients"]
+
 _MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
 _ATTN = re.compile(r"(attn|attention)")
 

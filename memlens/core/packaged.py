@@ -22,6 +22,8 @@ from memlens.core.errors import ModelLoadError
 from memlens.core.identity import file_digest, weights_hash
 from memlens.core.storage import atomic_dir, cache_dir, exclusive
 
+__all__ = ["PACKAGED", "PackagedModel", "packaged_model_path"]
+
 
 @dataclass(frozen=True)
 class PackagedModel:

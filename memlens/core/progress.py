@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+__all__ = ["LOG_INTERVAL", "progress"]
+
 LOG_INTERVAL = 30.0
 
 

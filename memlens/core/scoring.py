@@ -24,6 +24,10 @@ from memlens.core.errors import ConfigError
 from memlens.core.model import ModelHandle
 from memlens.core.progress import progress
 
+__all__ = ["OBJECTIVES", "TokenScores", "batch_losses", "batches", "exact_matches", "forward",
+           "gold_logprobs", "greedy_continuations", "objective", "predicts", "sample_labels",
+           "score_tokens", "sequence_logprob", "token_losses", "topk_logprob"]
+
 OBJECTIVES = ("empirical", "true", "margin", "logprob")
 
 

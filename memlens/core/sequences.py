@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["UNKNOWN", "PiiSpan", "Sequence", "duplication_key", "pii_field", "pii_token_mask",
+           "sort_keys"]
+
 UNKNOWN = "unknown"
 
 

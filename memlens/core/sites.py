@@ -25,6 +25,9 @@ import torch
 from memlens.core.errors import ConfigError, UserError
 from memlens.core.model import ModelHandle
 
+__all__ = ["BACKENDS", "UnknownSiteError", "available_sites", "execution_order", "is_hook_name",
+           "resolve_sites", "run_sites", "site_module", "site_to_module"]
+
 BACKENDS = ("auto", "bridge", "nnsight", "torch")
 
 
@@ -69,7 +72,7 @@ def resolve_sites(handle: ModelHandle, patterns: list[str]) -> list[str]:
             modules = [n for n, _ in handle.model.named_modules() if n]
             near = difflib.get_close_matches(pat, names + modules, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-            raise UnknownSiteError(f"unknown site {pat!r}{hint} (memlens.capture."
+            raise UnknownSiteError(f"unknown site {pat!r}{hint} (memlens.data.store."
                                    "available_sites(handle) lists the hook names)")
         out += [h for h in hits if h not in out]
     # A glob can hit several names of one hook point (aliases): keep the first of each.

@@ -28,6 +28,9 @@ from memlens.core import jsonio
 from memlens.core.errors import ConfigError, UserError
 from memlens.core.identity import Identity
 
+__all__ = ["BusyError", "OutputError", "atomic_dir", "cache_dir", "disk_error", "exclusive",
+           "prepare_output", "writing"]
+
 
 class BusyError(UserError):
     """Another process is writing the same output; the message names it."""

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlens.core.sequences import Sequence
-from memlens.labels import read_sequences
+from memlens.data.labels import read_sequences
+
+__all__ = ["Splits"]
 
 
 @dataclass

@@ -36,8 +36,11 @@ from memlens.core.scoring import exact_matches, greedy_continuations
 from memlens.core.sequences import Sequence
 from memlens.core.sites import run_sites
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
-from memlens.interventions import add_vector
-from memlens.probes import Probe, ProbeConfig, fit_probe
+from memlens.methods.interventions import add_vector
+from memlens.methods.probes import Probe, ProbeConfig, fit_probe
+
+__all__ = ["States", "Steering", "calibrate_alpha", "generate_side_by_side", "memorization_states",
+           "recitation_side_by_side", "steer", "steering_vector"]
 
 
 @dataclass

@@ -28,6 +28,9 @@ from faker import Faker
 from memlens.core.errors import ConfigError
 from memlens.core.sequences import PiiSpan
 
+__all__ = ["GENERIC_FILLERS", "PII_FIELDS", "TEMPLATES", "Corpus", "CorpusConfig", "Record",
+           "build_corpus", "natural_texts"]
+
 # Each slot is either a PII field (random per record) or a generic filler drawn
 # from a short list (learnable distribution, never memorized).
 TEMPLATES: dict[str, list[str]] = {

@@ -42,7 +42,12 @@ from memlens.core.modules import block_parameters, linear_modules, tracking_grad
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batch_losses, batches, exact_matches, forward, token_losses
 from memlens.core.sequences import Sequence
-from memlens.edits import WeightEdit
+from memlens.methods.edits import WeightEdit
+
+__all__ = ["AuditConfig", "AuditData", "audit", "extraction", "fine_tune", "mean_losses",
+           "membership", "neighbourhood_loss", "perturbed_extraction", "perturbed_prompts",
+           "probe_fits", "probe_score", "quantized", "quantized_weights", "restorable",
+           "token_loss_values"]
 
 Removal = Callable[[], AbstractContextManager]
 
@@ -316,7 +321,7 @@ def membership(handle: ModelHandle, forget: list[Sequence], nonmembers: list[Seq
                cfg: ExtractionConfig, neighbours: int = 8) -> dict:
     """AUROC of forget set vs non-members by loss, Min-K%, zlib (as ``memlens label``) and
     by the neighbourhood loss (:func:`neighbourhood_loss`)."""
-    from memlens.labels import LabelConfig, label
+    from memlens.data.labels import LabelConfig, label
 
     lc = LabelConfig(prefix=cfg.prefix, suffix=cfg.suffix, generate=False)
     out = dict(label(handle, forget + nonmembers, lc, progress=False).summary[

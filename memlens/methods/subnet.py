@@ -20,7 +20,9 @@ from memlens.core.model import ModelHandle
 from memlens.core.modules import find_layers, flush_denormals, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward, objective, predicts
-from memlens.edits import WeightEdit
+from memlens.methods.edits import WeightEdit
+
+__all__ = ["SubnetConfig", "balanced_subnet"]
 
 
 @dataclass

@@ -34,9 +34,13 @@ from memlens.core.modules import identity_norm_params, norm_modules, tracking_gr
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward
 from memlens.core.sequences import Sequence, pii_field
-from memlens.edits import WeightEdit
-from memlens.labels import LabelConfig, label
-from memlens.splits import Splits
+from memlens.data.labels import LabelConfig, label
+from memlens.data.splits import Splits
+from memlens.methods.edits import WeightEdit
+
+__all__ = ["GROUPS", "StudyData", "attribution_table", "attribution_targets", "condition_metrics",
+           "field_vocabulary", "layer_groups", "memorized_pii_positions", "memorized_positions",
+           "norm_attribution", "recovery", "remove_norm_params"]
 
 GROUPS = ("early", "middle", "late")
 

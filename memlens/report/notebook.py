@@ -4,12 +4,14 @@ Figures then draw in JupyterLab and in exported or shared HTML (nbconvert, nbvie
 tables show whole texts; :func:`finding` states a section's result.
 
 Example:
-    >>> import memlens.notebook
-    >>> memlens.notebook.setup()
-    >>> memlens.notebook.finding(f"{rate:.0%} of the 100x canaries are recited verbatim.")
+    >>> import memlens.report.notebook
+    >>> memlens.report.notebook.setup()
+    >>> memlens.report.notebook.finding(f"{rate:.0%} of the 100x canaries are recited verbatim.")
 """
 
 from __future__ import annotations
+
+__all__ = ["finding", "setup", "wrapped"]
 
 
 def setup(max_rows: int = 60) -> None:
@@ -20,7 +22,7 @@ def setup(max_rows: int = 60) -> None:
     from IPython.display import HTML, display
     from transformers.utils import logging as hf_logging
 
-    from memlens.figures import use_notebook_renderer
+    from memlens.report.figures import use_notebook_renderer
 
     hf_logging.disable_progress_bar()
     pd.set_option("display.max_colwidth", None)
@@ -41,7 +43,7 @@ def finding(text: str) -> None:
 def wrapped(df, columns=None):
     """A table whose text columns wrap and keep their line breaks, left-aligned (cells are
     HTML-escaped: they may hold model output)."""
-    from memlens.report import text_columns
+    from memlens.report.page import text_columns
 
     columns = list(columns if columns is not None else text_columns(df))
     return (df.style.format(escape="html").hide(axis="index")

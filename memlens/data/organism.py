@@ -35,7 +35,11 @@ from memlens.core.scoring import forward, token_losses
 from memlens.core.sequences import Sequence
 from memlens.core.storage import cache_dir, exclusive, writing
 from memlens.core.version import VERSION
-from memlens.corpus import CorpusConfig, Record, build_corpus
+from memlens.data.corpus import CorpusConfig, Record, build_corpus
+
+__all__ = ["ARCHS", "PRESETS", "TRAINING_LIBRARIES", "OrganismPreset", "get_preset",
+           "library_versions", "model_config", "organism_dir", "organism_path", "train_organism",
+           "train_tokenizer"]
 
 # "opt" is Pre-LN (LayerNorm before attention and MLP), "opt-postln" the same decoder with
 # LayerNorm after each residual add (HF OPT with do_layer_norm_before=False).
@@ -412,7 +416,7 @@ def organism_path(preset: str = "small", arch: str = "llama", seed: int = 0,
     The preset's settings and the releases of :data:`TRAINING_LIBRARIES` are part of the
     key (:func:`organism_dir`), so changing a preset or upgrading one of them retrains.
     ``withheld`` (record ids) trains the same organism without those records: the gold
-    standard a removal of them is compared with (:mod:`memlens.audit`).
+    standard a removal of them is compared with (:mod:`memlens.methods.audit`).
     """
     path = organism_dir(preset, arch, seed, norm_free_layers, withheld)
     norm_free_layers = tuple(sorted(set(norm_free_layers)))

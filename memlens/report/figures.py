@@ -15,6 +15,11 @@ from plotly.subplots import make_subplots
 
 from memlens.core.sequences import UNKNOWN, sort_keys
 
+__all__ = ["GROUPS", "LABEL_COLORS", "audit_heatmap", "duplication_label", "extraction_figure",
+           "gradient_ratio_figure", "group_bars_figure", "label_tint", "layer_heatmap_figure",
+           "layer_sweep_figure", "loading_figure", "logprob_histogram", "mass_curve_figure",
+           "pareto_figure", "spectrum_figure", "use_notebook_renderer"]
+
 GROUPS = ("early", "middle", "late")
 
 # One colour per memorization label (labels.py's names) in every figure and token view.
@@ -50,7 +55,7 @@ def duplication_label(key) -> str:
 def use_notebook_renderer(name: str = "memlens") -> str:
     """Register and select a plotly renderer whose figures JupyterLab draws (plotly's
     mimetype) and an exported notebook keeps (HTML, no CDN, no MathJax). Returns the
-    plotly.js ``<script>`` that page needs once: display it (``memlens.notebook.setup``)."""
+    plotly.js ``<script>`` that page needs once: display it (``memlens.report.notebook.setup``)."""
     import plotly.io as pio
     from plotly.io._base_renderers import MimetypeRenderer, PlotlyRenderer
     from plotly.offline import get_plotlyjs
@@ -91,7 +96,7 @@ def extraction_figure(series: dict[str, dict[str, float]], title: str) -> go.Fig
 
 def spectrum_figure(spectra: pd.DataFrame) -> go.Figure:
     """Eigenvalues of A and G per layer (log scale), highest first. ``spectra``: columns
-    layer, factor ("A" or "G"), rank, eigenvalue (``memlens.curvature.spectra``)."""
+    layer, factor ("A" or "G"), rank, eigenvalue (``memlens.methods.curvature.spectra``)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("A = E[a a^T] (inputs)",
                                                         "G = E[g g^T] (output gradients)"))
     n = spectra["layer"].nunique()
@@ -109,7 +114,7 @@ def spectrum_figure(spectra: pd.DataFrame) -> go.Figure:
 
 def mass_curve_figure(curves: pd.DataFrame) -> go.Figure:
     """Cumulative curvature mass against the fraction of components kept, highest first.
-    ``curves``: columns layer, components, mass (``memlens.curvature.mass_curves``)."""
+    ``curves``: columns layer, components, mass (``memlens.methods.curvature.mass_curves``)."""
     fig = go.Figure()
     n = curves["layer"].nunique()
     for k, (name, df) in enumerate(curves.groupby("layer", sort=False)):
@@ -354,7 +359,7 @@ def layer_heatmap_figure(conditions: list[dict]):
 
 def audit_heatmap(methods: list[dict]) -> go.Figure:
     """Removal x attack: exact extraction of the forget set after each attack, and the
-    membership AUROCs (forget set vs non-members), from :func:`memlens.audit.audit` results
+    membership AUROCs (forget set vs non-members), from :func:`memlens.methods.audit.audit` results
     (each with a ``name``). A removal that forgets matches the retrain-without row."""
     steps = list(methods[0]["relearn"])
     cols = (["after the removal", "INT8", "INT4"] + [f"relearn {k} steps" for k in steps]

@@ -35,7 +35,10 @@ from memlens.core.progress import progress as progress_bar
 from memlens.core.sequences import Sequence
 from memlens.core.sites import BACKENDS, UnknownSiteError, resolve_sites, run_sites
 from memlens.core.storage import exclusive, prepare_output, writing
-from memlens.labels import Labels
+from memlens.data.labels import Labels
+
+__all__ = ["DTYPES", "FORMAT_VERSION", "ActivationStore", "CaptureConfig", "CorruptShardError",
+           "capture"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FORMAT_VERSION = 1
@@ -285,7 +288,7 @@ def capture(handle: ModelHandle, sequences: list[Sequence] | Labels, config: Cap
             progress: bool = True) -> ActivationStore:
     """Run ``sequences`` through the model and stream activations at the sites to ``out``.
 
-    Given :class:`~memlens.labels.Labels` (``Labels.load(dir)``), the labeled sequences are
+    Given :class:`~memlens.data.labels.Labels` (``Labels.load(dir)``), the labeled sequences are
     captured (up to the labeled prefix + suffix, unless ``max_len`` says otherwise) with each
     token's memorization label, after checking that the labels were made with this model;
     the store records which labels it was captured from. A plain list of

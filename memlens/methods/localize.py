@@ -47,8 +47,11 @@ from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, predicts, sequence_logprob
 from memlens.core.sites import run_sites
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
-from memlens.edits import WeightEdit
-from memlens.interventions import ablate, edit_site
+from memlens.methods.edits import WeightEdit
+from memlens.methods.interventions import ablate, edit_site
+
+__all__ = ["METHODS", "SUMMED", "LocalizeConfig", "NeuronAblation", "ablate_neurons",
+           "check_budget", "find_neurons", "inject", "localize", "recall", "top_neurons"]
 
 METHODS = ("activations", "zero_out", "integrated_gradients", "slimming", "hard_concrete")
 # Scores that are sums over the targets: under torchrun each rank takes its share of the

@@ -39,7 +39,12 @@ from memlens.core.modules import find_layers, linear_modules, linear_weight, tra
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, objective, predicts
 from memlens.core.storage import exclusive, writing
-from memlens.edits import WeightEdit
+from memlens.methods.edits import WeightEdit
+
+__all__ = ["MODES", "Factors", "KFACConfig", "LayerBasis", "apply_weights", "batch_seed",
+           "budget_weights", "collect_factors", "component_loading", "eigenbasis",
+           "gradient_step_weights", "kfac_edit", "kfac_weights", "layer_rows", "mass_curves",
+           "memorization_gradient", "rho_layers", "spectra", "svd_weights"]
 
 MODES = ("true", "empirical")
 

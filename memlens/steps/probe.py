@@ -1,23 +1,5 @@
-"""The artifact chain: each step reads the artifacts the steps before it wrote.
-
-    label      model + JSONL            -> labels/   (sequences, tokens, summary + identity)
-    capture    model + labels/          -> store/    (activations, checked against labels)
-    probes     labels/ + store/         -> probes/   (a probe per site, results, figure)
-    kfac       model + JSONL            -> factors   (K-FAC A and G per layer)
-    edit       model + factors + labels -> model dir (aimed at the sequences labels recite)
-    localize   model + labels/          -> neurons/  (a NeuronAblation and every score)
-    steer      model + a probe          -> steering/ (a Steering setup), generations
-
-The command line, the demo and ``probes/train.py`` all run these functions; every artifact
-carries an identity header and is refused, by name, when the model or corpus behind it
-changed.
-
-Example:
-    >>> labels = label_step(handle, "organisms/tiny", "out/labels")
-    >>> store = capture_step(handle, labels, "out/store", CaptureConfig(sites=["blocks.*"
-    ...                      ".hook_resid_post"]))
-    >>> summary = train_probes(labels, store, "out/probes")
-"""
+"""Probe step: labels and a store -> a probe per site, the sweep's results and figure;
+or the whole label -> capture -> probe run from one TOML config."""
 
 from __future__ import annotations
 
@@ -28,52 +10,20 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from memlens.capture import ActivationStore, CaptureConfig, capture
-from memlens.core.errors import ConfigError, DataError, check_keys
-from memlens.core.identity import Identity, corpus_hash, read_artifact, write_artifact
-from memlens.core.model import ModelHandle
+from memlens.core.errors import ConfigError, check_keys
+from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.storage import exclusive, prepare_output
-from memlens.curvature import (
-    Factors,
-    apply_weights,
-    budget_weights,
-    eigenbasis,
-    kfac_weights,
-    memorization_gradient,
-    rho_layers,
+from memlens.data.labels import (
+    LabelConfig,
+    Labels,
 )
-from memlens.figures import layer_sweep_figure
-from memlens.labels import LabelConfig, Labels, label, labelable, manifest_roles, read_sequences
-from memlens.localize import LocalizeConfig, NeuronAblation, find_neurons
-from memlens.probes import CONFIDENCE, ProbeConfig, ProbeData, probe_sweep
+from memlens.data.store import ActivationStore, CaptureConfig
+from memlens.methods.probes import CONFIDENCE, ProbeConfig, ProbeData, probe_sweep
+from memlens.report.figures import layer_sweep_figure
+from memlens.steps.capture import capture_step
+from memlens.steps.label import label_step
 
-
-def label_step(handle: ModelHandle, data: str | Path, out: str | Path,
-               cfg: LabelConfig | None = None, roles: tuple[str, ...] | None = None,
-               progress: bool = True, reuse: bool = False) -> Labels:
-    """Label the sequences of ``data`` (JSONL or organism dir) into ``out``. With ``reuse``,
-    labels already in ``out`` for the same model, sequences and config are loaded instead."""
-    cfg = cfg or LabelConfig()
-    prepare_output(out, "labels", marker="summary.json")
-    seqs = read_sequences(data, handle.tokenizer, roles=roles or manifest_roles(data),
-                          max_tokens=cfg.prefix + cfg.suffix)
-    if reuse and (Path(out) / "summary.json").is_file():
-        done = Labels.load(out)
-        ident = done.identity
-        if (ident.model_hash, ident.corpus_hash, ident.config) == (
-                handle.weights_hash(), corpus_hash(labelable(seqs, cfg)),
-                json.loads(json.dumps(asdict(cfg)))):
-            return done
-    labels = label(handle, seqs, cfg, progress=progress)
-    labels.save(out)
-    return labels
-
-
-def capture_step(handle: ModelHandle, labels: Labels | str | Path, out: str | Path,
-                 cfg: CaptureConfig, progress: bool = True) -> ActivationStore:
-    """Capture the labeled sequences (a labels dir or :class:`Labels`) into a store."""
-    labels = labels if isinstance(labels, Labels) else Labels.load(labels)
-    return capture(handle, labels, cfg, out, progress=progress)
+__all__ = ["CONFIGS", "check_config", "expand_sites", "load_config", "run_config", "train_probes"]
 
 
 def expand_sites(patterns: list[str], names: list[str]) -> list[str]:
@@ -209,7 +159,7 @@ def run_config(config: str | Path | dict, progress: bool = True) -> dict:
     """Label, capture and train probes from one config (see :func:`load_config`); each
     step is reused when its artifact is already there for the same model and settings."""
     from memlens.core.model import load_model
-    from memlens.organism import organism_path
+    from memlens.data.organism import organism_path
 
     cfg = load_config(config)
     source = cfg.get("_source", "a config dict")
@@ -237,85 +187,3 @@ def run_config(config: str | Path | dict, progress: bool = True) -> dict:
     meta, identity = read_artifact(out, "results.json", "probes", "memlens probe train")
     write_artifact(out, "results.json", {**meta, "config": source}, identity)
     return summary
-
-
-def recited_targets(labels: Labels, ids: set[str] | None = None, limit: int | None = None
-                    ) -> list[list[int]]:
-    """Token ids (cut to prefix + suffix) of the sequences the labels say the model recites,
-    optionally only those with ids in ``ids``. ``limit`` keeps that many, taken in turn from
-    each duplication count (most repeated first), so a sample spans the counts rather than
-    the corpus order's first ones."""
-    cfg = labels.config
-    seqs = [s for s in labels.to_sequences(recited=True) if ids is None or s.id in ids]
-    if not seqs:
-        raise DataError(f"the model recites none of the sequences in {labels.where}; there "
-                        "is nothing to aim at")
-    if limit is not None:
-        counts = sorted({s.duplication or 0 for s in seqs}, reverse=True)
-        queues = [[s for s in seqs if (s.duplication or 0) == c] for c in counts]
-        seqs = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-        seqs = seqs[:limit]
-    return [s.token_ids[:cfg.prefix + cfg.suffix] for s in seqs]
-
-
-def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str | Path,
-                   rho: float | dict[str, float] | None = None,
-                   kl_budget: float | None = None, labels: Labels | None = None) -> Path:
-    """Edit the model with its K-FAC factors and save it to ``out``: the keep-mass edit
-    (``rho``), or a KL-budgeted one, aimed at what ``labels`` say it recites."""
-    if (rho is None) == (kl_budget is None):
-        raise ConfigError("give exactly one of rho (keep-mass edit) or kl_budget")
-    if labels is not None and kl_budget is None:
-        raise ConfigError("labels aim a --kl-budget edit; drop them or use --kl-budget")
-    if Path(out).resolve() == Path(handle.name).resolve():
-        raise ConfigError(f"--out {out} is the model being edited; choose a new directory")
-    prepare_output(out, "edit", marker="memlens_edit.json")
-    where = str(factors) if not isinstance(factors, Factors) else "the factors"
-    factors = factors if isinstance(factors, Factors) else Factors.load(factors)
-    factors.identity.check_model(handle, where)
-    # Layers a keep-mass edit leaves alone need no eigendecomposition.
-    edited = rho_layers(factors.layers, rho) if rho is not None else None
-    if edited == []:
-        raise ConfigError(f"rho {rho!r} names none of the factor file's layers (e.g. "
-                          f"{factors.layers[:2]}); use 'mlp'-style globs like "
-                          "'model.layers.3.*=0.6' or one number for every layer")
-    basis = eigenbasis(factors, edited)
-    meta: dict = {"factors": where}
-    if rho is not None:
-        weights = kfac_weights(handle, basis, rho)
-        meta["rho"] = rho
-    else:
-        grads = None
-        if labels is not None:
-            labels.check_model(handle)
-            targets = recited_targets(labels)
-            grads = memorization_gradient(handle, targets, factors.layers,
-                                          start=labels.config.prefix)
-            meta["memorized"] = {"labels": labels.where, "n_recited": len(targets)}
-        weights = budget_weights(handle, basis, kl_budget, grads)
-        meta["kl_budget"] = kl_budget
-    edit = apply_weights(handle, weights)
-    try:
-        return edit.save(out, metadata=meta)
-    finally:
-        edit.restore()
-
-
-def localize_step(handle: ModelHandle, labels: Labels, out: str | Path | None,
-                  cfg: LocalizeConfig | None = None, budget: float = 0.01,
-                  ids: set[str] | None = None, max_targets: int | None = None
-                  ) -> NeuronAblation:
-    """Score every MLP neuron for the sequences ``labels`` say the model recites (non-members
-    as clean text), keep the top ``budget`` of each layer; saved to ``out`` with the scores."""
-    labels.check_model(handle)
-    if out is not None:
-        prepare_output(out, "ablation", marker="ablation.json")
-    targets = recited_targets(labels, ids, limit=max_targets)
-    clean = [s.token_ids for s in labels.to_sequences() if s.duplication == 0
-             and (ids is None or s.id in ids)]
-    _, ablation = find_neurons(handle, targets, clean or None, cfg or LocalizeConfig(),
-                               budget, inputs={"labels": labels.identity})
-    if out is not None:
-        ablation.save(out)
-    return ablation
-

@@ -42,6 +42,9 @@ from memlens.core.scoring import score_tokens
 from memlens.core.sequences import PiiSpan, Sequence
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
 
+__all__ = ["TOKEN_LABELS", "LabelConfig", "Labels", "label", "labelable", "manifest_roles",
+           "read_sequences", "summarize"]
+
 TOKEN_LABELS = ("memorized", "partial", "generic", "not_memorized", "excluded")
 _PARTIAL_CHOICES = ("partial", "memorized", "not_memorized", "excluded")
 
@@ -138,6 +141,24 @@ class Labels:
         return [Sequence(str(i), [int(t) for t in ids], duplication=None if d is None
                          else int(d))
                 for i, ids, d in zip(df["id"], df["token_ids"], dup, strict=True)]
+
+    def recited_targets(self, ids: set[str] | None = None, limit: int | None = None
+                        ) -> list[list[int]]:
+        """Token ids (cut to prefix + suffix) of the sequences the model recites, optionally
+        only those with ids in ``ids``. ``limit`` keeps that many, taken in turn from each
+        duplication count (most repeated first), so a sample spans the counts rather than
+        the corpus order's first ones."""
+        cfg = self.config
+        seqs = [s for s in self.to_sequences(recited=True) if ids is None or s.id in ids]
+        if not seqs:
+            raise DataError(f"the model recites none of the sequences in {self.where}; there "
+                            "is nothing to aim at")
+        if limit is not None:
+            counts = sorted({s.duplication or 0 for s in seqs}, reverse=True)
+            queues = [[s for s in seqs if (s.duplication or 0) == c] for c in counts]
+            seqs = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+            seqs = seqs[:limit]
+        return [s.token_ids[:cfg.prefix + cfg.suffix] for s in seqs]
 
     def check_model(self, handle: ModelHandle) -> None:
         """Refuse a model other than the one these labels were made with."""

@@ -25,6 +25,8 @@ from memlens.core.model import ModelHandle
 from memlens.core.modules import linear_modules
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
 
+__all__ = ["WeightEdit"]
+
 
 class WeightEdit:
     """In-place parameter changes that can be undone exactly.

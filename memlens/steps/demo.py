@@ -9,7 +9,7 @@ settings and the identity headers of the artifacts the step reads. A second run 
 step whose key still matches and only rebuilds the page (an interrupted run resumes at the
 step it was in).
 
-The organism's :class:`~memlens.splits.Splits` keep scores honest: probes, directions and
+The organism's :class:`~memlens.data.splits.Splits` keep scores honest: probes, directions and
 edits come from the even half of the canaries and non-members, every before/after score
 from the odd half.
 
@@ -34,11 +34,15 @@ from memlens.core.model import ModelHandle, load_model
 from memlens.core.sequences import Sequence
 from memlens.core.storage import exclusive
 from memlens.core.version import VERSION
-from memlens.figures import extraction_figure, gradient_ratio_figure, loading_figure
-from memlens.labels import LabelConfig, Labels, label
-from memlens.organism import organism_path
-from memlens.report import Report, Section, labeled_sequence, token_view
-from memlens.splits import Splits
+from memlens.data.labels import LabelConfig, Labels, label
+from memlens.data.organism import organism_path
+from memlens.data.splits import Splits
+from memlens.report.figures import extraction_figure, gradient_ratio_figure, loading_figure
+from memlens.report.page import Report, Section, labeled_sequence, token_view
+
+__all__ = ["RUNNERS", "STEPS", "TEXT", "TITLES", "Demo", "DemoConfig", "headline_rows",
+           "markdown_table", "run_demo", "step_audit", "step_interventions", "step_kfac",
+           "step_labels", "step_layernorm", "step_probes", "step_steering"]
 
 STEPS = ("labels", "probes", "kfac", "interventions", "steering", "layernorm", "audit")
 
@@ -201,10 +205,11 @@ def _token_rows(d: Demo, seqs: list[Sequence], probe, tokens) -> list[dict]:
 def step_probes(d: Demo, sec: Section) -> dict:
     import pandas as pd
 
-    from memlens.capture import CaptureConfig
-    from memlens.figures import layer_sweep_figure
-    from memlens.pipeline import capture_step, train_probes
-    from memlens.probes import Probe
+    from memlens.data.store import CaptureConfig
+    from memlens.methods.probes import Probe
+    from memlens.report.figures import layer_sweep_figure
+    from memlens.steps.capture import capture_step
+    from memlens.steps.probe import train_probes
 
     labels = d.labels
     store = capture_step(d.handle, labels, d.store_dir,
@@ -250,26 +255,26 @@ def step_probes(d: Demo, sec: Section) -> dict:
 def _kfac_edit(d: Demo):
     """The demo's aimed K-FAC edit: (factors, eigenbasis, edited weights, aimed targets);
     the factors are collected once and read back from OUT/kfac afterwards."""
-    from memlens.curvature import (
+    from memlens.methods.curvature import (
         KFACConfig,
         budget_weights,
         collect_factors,
         eigenbasis,
         memorization_gradient,
     )
-    from memlens.pipeline import recited_targets
+
 
     factors = collect_factors(d.handle, [s.token_ids for s in d.splits.general],
                               KFACConfig(max_tokens=d.config.kfac_tokens),
                               out=d.factors_path, progress=d.progress)
     basis = eigenbasis(factors)
-    targets = recited_targets(d.labels, ids={s.id for s in d.splits.aim})
+    targets = d.labels.recited_targets(ids={s.id for s in d.splits.aim})
     grads = memorization_gradient(d.handle, targets, factors.layers, start=d.cfg.prefix)
     return factors, basis, budget_weights(d.handle, basis, d.config.kfac_budget, grads), targets
 
 
 def step_kfac(d: Demo, sec: Section) -> dict:
-    from memlens.curvature import apply_weights, component_loading
+    from memlens.methods.curvature import apply_weights, component_loading
 
     factors, basis, weights, targets = _kfac_edit(d)
     with apply_weights(d.handle, weights):
@@ -288,8 +293,8 @@ def step_kfac(d: Demo, sec: Section) -> dict:
 
 
 def step_interventions(d: Demo, sec: Section) -> dict:
-    from memlens.localize import LocalizeConfig, NeuronAblation, ablate_neurons, top_neurons
-    from memlens.pipeline import localize_step
+    from memlens.methods.localize import LocalizeConfig, NeuronAblation, ablate_neurons, top_neurons
+    from memlens.steps.localize import localize_step
 
     s = d.splits
     # Neurons scored on the whole recited sequence (start 1), as the text says.
@@ -337,8 +342,8 @@ def step_interventions(d: Demo, sec: Section) -> dict:
 
 
 def step_steering(d: Demo, sec: Section) -> dict:
-    from memlens.probes import Probe
-    from memlens.steering import Steering, generate_side_by_side
+    from memlens.methods.probes import Probe
+    from memlens.methods.steering import Steering, generate_side_by_side
 
     site, alpha = d.config.steer_site, d.config.steer_alpha
     # The probe the probes step saved, gating a vector along its own direction.
@@ -359,7 +364,7 @@ def step_steering(d: Demo, sec: Section) -> dict:
 
 def step_layernorm(d: Demo, sec: Section) -> dict:
     from memlens.core.metrics import perplexity
-    from memlens.layernorm import (
+    from memlens.methods.layernorm import (
         StudyData,
         attribution_table,
         attribution_targets,
@@ -405,12 +410,12 @@ def step_layernorm(d: Demo, sec: Section) -> dict:
 
 
 def step_audit(d: Demo, sec: Section) -> dict:
-    from memlens.audit import AuditConfig, AuditData, audit
-    from memlens.curvature import apply_weights
-    from memlens.figures import audit_heatmap
-    from memlens.localize import NeuronAblation
-    from memlens.probes import Probe
-    from memlens.steering import Steering
+    from memlens.methods.audit import AuditConfig, AuditData, audit
+    from memlens.methods.curvature import apply_weights
+    from memlens.methods.localize import NeuronAblation
+    from memlens.methods.probes import Probe
+    from memlens.methods.steering import Steering
+    from memlens.report.figures import audit_heatmap
 
     s = d.splits
     forget = s.at(100)  # the held-out 100x canaries every removal above was scored on

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from memlens.figures import LABEL_COLORS, label_tint
+from memlens.report.figures import LABEL_COLORS, label_tint
+
+__all__ = ["Report", "Section", "labeled_sequence", "text_columns", "token_view"]
 
 # The page from 800 px to wide screens: one centred column, tables scroll inside it.
 _STYLE = """

@@ -24,6 +24,9 @@ from memlens.core.model import ModelHandle
 from memlens.core.scoring import batches
 from memlens.core.sites import run_sites, site_module
 
+__all__ = ["ABLATIONS", "ablate", "add_vector", "edit_site", "project_out", "scale_layernorm",
+           "site_activations"]
+
 ABLATIONS = ("zero", "mean", "resample")
 
 # A gate maps the site's activations [batch, pos, d] to a strength per position [batch, pos].

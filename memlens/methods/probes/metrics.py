@@ -1,0 +1,119 @@
+"""How well a probe's scores separate memorized tokens: AUROC, F1, TPR at 1% FPR with
+bootstrap intervals over sequences; the confidence-matched AUROC; the model's own
+confidence and the sequence-level membership scores as baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score, roc_auc_score, roc_curve
+
+__all__ = ["auroc_or_nan", "best_threshold", "class_gap", "matched_auroc", "score_metrics",
+           "sequence_aurocs", "token_baselines", "tpr_at_fpr"]
+
+def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float = 0.01) -> float:
+    fpr, tpr, _ = roc_curve(y, score)
+    return float(np.interp(fpr_max, fpr, tpr))
+
+
+def point_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
+    pred = score >= threshold
+    tp = float((pred & (y == 1)).sum())
+    f1 = 2 * tp / max(pred.sum() + y.sum(), 1)
+    return {"auroc": float(roc_auc_score(y, score)), "accuracy": float((pred == y).mean()),
+            "f1": float(f1), "tpr_at_1pct_fpr": tpr_at_fpr(y, score)}
+
+
+def score_metrics(y, score, groups, threshold: float, n_bootstrap: int, seed: int) -> dict:
+    """AUROC, accuracy, F1 and TPR at 1% FPR, each with a 95% interval from resampling
+    whole sequences (``n_bootstrap`` times)."""
+    point = point_metrics(y, score, threshold)
+    if n_bootstrap <= 0:
+        return point | {f"{k}_ci_{e}": float("nan") for k in point for e in ("low", "high")}
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    draws = []
+    for _ in range(n_bootstrap):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < y[idx].sum() < len(idx):
+            draws.append(point_metrics(y[idx], score[idx], threshold))
+    out = dict(point)
+    for k in point:
+        vals = [d[k] for d in draws]
+        out[f"{k}_ci_low"] = float(np.percentile(vals, 2.5))
+        out[f"{k}_ci_high"] = float(np.percentile(vals, 97.5))
+    return out
+
+
+def auroc_or_nan(y: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def best_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold with the best F1 on validation tokens."""
+    cands = np.unique(np.quantile(score, np.linspace(0.01, 0.99, 99)))
+    f1s = [f1_score(y, score >= c) for c in cands]
+    return float(cands[int(np.argmax(f1s))])
+
+
+
+def class_gap(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.linalg.norm(x[y == 1].mean(0) - x[y == 0].mean(0)))
+
+
+
+def matched_auroc(y: np.ndarray, score: np.ndarray, confidence: np.ndarray,
+                  bins: int = 8) -> float:
+    """AUROC among tokens the model is equally confident about: tokens fall into cells of
+    ``bins`` quantiles of each confidence column (max log-prob, entropy); the AUROC within
+    each cell holding both classes is averaged, weighted by its positive x negative pairs.
+    A score that is the model's confidence in disguise gets about 0.5 here.
+
+    Example:
+        >>> matched_auroc(y, probe.score(x), tokens[["max_logprob", "entropy"]].to_numpy())
+    """
+    cell = np.zeros(len(y), dtype=np.int64)
+    for col in np.asarray(confidence, dtype=np.float64).T:
+        edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)[1:-1]))
+        cell = cell * (bins + 1) + np.searchsorted(edges, col, side="right")
+    total = weight = 0.0
+    for c in np.unique(cell):
+        yc = y[cell == c]
+        pairs = float(yc.sum()) * float(len(yc) - yc.sum())
+        if pairs:
+            total += pairs * roc_auc_score(yc, score[cell == c])
+            weight += pairs
+    return total / weight if weight else float("nan")
+
+
+def token_baselines(test_tokens: pd.DataFrame) -> dict:
+    """AUROC of the model's own confidence on the same held-out tokens."""
+    y = test_tokens["y"].to_numpy()
+    return {f"token_{k}": float(roc_auc_score(y, v)) for k, v in (
+        ("logprob", test_tokens["logprob"]), ("max_logprob", test_tokens["max_logprob"]),
+        ("neg_entropy", -test_tokens["entropy"]))}
+
+
+def sequence_aurocs(token_scores: pd.DataFrame, sequences: pd.DataFrame,
+                    probe_names: list[str]) -> dict:
+    """Per test sequence: mean probe score vs loss, Min-K% and zlib, by AUROC.
+
+    Targets: ``memorized`` (exactly extractable) and ``member``.
+    """
+    seqs = sequences.assign(id=sequences["id"].astype(str)).set_index("id")
+    agg = token_scores.groupby("id")[probe_names].mean()
+    seqs = seqs.loc[agg.index]
+    out = {}
+    for target in ("exact", "member"):
+        t = seqs[target].astype(int).to_numpy()
+        if t.min() == t.max():
+            continue
+        name = "memorized" if target == "exact" else "member"
+        out[f"sequence_{name}"] = {
+            "n_sequences": int(len(t)), "n_positive": int(t.sum()),
+            "baselines": {"loss": float(roc_auc_score(t, -seqs["loss"])),
+                          "min_k": float(roc_auc_score(t, seqs["min_k"])),
+                          "zlib": float(roc_auc_score(t, -seqs["zlib"]))},
+            "probes": {p: float(roc_auc_score(t, agg[p])) for p in probe_names}}
+    return out

@@ -1,0 +1,3 @@
+"""The artifact chain, one module per step."""
+
+__all__ = []
