@@ -29,6 +29,8 @@ from memlens.methods.probes.solver import RowChunks, fit_chunks, fit_sklearn, st
 
 __all__ = ["FittedProbe", "ProbeSweep", "control_labels", "fit_probes", "probe_sweep"]
 
+
+@dataclass
 class ProbeSweep:
     results: pd.DataFrame           # one row per (probe, trainer)
     probes: dict[str, Probe]
