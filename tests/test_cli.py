@@ -67,22 +67,36 @@ def _subparsers(parser):
 
 
 def test_every_cli_default_is_its_config_default():
+    """Options are generated from the step configs: each option's default is its field's
+    (nested configs included), and the command's config comes back from the line."""
     import dataclasses
+    import typing
 
-    from memlens.cli import _parser
+    from memlens.cli import _parser, build, commands
+
+    def defaults(cls, skip=()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip or not f.metadata.get("cli", True):
+                continue
+            if f.metadata.get("nested"):
+                yield from defaults(hints[f.name], f.metadata.get("skip", ()))
+            elif f.default is not dataclasses.MISSING:
+                yield f.name, f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                yield f.name, f.default_factory()
 
     checked = 0
+    table = commands()
     for sub in _subparsers(_parser()):
-        configs = [v for k, v in sub._defaults.items() if k.startswith("_config_")]
-        for cls, names in configs:
-            defaults = {f.name: f.default if f.default is not dataclasses.MISSING
-                        else f.default_factory() if f.default_factory is not dataclasses.MISSING
-                        else None for f in dataclasses.fields(cls)}
-            for action in sub._actions:
-                if action.dest in names and not action.required:
-                    assert action.default == defaults[action.dest], (sub.prog, action.dest)
-                    checked += 1
-    assert checked >= 25  # label, capture, probe train, kfac collect and localize options
+        name = sub._defaults.get("_command")
+        if name is None:
+            continue
+        actions = {a.dest: a for a in sub._actions}
+        for dest, default in defaults(table[name][0]):
+            assert actions[dest].default == default, (sub.prog, dest)
+            checked += 1
+    assert checked >= 100  # every field of every step's configs
     import inspect
 
     from memlens.methods.localize import LocalizeConfig
@@ -92,6 +106,10 @@ def test_every_cli_default_is_its_config_default():
     budget = next(a for a in localize._actions if a.dest == "budget")
     assert budget.default == inspect.signature(localize_step).parameters["budget"].default
     assert LocalizeConfig().start == 32
+    args = _parser().parse_args(["localize", "--model", "m", "--labels", "l", "--out", "o",
+                                 "--method", "zero_out", "--blocks", "2", "3"])
+    cmd = build(table["localize"][0], args)
+    assert (cmd.localize.method, cmd.localize.blocks, cmd.budget) == ("zero_out", (2, 3), 0.01)
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tiny_organism, tmp_path):
@@ -142,7 +160,8 @@ def test_a_misspelt_config_key_is_one_line_naming_key_section_and_the_nearest(tm
     from memlens.steps.probe import load_config
 
     shipped = load_config("organism")
-    assert shipped["probe"]["positive"] == ["memorized"]  # the shipped config passes
+    assert shipped.probe.positive == ("memorized",)  # the shipped config passes
+    assert "last_resid+confidence" in shipped.combos and shipped.labels.generate is False
     config = tmp_path / "probes.toml"
     config.write_text('[model]\norganism = "tiny"\n\n[probe]\npositiv = ["memorized"]\n')
     assert main(["probe", "train", "--config", str(config)]) == 2

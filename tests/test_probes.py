@@ -26,17 +26,16 @@ def run(tiny_organism, tmp_path_factory):
     out = tmp_path_factory.mktemp("probes")
     config = out / "tiny.toml"
     config.write_text(f"""
+out = "{out}"
+trainers = ["torch", "sklearn"]
 [model]
 path = "{tiny_organism}"
 [capture]
 sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
 [probe]
 n_bootstrap = 50
-trainers = ["torch", "sklearn"]
 [combos]
 all_sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
-[output]
-dir = "{out}"
 """)
     return out, run_config(config, progress=False)
 
@@ -44,8 +43,8 @@ dir = "{out}"
 def test_configs_ship_with_the_package_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found through the package, from any working directory
     cfg = load_config("organism")
-    assert cfg["model"]["organism"] == "small" and "blocks.*.hook_resid_post" in cfg[
-        "capture"]["sites"] and cfg["_source"].endswith("memlens/configs/organism.toml")
+    assert cfg.model.organism == "small" and "blocks.*.hook_resid_post" in cfg.capture.sites
+    assert cfg.source.endswith("memlens/configs/organism.toml")
     assert load_config(cfg) is cfg
     with pytest.raises(ConfigError, match=r"organsim.*\['organism'\]"):
         load_config("organsim")

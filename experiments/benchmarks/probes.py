@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from memlens.core import jsonio
 from memlens.data.store import ActivationStore
-from memlens.methods.probes import CONFIDENCE, ProbeConfig, ProbeData, fit_probes
+from memlens.methods.probes import CONFIDENCE, ProbeData, fit_probes
 from memlens.steps.probe import load_config, run_config
 
 
@@ -29,13 +29,12 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("experiments/results/probes.json"))
     args = ap.parse_args()
     cfg = load_config(args.config)  # a TOML file or a config memlens ships
-    run_dir = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
+    run_dir = cfg.out
     if not (run_dir / "results.json").exists():
         run_config(cfg)
     store = ActivationStore.open(run_dir / "store")
     tokens = pd.read_parquet(run_dir / "labels" / "tokens.parquet")
-    p = {k: v for k, v in cfg.get("probe", {}).items() if k != "trainers"}
-    data = ProbeData.from_store(store, tokens, ProbeConfig(**p))
+    data = ProbeData.from_store(store, tokens, cfg.probe)
     y = data.tokens["y"].to_numpy()
     index = {k: np.flatnonzero(data.mask(k)) for k in ("train", "val", "test")}
     tasks = {s: ([s], y) for s in data.features if s != CONFIDENCE}

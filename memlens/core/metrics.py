@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from memlens.core.errors import ConfigError, DataError
+from memlens.core.config import COUNT, FRACTION, Config, option
+from memlens.core.errors import DataError
 from memlens.core.model import ModelHandle
 from memlens.core.scoring import (
     batch_losses,
@@ -35,23 +36,16 @@ __all__ = ["ExtractionConfig", "by_duplication", "counts_by_duplication", "edit_
 
 
 @dataclass
-class ExtractionConfig:
+class ExtractionConfig(Config):
     """How recitation is tested: greedy decoding from a ``prefix``-token prompt against the
     next ``suffix`` tokens. ``loose_threshold``: a continuation is a loose match when
     1 - normalized token Levenshtein distance reaches it."""
 
-    prefix: int = 32
-    suffix: int = 32
-    loose_threshold: float = 0.75
-    batch_size: int = 32
-
-    def __post_init__(self):
-        for name in ("prefix", "suffix", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-        if not 0 < self.loose_threshold <= 1:
-            raise ConfigError(f"loose_threshold must lie in (0, 1], got {self.loose_threshold}")
+    prefix: int = option(32, "prefix tokens (the prompt)", COUNT)
+    suffix: int = option(32, "suffix tokens (what greedy decoding must reproduce)", COUNT)
+    loose_threshold: float = option(0.75, "loose-match similarity (1 - normalized token "
+                                    "edit distance)", FRACTION)
+    batch_size: int = option(32, "sequences per forward pass", COUNT)
 
 
 def by_duplication(duplications: list[int | None], values: list[float],

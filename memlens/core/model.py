@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from memlens.core.config import Config, option
 from memlens.core.errors import ConfigError, DataError, ModelLoadError
 from memlens.core.identity import weights_hash
 from memlens.core.packaged import PACKAGED, packaged_model_path
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelHandle", "load_model"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelHandle", "ModelOptions", "load_model"]
 
 # model_type -> what users know it as. Other causal LMs load with allow_untested=True.
 SUPPORTED_ARCHITECTURES = {
@@ -266,3 +267,45 @@ def _check_recorded_hash(handle: ModelHandle) -> None:
         raise ModelLoadError(f"the weights in {path} do not match the hash memlens recorded "
                              f"when it wrote them ({recorded}): the files were corrupted or "
                              "changed. Train or edit the model again.")
+
+
+@dataclass
+class ModelOptions(Config):
+    """Which model a step runs, and where."""
+
+    model: str | None = option(None, "model directory, hub name, or smollm2-135m")
+    device: str = option("auto", "cpu, cuda, cuda:1 ... or auto (this rank's GPU if "
+                         "there is one, else the CPU)")
+    model_dtype: str = option("auto", "the weights' dtype (auto: as saved)",
+                              choices=("auto", "float32", "bfloat16", "float16"))
+    device_map: str | None = option(None, "'auto' spreads a model too large for one device "
+                                    "over the GPUs (and CPU); needs accelerate")
+    max_memory: tuple[str, ...] | None = option(None, "with --device-map: the most each "
+                                                "device may hold, e.g. 0=20GiB cpu=60GiB")
+
+    def load(self, name: str | Path | None = None) -> ModelHandle:
+        """The model ``name`` (default: this config's ``model``), placed as configured."""
+        from memlens.core import distributed
+
+        name = name or self.model
+        if name is None:
+            raise ConfigError("no model given: pass --model (a model directory, a hub name "
+                              "or smollm2-135m)")
+        max_memory = None
+        if self.max_memory:
+            if self.device_map is None:
+                raise ConfigError("--max-memory only applies with --device-map auto")
+            max_memory = {}
+            for item in self.max_memory:
+                key, sep, size = item.partition("=")
+                if not sep or not size:
+                    raise ConfigError(f"--max-memory {item!r}: write DEVICE=SIZE, e.g. "
+                                      "0=20GiB or cpu=60GiB")
+                max_memory[int(key) if key.isdigit() else key] = size
+        if self.device_map is not None and distributed.active():
+            raise ConfigError("--device-map spreads one model over several devices, and "
+                              "under torchrun every rank holds its own copy: use one or the "
+                              "other")
+        dtype = None if self.model_dtype == "auto" else getattr(torch, self.model_dtype)
+        return load_model(name, device=distributed.device(self.device), dtype=dtype,
+                          device_map=self.device_map, max_memory=max_memory)

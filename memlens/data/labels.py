@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from memlens.core import distributed
-from memlens.core.errors import ConfigError, DataError
+from memlens.core.config import COUNT, FRACTION, POSITIVE, option
+from memlens.core.errors import DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.metrics import (
     ExtractionConfig,
@@ -46,7 +47,7 @@ __all__ = ["TOKEN_LABELS", "LabelConfig", "Labels", "label", "labelable", "manif
            "read_sequences", "summarize"]
 
 TOKEN_LABELS = ("memorized", "partial", "generic", "not_memorized", "excluded")
-_PARTIAL_CHOICES = ("partial", "memorized", "not_memorized", "excluded")
+PARTIAL_CHOICES = ("partial", "memorized", "not_memorized", "excluded")
 
 
 @dataclass
@@ -64,24 +65,18 @@ class LabelConfig(ExtractionConfig):
     unknown duplication count as members (see :mod:`memlens.core.sequences`).
     """
 
-    min_k: float = 0.2
-    sample_top_k: int = 40
-    sample_temperature: float = 1.0
-    target_p: float = 0.9
-    partial_as: str = "partial"
-    generate: bool = True
-    short: str = "label"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.partial_as not in _PARTIAL_CHOICES:
-            raise ConfigError(f"partial_as={self.partial_as!r}; choose one of "
-                              f"{_PARTIAL_CHOICES}")
-        if self.short not in ("label", "skip"):
-            raise ConfigError(f"short={self.short!r}; choose 'label' (label what there is) or "
-                              "'skip'")
-        if not 0 < self.min_k <= 1:
-            raise ConfigError(f"min_k={self.min_k} must be a fraction in (0, 1], e.g. 0.2")
+    min_k: float = option(0.2, "Min-K% fraction: the lowest-probability share of tokens "
+                          "the Min-K% score averages", FRACTION)
+    sample_top_k: int = option(40, "top-k of the sampler that estimates probabilistic "
+                               "extraction", COUNT)
+    sample_temperature: float = option(1.0, "temperature of that sampler", POSITIVE)
+    target_p: float = option(0.9, "probabilistic extraction: the samples needed to recite "
+                             "with this probability", FRACTION)
+    partial_as: str = option("partial", "class of predicted member PII in sequences that are "
+                             "not extractable", choices=PARTIAL_CHOICES)
+    generate: bool = option(True, "greedy generation for the loose-match metrics")
+    short: str = option("label", "sequences shorter than prefix + suffix: label what there "
+                        "is, or skip them", choices=("label", "skip"))
 
 
 @dataclass

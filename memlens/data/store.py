@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from memlens.core import distributed, jsonio
+from memlens.core.config import COUNT, INDEX, Config, option
 from memlens.core.errors import ConfigError, DataError, MissingArtifactError
 from memlens.core.identity import Identity
 from memlens.core.model import ModelHandle
@@ -45,7 +46,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class CaptureConfig:
+class CaptureConfig(Config):
     """What to record, where in each sequence, and how.
 
     ``backend="auto"`` records hook names through the bridge and HF module paths
@@ -56,30 +57,27 @@ class CaptureConfig:
     sequence, drawn with ``seed``). Tokens without a label are marked ``unlabeled``.
     """
 
-    sites: list[str]
-    positions: str = "all"
-    prefix: int = 32
-    suffix: int = 32
-    dtype: str = "float32"
-    backend: str = "auto"
-    batch_size: int = 32
-    shard_sequences: int = 512
-    max_len: int | None = None
-    seed: int = 0
+    sites: list[str] = option(["blocks.*.hook_resid_post"], "hook names or globs "
+                              "(blocks.*.hook_resid_post), or HF module paths (model.layers.2, "
+                              "model.layers.2.mlp.down_proj:input)")
+    positions: str = option("all", "all, suffix or sample:N")
+    prefix: int = option(32, "where the suffix starts", COUNT)
+    suffix: int = option(32, "suffix length", COUNT)
+    dtype: str = option("float32", "the stored activations' dtype", choices=tuple(DTYPES))
+    backend: str = option("auto", "auto (the bridge for hook names, torch hooks for module "
+                          "paths), bridge, nnsight or torch", choices=BACKENDS)
+    batch_size: int = option(32, "sequences per forward pass", COUNT)
+    shard_sequences: int = option(512, "sequences per shard (torchrun: ranks take shards in "
+                                  "turn)", COUNT)
+    max_len: int | None = option(None, "cut sequences to this length", COUNT)
+    seed: int = option(0, "seed of sample:N", INDEX)
 
     def __post_init__(self):
         if isinstance(self.sites, str):
             self.sites = [self.sites]
+        super().__post_init__()
         if not self.sites:
             raise ConfigError("no sites given; name at least one, e.g. blocks.0.hook_resid_post")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
-        for name in ("batch_size", "shard_sequences"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got "
-                                  f"{getattr(self, name)!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
         if not (self.positions in ("all", "suffix") or _sample_n(self.positions)):
             raise ConfigError(f"positions {self.positions!r}: use all, suffix or sample:N "
                              "(e.g. sample:8)")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memlens.core.config import COUNT, INDEX, POSITIVE, Config, option
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extraction, perplexity
 from memlens.core.model import ModelHandle
@@ -53,7 +54,7 @@ Removal = Callable[[], AbstractContextManager]
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(Config):
     """bits: weight quantizations to try (8: per output channel; 4: groups of
     ``group_size`` input columns). relearn_steps: fine-tuning steps after which the forget
     set is scored (one run, scored on the way); relearn_blocks: the blocks the attacker
@@ -61,25 +62,27 @@ class AuditConfig:
     perturbation; shift: tokens removed from / added to the prefix. neighbours: perturbed
     copies per sequence for the neighbourhood loss."""
 
-    bits: tuple[int, ...] = (8, 4)
-    group_size: int = 32
-    relearn_steps: tuple[int, ...] = (10, 50, 200)
-    relearn_lr: float = 1e-3
-    relearn_batch_size: int = 8
-    relearn_blocks: tuple[int, ...] | None = None
-    corrupt: int = 2
-    shift: int = 8
-    neighbours: int = 8
-    seed: int = 0
+    bits: tuple[int, ...] = option((8, 4), "weight quantizations (8: per channel, 4: "
+                                   "group-wise)", COUNT, choices=(8, 4))
+    group_size: int = option(32, "INT4 group size", COUNT)
+    relearn_steps: tuple[int, ...] = option((10, 50, 200), "score after these relearning "
+                                            "steps", COUNT)
+    relearn_lr: float = option(1e-3, "relearning learning rate", POSITIVE)
+    relearn_batch_size: int = option(8, "relearning batch size", COUNT)
+    relearn_blocks: tuple[int, ...] | None = option(None, "the attacker trains only these "
+                                                    "blocks, e.g. the blocks a fine-tune "
+                                                    "changed (default: every weight)", INDEX)
+    corrupt: int = option(2, "prefix tokens replaced in each perturbed prompt", INDEX)
+    shift: int = option(8, "tokens removed from / added to the prefix", INDEX)
+    neighbours: int = option(8, "perturbed copies per sequence for the neighbourhood loss",
+                             COUNT)
+    seed: int = option(0, "seed", INDEX)
 
     def __post_init__(self):
         self.bits, self.relearn_steps = tuple(self.bits), tuple(sorted(self.relearn_steps))
         if self.relearn_blocks is not None:
             self.relearn_blocks = tuple(self.relearn_blocks)
-        if not set(self.bits) <= {4, 8}:
-            raise ConfigError(f"bits {self.bits}: memlens quantizes to 8 or 4 bits")
-        if any(k < 1 for k in self.relearn_steps):
-            raise ConfigError(f"relearn_steps {self.relearn_steps} must be >= 1")
+        super().__post_init__()
 
 
 @dataclass

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memlens.core import distributed
+from memlens.core.config import COUNT, INDEX, Config, option
 from memlens.core.errors import ConfigError, DataError, MissingArtifactError, UserError
 from memlens.core.identity import Identity, state_hash
 from memlens.core.model import ModelHandle
@@ -50,7 +51,7 @@ MODES = ("true", "empirical")
 
 
 @dataclass
-class KFACConfig:
+class KFACConfig(Config):
     """What to collect and how.
 
     layers: ``"mlp"`` (every MLP projection), ``"attn"`` (attention projections), or
@@ -63,24 +64,19 @@ class KFACConfig:
         in one pass. The factors are the same either way (the data is read once per pass).
     """
 
-    layers: tuple[str, ...] = ("mlp",)
-    mode: str = "true"
-    max_tokens: int | None = None
-    batch_size: int = 16
-    max_len: int | None = None
-    seed: int = 0
-    layers_per_pass: int | None = None
+    layers: tuple[str, ...] = option(("mlp",), "mlp, attn, or module-name globs")
+    mode: str = option("true", "true (labels sampled from the model: the Fisher) or "
+                       "empirical (the gold tokens)", choices=MODES)
+    max_tokens: int | None = option(None, "stop after this many tokens", COUNT)
+    batch_size: int = option(16, "sequences per pass", COUNT)
+    max_len: int | None = option(None, "cut sequences to this length", COUNT)
+    seed: int = option(0, "label sampling seed", INDEX)
+    layers_per_pass: int | None = option(None, "layers whose factors one pass over the data "
+                                         "accumulates (the device holds only theirs)", COUNT)
 
     def __post_init__(self):
         self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-        if self.mode not in MODES:
-            raise ConfigError(f"mode {self.mode!r} is not one of {MODES}: 'true' samples labels "
-                             "from the model (true Fisher), 'empirical' uses the gold tokens")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.layers_per_pass is not None and self.layers_per_pass < 1:
-            raise ConfigError(f"layers_per_pass must be >= 1 (or None: all layers in one "
-                              f"pass), got {self.layers_per_pass}")
+        super().__post_init__()
 
     def identity_config(self) -> dict:
         """The settings that decide the factors (``layers_per_pass`` only schedules them)."""

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 from memlens.core import distributed
+from memlens.core.config import COUNT, INDEX, NONNEGATIVE, POSITIVE, Config, option
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.model import ModelHandle
@@ -62,30 +63,28 @@ SUMMED = ("activations", "zero_out", "integrated_gradients")
 
 
 @dataclass
-class LocalizeConfig:
+class LocalizeConfig(Config):
     """method: one of METHODS. start: score target tokens at index >= start (e.g. the suffix
     of a canary; 1 scores every token). steps: integration steps (IG) or optimisation steps
     (slimming, hard concrete); lr and penalty for the last two. blocks: score only these
     blocks' neurons (the others get NaN and are never selected); None scores every block."""
 
-    method: str = "hard_concrete"
-    start: int = 32
-    steps: int = 200
-    lr: float = 0.01
-    penalty: float = 300.0
-    batch_size: int = 16
-    seed: int = 0
-    blocks: tuple[int, ...] | None = None
+    method: str = option("hard_concrete", "how neurons are scored", choices=METHODS)
+    start: int = option(32, "score target tokens from this index (the suffix)", COUNT)
+    steps: int = option(200, "integration or optimisation steps", COUNT)
+    lr: float = option(0.01, "learning rate of slimming and hard concrete", POSITIVE)
+    penalty: float = option(300.0, "sparsity penalty of slimming and hard concrete",
+                            NONNEGATIVE)
+    batch_size: int = option(16, "sequences per pass", COUNT)
+    seed: int = option(0, "seed", INDEX)
+    blocks: tuple[int, ...] | None = option(None, "score only these blocks' neurons, e.g. "
+                                            "the blocks a fine-tune changed (default: every "
+                                            "block)", INDEX)
 
     def __post_init__(self):
         if self.blocks is not None:
             self.blocks = tuple(self.blocks)
-        if self.method not in METHODS:
-            raise ConfigError(f"localization method {self.method!r} is not one of {METHODS}")
-        for name in ("start", "steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got "
-                                  f"{getattr(self, name)!r}")
+        super().__post_init__()
         if self.method == "integrated_gradients" and self.steps > 64:
             self.steps = 16  # integration points, not optimisation steps
 

@@ -24,10 +24,12 @@ import time
 from dataclasses import asdict, dataclass
 from functools import cached_property, partial
 from pathlib import Path
+from typing import ClassVar
 
 import plotly.graph_objects as go
 
 from memlens.core import jsonio
+from memlens.core.config import option
 from memlens.core.identity import Identity
 from memlens.core.metrics import edit_metrics
 from memlens.core.model import ModelHandle, load_model
@@ -39,8 +41,10 @@ from memlens.data.organism import organism_path
 from memlens.data.splits import Splits
 from memlens.report.figures import extraction_figure, gradient_ratio_figure, loading_figure
 from memlens.report.page import Report, Section, labeled_sequence, token_view
+from memlens.steps.organism import PathCommand
 
-__all__ = ["RUNNERS", "STEPS", "TEXT", "TITLES", "Demo", "DemoConfig", "headline_rows",
+__all__ = ["RUNNERS", "STEPS", "TEXT", "TITLES", "Demo", "DemoCommand", "DemoConfig",
+           "headline_rows", "main",
            "markdown_table", "run_demo", "step_audit", "step_interventions", "step_kfac",
            "step_labels", "step_layernorm", "step_probes", "step_steering"]
 
@@ -584,6 +588,27 @@ def _run(out: Path, config: DemoConfig, fresh: bool, progress: bool) -> dict:
     print(f"wrote {out / 'report.html'} and {out / 'summary.json'} "
           f"in {summary['seconds']:.0f} s")
     return summary
+
+
+@dataclass(kw_only=True)
+class DemoCommand(PathCommand):
+    """run the whole chain on the organism; write a report
+
+    Trains (or reuses) the organism, then runs the artifact chain on it: label, capture,
+    probes, K-FAC edit, localization and ablation, steering with the saved probe, LayerNorm
+    attribution, the forgetting audit. Out: OUT/report.html (one interactive page, works
+    offline), OUT/summary.json, and each step's artifact. Steps are cached by their inputs'
+    identities: a second run takes seconds.
+    """
+
+    EXAMPLE: ClassVar[str] = "memlens demo --out memlens-demo"
+
+    out: Path = option(Path("memlens-demo"), "output directory")
+    fresh: bool = option(False, "rerun every step, ignore the cache")
+
+
+def main(cmd: DemoCommand) -> None:
+    run_demo(cmd.out, preset=cmd.preset, arch=cmd.arch, seed=cmd.seed, fresh=cmd.fresh)
 
 
 def headline_rows(s: dict) -> list[tuple[str, str]]:

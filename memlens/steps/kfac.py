@@ -3,25 +3,28 @@ KL-budgeted edit aimed at what the labels say the model recites)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from memlens.core.config import POSITIVE, Config, nested, option
 from memlens.core.errors import ConfigError
-from memlens.core.model import ModelHandle
+from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
-from memlens.data.labels import (
-    Labels,
-)
+from memlens.data.labels import Labels, manifest_roles, read_sequences
 from memlens.methods.curvature import (
     Factors,
+    KFACConfig,
     apply_weights,
     budget_weights,
+    collect_factors,
     eigenbasis,
     kfac_weights,
     memorization_gradient,
     rho_layers,
 )
 
-__all__ = ["kfac_edit_step"]
+__all__ = ["CollectCommand", "EditCommand", "collect", "edit", "kfac_edit_step", "parse_rho"]
 
 
 def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str | Path,
@@ -65,3 +68,92 @@ def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str 
         return edit.save(out, metadata=meta)
     finally:
         edit.restore()
+
+
+def parse_rho(values: tuple[str, ...]) -> float | dict[str, float]:
+    """``--rho 0.9`` (every layer) or ``--rho 'model.layers.3.*=0.6' ...`` (per glob)."""
+    def number(text):
+        try:
+            r = float(text)
+        except ValueError:
+            raise ConfigError(f"--rho {text!r} is not a number") from None
+        if not 0 <= r <= 1:
+            raise ConfigError(f"keep-mass rho must lie in [0, 1], got {r}")
+        return r
+
+    if len(values) == 1 and "=" not in values[0]:
+        return number(values[0])
+    out = {}
+    for v in values:
+        pattern, sep, value = v.rpartition("=")
+        if not sep or not pattern:
+            raise ConfigError(f"--rho {v!r}: give one number, or GLOB=NUMBER per layer group")
+        out[pattern] = number(value)
+    return out
+
+
+@dataclass(kw_only=True)
+class CollectCommand(Config):
+    """accumulate A and G factors over a token stream
+
+    Writes one safetensors file with A = E[a a^T] and G = E[g g^T] per layer. Rerun the
+    same command to resume an interrupted collection.
+    """
+
+    EXAMPLE: ClassVar[str] = ("memlens kfac collect --model organisms/tiny --data "
+                              "organisms/tiny --out kfac/tiny.safetensors")
+    DISTRIBUTED: ClassVar[bool] = True
+
+    model: ModelOptions = nested(ModelOptions)
+    data: Path = option(help="JSONL of sequences, or an organism dir (its general records)")
+    out: Path = option(help="factor file (.safetensors)")
+    roles: tuple[str, ...] | None = option(None, "keep only these roles (default for an "
+                                           "organism: general)")
+    kfac: KFACConfig = nested(KFACConfig)
+
+
+def collect(cmd: CollectCommand) -> None:
+    handle = cmd.model.load()
+    organism = manifest_roles(cmd.data) is not None
+    roles = cmd.roles or (("general",) if organism else None)
+    seqs = read_sequences(cmd.data, handle.tokenizer, roles=roles, max_tokens=cmd.kfac.max_len)
+    factors = collect_factors(handle, [s.token_ids for s in seqs], cmd.kfac, out=cmd.out)
+    print(f"{factors.tokens} tokens, {len(factors.layers)} layers -> {cmd.out}")
+
+
+@dataclass(kw_only=True)
+class EditCommand(Config):
+    """remove low-curvature components and save the edited model
+
+    The published keep-mass edit (--rho), or a KL-budgeted edit (--kl-budget), aimed with
+    --labels at the sequences those labels say the model recites. Refuses factors or
+    labels made with another model.
+    """
+
+    EXAMPLE: ClassVar[str] = ("memlens kfac edit --model organisms/tiny --factors "
+                              "kfac/tiny.safetensors --kl-budget 0.003 --labels labels/tiny "
+                              "--out organisms/tiny-edited")
+
+    model: ModelOptions = nested(ModelOptions)
+    factors: Path = option(help="from `memlens kfac collect`")
+    out: Path = option(help="edited model directory")
+    rho: tuple[str, ...] | None = option(None, "keep-mass for every layer (0.9), or per "
+                                         "layer glob ('model.layers.3.*=0.6'); layers not "
+                                         "named are left alone")
+    kl_budget: float | None = option(None, "remove components until their predicted KL "
+                                     "reaches this (nats)", POSITIVE)
+    labels: Path | None = option(None, "with --kl-budget: a labels directory; the edit is "
+                                 "aimed at the sequences they mark as recited")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.rho is None) == (self.kl_budget is None):
+            raise ConfigError("give --rho (keep-mass edit) or --kl-budget, one of the two")
+
+
+def edit(cmd: EditCommand) -> None:
+    rho = parse_rho(cmd.rho) if cmd.rho else None
+    labels = Labels.load(cmd.labels) if cmd.labels else None
+    out = kfac_edit_step(cmd.model.load(), cmd.factors, cmd.out, rho=rho,
+                         kl_budget=cmd.kl_budget, labels=labels)
+    print(f"edited model -> {out}")

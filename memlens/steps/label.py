@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from memlens.core.config import Config, nested, option
 from memlens.core.identity import corpus_hash
-from memlens.core.model import ModelHandle
+from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
 from memlens.data.labels import (
     LabelConfig,
@@ -18,7 +20,7 @@ from memlens.data.labels import (
     read_sequences,
 )
 
-__all__ = ["label_step"]
+__all__ = ["LabelCommand", "label_step", "main", "print_extraction_table"]
 
 
 def label_step(handle: ModelHandle, data: str | Path, out: str | Path,
@@ -40,3 +42,42 @@ def label_step(handle: ModelHandle, data: str | Path, out: str | Path,
     labels = label(handle, seqs, cfg, progress=progress)
     labels.save(out)
     return labels
+
+
+@dataclass(kw_only=True)
+class LabelCommand(Config):
+    """label memorization per sequence and per token
+
+    Reads a model and a JSONL of sequences (an organism's corpus.jsonl or your own: 'text'
+    and/or 'token_ids', optional 'duplication', 'spans'). Writes OUT/sequences.parquet,
+    OUT/tokens.parquet and OUT/summary.json (with the identity of the model and sequences):
+    the labels directory every later step reads.
+    """
+
+    EXAMPLE: ClassVar[str] = ("memlens label --model organisms/tiny --data organisms/tiny "
+                              "--out labels/tiny")
+    DISTRIBUTED: ClassVar[bool] = True
+
+    model: ModelOptions = nested(ModelOptions)
+    data: Path = option(help="JSONL file or organism directory")
+    out: Path = option(help="labels directory to write")
+    roles: tuple[str, ...] | None = option(None, "keep only these roles (default for an "
+                                           "organism: canary nonmember)")
+    labels: LabelConfig = nested(LabelConfig)
+
+
+def main(cmd: LabelCommand) -> None:
+    labels = label_step(cmd.model.load(), cmd.data, cmd.out, cmd.labels, roles=cmd.roles)
+    print_extraction_table(labels.summary)
+    print(f"wrote {cmd.out}/summary.json")
+
+
+def print_extraction_table(summary: dict) -> None:
+    exact = summary["exact_extraction_rate_by_duplication"]
+    loose = summary.get("loose_extraction_rate_by_duplication", {})
+    counts = summary["n_by_duplication"]
+    print(f"{'duplication':>12} {'n':>5} {'exact':>7} {'loose':>7}")
+    for k in exact:
+        name = "non-member" if k == "0" else k if not k.isdigit() else f"{k}x"
+        lo = f"{loose[k]:7.1%}" if k in loose else "      -"
+        print(f"{name:>12} {counts[k]:>5} {exact[k]:7.1%} {lo}")

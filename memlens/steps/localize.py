@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from memlens.core.model import ModelHandle
+from memlens.core.config import FRACTION, Config, nested, option
+from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
-from memlens.data.labels import (
-    Labels,
-)
+from memlens.data.labels import Labels
 from memlens.methods.localize import LocalizeConfig, NeuronAblation, find_neurons
 
-__all__ = ["localize_step"]
+__all__ = ["LocalizeCommand", "localize_step", "main"]
 
 
 def localize_step(handle: ModelHandle, labels: Labels, out: str | Path | None,
@@ -31,3 +32,31 @@ def localize_step(handle: ModelHandle, labels: Labels, out: str | Path | None,
     if out is not None:
         ablation.save(out)
     return ablation
+
+
+@dataclass(kw_only=True)
+class LocalizeCommand(Config):
+    """rank MLP neurons by responsibility for memorized sequences
+
+    Scores every MLP neuron for the sequences the labels mark as recited (non-members as
+    clean text) and writes the top budget fraction of each layer as a neuron ablation:
+    OUT/neurons.parquet, OUT/scores.safetensors and OUT/ablation.json. Apply it with
+    NeuronAblation.load(OUT).apply(handle).
+    """
+
+    EXAMPLE: ClassVar[str] = ("memlens localize --model organisms/tiny --labels labels/tiny "
+                              "--method zero_out --budget 0.01 --out neurons/tiny")
+    DISTRIBUTED: ClassVar[bool] = True
+
+    model: ModelOptions = nested(ModelOptions)
+    labels: Path = option(help="labels directory")
+    out: Path = option(help="ablation directory to write")
+    budget: float = option(0.01, "fraction of neurons kept per layer", FRACTION)
+    localize: LocalizeConfig = nested(LocalizeConfig)
+
+
+def main(cmd: LocalizeCommand) -> None:
+    labels = Labels.load(cmd.labels)
+    ablation = localize_step(cmd.model.load(), labels, cmd.out, cmd.localize, cmd.budget)
+    print(ablation.table.head(10).to_string(index=False))
+    print(f"{len(ablation.table)} neurons -> {cmd.out}")

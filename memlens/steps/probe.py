@@ -3,15 +3,19 @@ or the whole label -> capture -> probe run from one TOML config."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from memlens.core.errors import ConfigError, check_keys
+from memlens.core.config import INDEX, Config, from_mapping, nested, option
+from memlens.core.errors import ConfigError
 from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.model import ModelOptions
 from memlens.core.storage import exclusive, prepare_output
 from memlens.data.labels import (
     LabelConfig,
@@ -23,7 +27,8 @@ from memlens.report.figures import layer_sweep_figure
 from memlens.steps.capture import capture_step
 from memlens.steps.label import label_step
 
-__all__ = ["CONFIGS", "check_config", "expand_sites", "load_config", "run_config", "train_probes"]
+__all__ = ["CONFIGS", "ModelSource", "ProbeCommand", "ProbeRun", "expand_sites", "load_config",
+           "main", "run_config", "train_probes"]
 
 
 def expand_sites(patterns: list[str], names: list[str]) -> list[str]:
@@ -107,22 +112,51 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
     return summary
 
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def load_config(config: str | Path | dict) -> dict:
+@dataclass(kw_only=True)
+class ModelSource(Config):
+    """The [model] table of a probe run: an organism preset, or a model directory."""
+
+    organism: str = option("small", "a preset of the embedded organism")
+    arch: str = option("llama", "the organism's architecture")
+    seed: int = option(0, "the organism's seed", INDEX)
+    path: Path | None = option(None, "a model directory instead of an organism")
+    data: Path | None = option(None, "JSONL to label (default: the model's corpus.jsonl)")
+
+
+@dataclass(kw_only=True)
+class ProbeRun(Config):
+    """A whole probe run in one file: label, capture and a probe sweep (a TOML file loads
+    into this; see ``memlens/configs/organism.toml``)."""
+
+    out: Path = option(Path("experiments/results/probes"), "output directory")
+    roles: tuple[str, ...] = option(("canary", "nonmember"), "roles of the corpus to label")
+    trainers: tuple[str, ...] = option(("torch",), "probe trainers (the first one's probes "
+                                       "are saved)", choices=("torch", "sklearn"))
+    combos: dict[str, list[str]] = option({}, "probes on several sites: name -> site globs "
+                                          "(confidence: the model's max log-prob and entropy)")
+    model: ModelSource = nested(ModelSource)
+    labels: LabelConfig = dataclasses.field(default_factory=lambda: LabelConfig(
+        generate=False), metadata={"nested": True})
+    capture: CaptureConfig = nested(CaptureConfig)
+    probe: ProbeConfig = nested(ProbeConfig)
+    source: str = option("a config object", "where the settings came from", cli=False)
+
+
+def load_config(config: str | Path | ProbeRun) -> ProbeRun:
     """A probe run's settings: a TOML file, the name of one that ships with memlens
-    (``"organism"``: ``memlens/configs/organism.toml``), or the dict itself.
+    (``"organism"``: ``memlens/configs/organism.toml``), or the :class:`ProbeRun` itself.
+    Unknown keys are refused, naming the key, its table and the nearest valid key.
 
     Example:
-        >>> cfg = load_config("organism")
-        >>> cfg["output"]["dir"] = "/tmp/probes"
+        >>> cfg = dataclasses.replace(load_config("organism"), out=Path("/tmp/probes"))
         >>> run_config(cfg)
     """
     import tomllib
 
-    if isinstance(config, dict):
-        check_config(config, "the config dict")
+    if isinstance(config, ProbeRun):
         return config
     path = Path(config)
     if not path.is_file() and (CONFIGS / f"{config}.toml").is_file():
@@ -132,58 +166,84 @@ def load_config(config: str | Path | dict) -> dict:
         raise ConfigError(f"no config file {config}; give a TOML file or one of the configs "
                           f"memlens ships: {shipped}")
     try:
-        cfg = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    check_config(cfg, path.name)
-    return cfg | {"_source": str(path)}
+    if "source" in table:
+        raise ConfigError(f"unknown key 'source' in {path.name}")
+    return from_mapping(ProbeRun, table | {"source": str(path)}, path.name)
 
 
-def check_config(cfg: dict, source: str = "the config") -> None:
-    """Refuse an unknown section or key (a misspelt ``positiv``) in one line naming it, its
-    section and the nearest valid key, before any work starts."""
-    from dataclasses import fields
-
-    sections = {"model": {"organism", "arch", "seed", "path", "data"},
-                "labels": {f.name for f in fields(LabelConfig)} | {"roles"},
-                "capture": {f.name for f in fields(CaptureConfig)},
-                "probe": {f.name for f in fields(ProbeConfig)} | {"trainers"},
-                "combos": None, "output": {"dir"}}
-    check_keys([k for k in cfg if not k.startswith("_")], sections, source)
-    for name, keys in sections.items():
-        if keys is not None and isinstance(cfg.get(name), dict):
-            check_keys(cfg[name], keys, f"[{name}] of {source}")
-
-
-def run_config(config: str | Path | dict, progress: bool = True) -> dict:
+def run_config(config: str | Path | ProbeRun, progress: bool = True) -> dict:
     """Label, capture and train probes from one config (see :func:`load_config`); each
     step is reused when its artifact is already there for the same model and settings."""
     from memlens.core.model import load_model
     from memlens.data.organism import organism_path
 
     cfg = load_config(config)
-    source = cfg.get("_source", "a config dict")
-    model_cfg = cfg.get("model", {})
-    if "path" in model_cfg:
-        model_dir = Path(model_cfg["path"])
-    else:
-        model_dir = organism_path(model_cfg.get("organism", "small"),
-                                  model_cfg.get("arch", "llama"), model_cfg.get("seed", 0))
-    out = Path(cfg.get("output", {}).get("dir", "experiments/results/probes"))
+    m = cfg.model
+    model_dir = m.path or organism_path(m.organism, m.arch, m.seed)
     handle = load_model(model_dir)
-    lab_cfg = dict(cfg.get("labels", {}))
-    roles = tuple(lab_cfg.pop("roles", ("canary", "nonmember")))
-    data = Path(model_cfg.get("data", model_dir))
-    labels = label_step(handle, data, out / "labels", LabelConfig(generate=False, **lab_cfg),
-                        roles=roles, progress=progress, reuse=True)
-    store = capture_step(handle, labels, out / "store",
-                         CaptureConfig(positions="all", **cfg.get("capture", {})), progress)
-    p = dict(cfg.get("probe", {}))
-    trainers = tuple(p.pop("trainers", ("torch",)))
-    keep = (Path(source).name,) if "_source" in cfg else ()
-    summary = train_probes(labels, store, out, ProbeConfig(**p), cfg.get("combos", {}),
-                           trainers, progress=progress, keep=keep)
-    summary["config"] = source
-    meta, identity = read_artifact(out, "results.json", "probes", "memlens probe train")
-    write_artifact(out, "results.json", {**meta, "config": source}, identity)
+    labels = label_step(handle, m.data or model_dir, cfg.out / "labels", cfg.labels,
+                        roles=cfg.roles, progress=progress, reuse=True)
+    store = capture_step(handle, labels, cfg.out / "store", cfg.capture, progress)
+    keep = (Path(cfg.source).name,) if Path(cfg.source).suffix == ".toml" else ()
+    summary = train_probes(labels, store, cfg.out, cfg.probe, cfg.combos, cfg.trainers,
+                           progress=progress, keep=keep)
+    summary["config"] = cfg.source
+    meta, identity = read_artifact(cfg.out, "results.json", "probes", "memlens probe train")
+    write_artifact(cfg.out, "results.json", {**meta, "config": cfg.source}, identity)
     return summary
+
+
+@dataclass(kw_only=True)
+class ProbeCommand(Config):
+    """fit a probe per site from labels and a store
+
+    Reads a labels directory and the store captured from it (refused if they describe other
+    models or sequences) and writes OUT/results.json, results.parquet, layer_sweep.html and
+    OUT/probes/SITE for every site. Without --store, captures --sites from the labels into
+    OUT/store; without --labels, labels --data first into OUT/labels (both need --model).
+    Or run a whole TOML config with --config.
+    """
+
+    EXAMPLE: ClassVar[str] = ("memlens probe train --labels labels/tiny --store acts/tiny "
+                              "--out probes/tiny\n  memlens probe train --config organism")
+
+    config: Path | None = option(None, "a TOML file, or a config memlens ships (organism); "
+                                 "alone")
+    labels: Path | None = option(None, "labels directory (memlens label)")
+    store: Path | None = option(None, "store captured from those labels")
+    out: Path | None = option(None, "output directory")
+    model: ModelOptions = nested(ModelOptions, skip=("device",))
+    data: Path | None = option(None, "JSONL or organism dir to label (no --labels)")
+    sites: tuple[str, ...] = option(("blocks.*.hook_resid_post",), "sites to capture when "
+                                    "no --store is given")
+    probe: ProbeConfig = nested(ProbeConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        given = (self.labels, self.store, self.out, self.model.model, self.data)
+        if self.config is not None and any(x is not None for x in given):
+            raise ConfigError("--config runs a whole TOML file; give it alone")
+        if self.config is None and self.out is None:
+            raise ConfigError("probe train needs --out DIR (or --config FILE)")
+        if self.config is None and self.labels is None and self.data is None:
+            raise ConfigError("give --labels DIR (from memlens label), or --data to label")
+
+
+def main(cmd: ProbeCommand) -> None:
+    if cmd.config is not None:
+        summary = run_config(cmd.config)
+    else:
+        needs_model = cmd.labels is None or cmd.store is None
+        if needs_model and cmd.model.model is None:
+            raise ConfigError("without --labels and --store, probe train labels or captures "
+                              "itself and needs --model (and --data without --labels)")
+        handle = cmd.model.load() if needs_model else None
+        labels = (Labels.load(cmd.labels) if cmd.labels is not None
+                  else label_step(handle, cmd.data, cmd.out / "labels"))
+        store = cmd.store or capture_step(handle, labels, cmd.out / "store",
+                                          CaptureConfig(sites=list(cmd.sites)))
+        summary = train_probes(labels, store, cmd.out, cmd.probe)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from memlens.core.config import COUNT, INDEX, NONNEGATIVE, UNIT, Config, option
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity
 from memlens.data.labels import Labels
@@ -21,30 +22,34 @@ CONFIDENCE = "confidence"  # pseudo-site: the model's max log-prob and entropy
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Config):
     """Which tokens, which split, how to fit.
 
     ``align="predicting"`` reads the activation at the position that predicts the
     token (t - 1): where the model recalls it. ``"token"`` reads position t.
     """
 
-    positive: tuple[str, ...] = ("memorized",)
-    negative: tuple[str, ...] = ("generic", "not_memorized")
-    align: str = "predicting"
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    l2: float = 1e-3
-    max_iter: int = 200
-    patience: int = 2
-    n_bootstrap: int = 200
-    seed: int = 0
-    device: str = "cpu"  # where the batched torch trainer runs ("cuda" on a GPU)
-    chunk_mb: int = 512  # features the torch trainer holds at once (it streams the rest)
+    positive: tuple[str, ...] = option(("memorized",), "token labels that are positives")
+    negative: tuple[str, ...] = option(("generic", "not_memorized"),
+                                       "token labels that are negatives")
+    align: str = option("predicting", "predicting (read position t - 1) or token "
+                        "(position t)", choices=("predicting", "token"))
+    split: tuple[float, ...] = option((0.6, 0.2, 0.2), "train, val and test fractions of "
+                                      "the sequences", UNIT)
+    l2: float = option(1e-3, "L2 penalty", NONNEGATIVE)
+    max_iter: int = option(200, "most solver steps", COUNT)
+    patience: int = option(2, "stop after this many steps without a better validation "
+                           "loss", COUNT)
+    n_bootstrap: int = option(200, "bootstrap resamples for the intervals", INDEX)
+    seed: int = option(0, "split and bootstrap seed", INDEX)
+    device: str = option("cpu", "where the torch trainer runs (cuda on a GPU)")
+    chunk_mb: int = option(512, "features the torch trainer holds at once (it streams the "
+                           "rest)", COUNT)
 
     def __post_init__(self):
         self.positive, self.negative = tuple(self.positive), tuple(self.negative)
         self.split = tuple(self.split)
-        if self.align not in ("predicting", "token"):
-            raise ConfigError(f"align={self.align!r}; choose 'predicting' or 'token'")
+        super().__post_init__()
         if abs(sum(self.split) - 1) > 1e-6 or len(self.split) != 3:
             raise ConfigError(f"split={self.split} must be three fractions (train, val, test) "
                              "summing to 1")
