@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +46,6 @@ from memlens.data.splits import Splits
 from memlens.methods.audit import AuditConfig, AuditData, audit, fine_tune, restorable
 from memlens.methods.curvature import (
     KFACConfig,
-    apply_weights,
     budget_weights,
     collect_factors,
     eigenbasis,
@@ -53,13 +53,25 @@ from memlens.methods.curvature import (
     memorization_gradient,
     svd_weights,
 )
-from memlens.methods.layernorm import layer_groups, remove_norm_params
+from memlens.methods.edits import ParameterEdit
+from memlens.methods.layernorm import NormRemoval, layer_groups
 from memlens.methods.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
 from memlens.methods.steering import memorization_states, steer
 from memlens.methods.subnet import SubnetConfig, balanced_subnet
 from memlens.report.figures import audit_heatmap
 
 FORGET_DUPLICATION = 100
+
+
+@dataclass
+class During:
+    """A removal made of a context factory (fine-tuning under ``restorable``, hooks):
+    ``make()`` gives a fresh context each time the removal is applied."""
+
+    make: object
+
+    def apply(self, handle):
+        return self.make()
 
 
 class Sweep:
@@ -73,7 +85,7 @@ class Sweep:
     def best(self, name: str, make, params) -> tuple[object, list[dict]]:
         points = []
         for p in params:
-            with make(p):
+            with make(p).apply(self.handle):
                 m = edit_metrics(self.handle, self.forget, self.heldout, self.cfg, loose=False)
             exact = m["exact_extraction_rate_by_duplication"][str(FORGET_DUPLICATION)]
             points.append({"param": p, "exact": exact, "perplexity": m["perplexity"]})
@@ -95,10 +107,11 @@ PRETRAINED_SKIPS = ("subnet", "zero-out", "layernorm")
 def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
              methods: tuple[str, ...], blocks: list[int] | None,
              matched_seeds: tuple[int, ...] = (0,)):
-    """Each removal in ``methods`` as (name, context factory, chosen parameter, sweep
-    points). ``reference``: non-member token ids for loss matching (not the ones membership
-    inference is scored on). ``blocks``: where fine-tuning and K-FAC edits act (None: all).
-    ``matched_seeds``: the seeds loss-matched forgetting runs with (one audit each)."""
+    """Each removal in ``methods`` as (name, the removal at its chosen parameter, the
+    parameter, sweep points). ``reference``: non-member token ids for loss matching (not
+    the ones membership inference is scored on). ``blocks``: where fine-tuning and K-FAC
+    edits act (None: all). ``matched_seeds``: the seeds loss-matched forgetting runs with
+    (one audit each)."""
     forget_ids = [s.token_ids[:cfg.prefix + cfg.suffix] for s in forget]
     general = [s.token_ids for s in splits.general]
     out = []
@@ -106,7 +119,7 @@ def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
     def tuned(key, name, make, params):
         if key in methods:
             p, pts = sweep.best(name, make, params)
-            out.append((name.split(" (")[0], lambda p=p: make(p), p, pts))
+            out.append((name.split(" (")[0], make(p), p, pts))
 
     def ascent(steps):
         @contextmanager
@@ -114,7 +127,7 @@ def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
             with restorable(handle):
                 fine_tune(handle, forget_ids, steps, 1e-3, ascent=True, blocks=blocks)
                 yield
-        return run()
+        return During(run)
     tuned("ascent", "gradient ascent (steps)", ascent, (5, 10, 20, 40))
 
     # Loss-matched forgetting: the forget set's token losses pulled onto the distribution of
@@ -130,7 +143,7 @@ def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
                     fine_tune(handle, forget_ids, steps, 3e-4, match=reference,
                               anchor=general[:128], blocks=blocks, seed=seed)
                     yield
-            return run()
+            return During(run)
         tuned("loss-matched", f"loss-matched forgetting{f' seed {seed}' if seed else ''} "
               "(steps)", matched, (150,))
 
@@ -140,15 +153,15 @@ def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
                                   progress=False)
         basis = eigenbasis(factors)
         tuned("keep-mass", "K-FAC keep-mass (rho)",
-              lambda r: apply_weights(handle, kfac_weights(handle, basis, r)),
+              lambda r: ParameterEdit(kfac_weights(handle, basis, r)),
               (0.999, 0.995, 0.98, 0.95, 0.92, 0.9, 0.85, 0.8, 0.7))
         if "aimed" in methods:
             grads = memorization_gradient(handle, forget_ids, factors.layers, start=cfg.prefix)
             tuned("aimed", "K-FAC aimed (KL budget)",
-                  lambda b: apply_weights(handle, budget_weights(handle, basis, b, grads)),
+                  lambda b: ParameterEdit(budget_weights(handle, basis, b, grads)),
                   (0.001, 0.002, 0.003, 0.005, 0.01, 0.02))
         tuned("svd", "SVD (rho)",
-              lambda r: apply_weights(handle, svd_weights(handle, factors.layers, r)),
+              lambda r: ParameterEdit(svd_weights(handle, factors.layers, r)),
               (0.999, 0.99, 0.95, 0.9, 0.8, 0.7, 0.5))
     tuned("subnet", "BalancedSubnet (ratio)",
           lambda r: balanced_subnet(handle, forget_ids, general[:256], SubnetConfig(ratio=r)),
@@ -156,14 +169,15 @@ def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
     if "zero-out" in methods:
         scores = localize(handle, forget_ids, general[:64], LocalizeConfig(method="zero_out"))
         tuned("zero-out", "Zero-Out ablation (budget)",
-              lambda b: ablate_neurons(handle, top_neurons(handle, scores, b)), (0.01, 0.03, 0.1))
+              lambda b: During(lambda: ablate_neurons(handle, top_neurons(handle, scores, b))),
+              (0.01, 0.03, 0.1))
     if "layernorm" in methods:
         groups = layer_groups(handle.n_layers) if handle.n_layers >= 3 else {
             f"block {i}": [i] for i in range(handle.n_layers)}
         p, pts = sweep.best("LayerNorm removal (group)",
-                            lambda g: remove_norm_params(handle, groups[g]), list(groups))
+                            lambda g: NormRemoval(groups[g]), list(groups))
         if min(q["exact"] for q in pts) < 1.0:  # only where it lowered extraction
-            out.append(("LayerNorm removal", lambda p=p: remove_norm_params(handle, groups[p]),
+            out.append(("LayerNorm removal", NormRemoval(groups[p]),
                         p, pts))
     return out
 
@@ -181,7 +195,8 @@ def steering_removal(handle, seqs, sweep: Sweep, layers: list[int], tune: bool =
         if not tune:
             return None, probe
         p, pts = sweep.best(f"probe-gated steering L{layer}",
-                            lambda a, s=site, d=diff, q=probe: steer(handle, s, d, a, probe=q),
+                            lambda a, s=site, d=diff, q=probe: During(
+                                lambda: steer(handle, s, d, a, probe=q)),
                             (1.0, 2.0, 4.0, 8.0))
         chosen = next(q for q in pts if q["param"] == p)
         if best is None or (chosen["exact"], chosen["perplexity"]) < best[0]:
@@ -191,9 +206,9 @@ def steering_removal(handle, seqs, sweep: Sweep, layers: list[int], tune: bool =
     def refit():  # the gate and direction fitted again on the model as it is then
         again = memorization_states(handle, site, seqs, tokens)
         q, d = again.fit_probe(), again.mean_difference()
-        return lambda: steer(handle, site, d, p, probe=q)
+        return During(lambda: steer(handle, site, d, p, probe=q))
 
-    return ("probe-gated steering", lambda: steer(handle, site, diff, p, probe=probe),
+    return ("probe-gated steering", During(lambda: steer(handle, site, diff, p, probe=probe)),
             f"{site} alpha {p}", pts, refit), probe
 
 
@@ -266,8 +281,8 @@ def main():
     without = load_model(organism_path(args.preset, args.arch,
                                        withheld=tuple(int(s.id) for s in forget)))
     audited("retrain without", without, None)
-    for name, make, param, points, *refit in chosen:
-        audited(name, handle, make, param, points, *refit)
+    for name, removal, param, points, *refit in chosen:
+        audited(name, handle, removal, param, points, *refit)
     report = {
         "organism": str(path),
         "forget_set": {"what": f"every canary repeated {FORGET_DUPLICATION}x",

@@ -159,7 +159,8 @@ def run_subnet(handle, aim, eval_canaries, general, heldout, cfg, before):
                zip(aim, exact_extraction(handle, aim, cfg), strict=True) if hit]
     points = []
     for ratio in (0.001, 0.003, 0.01, 0.03):
-        with balanced_subnet(handle, recited, general[:256], SubnetConfig(ratio=ratio)):
+        subnet = balanced_subnet(handle, recited, general[:256], SubnetConfig(ratio=ratio))
+        with subnet.apply(handle):
             m = edit_metrics(handle, eval_canaries, heldout, cfg)
         points.append(dict(ratio=ratio, perplexity=m["perplexity"],
                            exact_100=m["exact_extraction_rate_by_duplication"]["100"],

@@ -48,7 +48,6 @@ from memlens.data.labels import LabelConfig
 from memlens.data.splits import Splits
 from memlens.methods.curvature import (
     KFACConfig,
-    apply_weights,
     budget_weights,
     collect_factors,
     component_loading,
@@ -60,6 +59,7 @@ from memlens.methods.curvature import (
     spectra,
     svd_weights,
 )
+from memlens.methods.edits import ParameterEdit
 from memlens.report.figures import loading_figure, mass_curve_figure, pareto_figure, spectrum_figure
 
 RHOS = [0.999, 0.995, 0.99, 0.98, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8, 0.7]
@@ -131,7 +131,7 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
     points = []
     for method, grid in methods.items():
         for param, make in grid:
-            with apply_weights(handle, make()):
+            with ParameterEdit(make()).apply(handle):
                 m = edit_metrics(handle, eval_half, heldout, cfg, loose=False)
             exact = m["exact_extraction_rate_by_duplication"]
             points.append(dict(method=method, param=param, perplexity=m["perplexity"],
@@ -154,7 +154,7 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
 
     def after(row):
         make = dict(methods[row.method])[row.param]
-        with apply_weights(handle, make()):
+        with ParameterEdit(make()).apply(handle):
             return edit_metrics(handle, eval_half, heldout, cfg)
 
     is_svd = df.method.str.startswith("svd")

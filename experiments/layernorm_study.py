@@ -37,6 +37,7 @@ from memlens.data.labels import LabelConfig
 from memlens.data.splits import Splits
 from memlens.methods.layernorm import (
     GROUPS,
+    NormRemoval,
     StudyData,
     attribution_table,
     attribution_targets,
@@ -44,7 +45,6 @@ from memlens.methods.layernorm import (
     layer_groups,
     memorized_pii_positions,
     norm_attribution,
-    remove_norm_params,
 )
 from memlens.report.figures import gradient_ratio_figure, group_bars_figure, layer_heatmap_figure
 
@@ -85,10 +85,10 @@ def run_arch(preset: str, arch: str, seed: int, cfg: LabelConfig, device: str
         conditions.append({**base, "when": when, "removed_group": "none", "removed_layers": [],
                            **unedited})
     for group in GROUPS:
-        with remove_norm_params(handle, groups[group]):
+        with NormRemoval(groups[group]).apply(handle):
             add("posthoc", group, groups[group], handle)
     for layer in range(handle.n_layers):
-        with remove_norm_params(handle, [layer]):
+        with NormRemoval([layer]).apply(handle):
             add("posthoc", f"layer{layer}", [layer], handle)
 
     sets = attribution_targets(data, pii_positions, cfg, seed=seed)

@@ -43,7 +43,7 @@ from memlens.core.model import load_model  # noqa: E402
 from memlens.data.labels import LabelConfig  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
 from memlens.data.splits import Splits  # noqa: E402
-from memlens.methods.layernorm import GROUPS, layer_groups, remove_norm_params  # noqa: E402
+from memlens.methods.layernorm import GROUPS, NormRemoval, layer_groups  # noqa: E402
 from memlens.steps.demo import DemoConfig, run_demo  # noqa: E402
 
 PARTS = ("demo", "kfac", "localize", "steer", "layernorm")
@@ -226,7 +226,7 @@ def layernorm_part(args, path: Path, trained: list[int]) -> dict:
         for group, blocks in layer_groups(handle.n_layers).items():
             if strength == 0 and rows:
                 continue
-            with remove_norm_params(handle, blocks if strength else [], strength or 1.0):
+            with NormRemoval(blocks if strength else [], strength or 1.0).apply(handle):
                 m = edit_metrics(handle, often, splits.heldout, cfg, loose=False)
             ex = m["exact_extraction_rate_by_duplication"]
             rows.append({"group": group if strength else "none", "strength": strength,

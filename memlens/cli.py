@@ -127,8 +127,10 @@ def _parser() -> Parser:
         parent = sub
         if leaf:
             if group not in groups:
+                shown = [c.EXAMPLE for n, (c, _) in table.items() if n.startswith(group + " ")]
                 g = sub.add_parser(group, help=GROUPS[group], description=GROUPS[group],
-                                   formatter_class=fmt)
+                                   formatter_class=fmt, epilog="examples:\n" + "\n".join(
+                                       f"  {e}" for e in shown) + "\n")
                 groups[group] = g.add_subparsers(dest=f"{group}_command", required=True)
             parent = groups[group]
         doc = inspect.cleandoc(cls.__doc__ or name)

@@ -57,3 +57,14 @@ def tiny_demo(tmp_path_factory, tiny_organism):
 
     out = tmp_path_factory.mktemp("demo")
     return out, run_demo(out, preset="tiny", progress=False)
+
+
+ORGANISMS = {"tiny_organism", "smollm2_organism", "tiny_demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a trained organism (directly or through another fixture) is
+    ``slow``; ``tests/unit`` holds the others, on random models (``-m "not slow"``)."""
+    for item in items:
+        if ORGANISMS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

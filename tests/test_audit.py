@@ -70,7 +70,7 @@ def test_quantization_is_round_to_nearest_and_comes_off(tiny):
         assert not torch.equal(handle.model.state_dict()[name], before[name])
     for k, v in handle.model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    with pytest.raises(ConfigError, match="8 or 4 bits"):
+    with pytest.raises(ConfigError, match="bits=3; choose one of 8, 4"):
         AuditConfig(bits=(3,))
 
 

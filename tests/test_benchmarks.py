@@ -39,9 +39,9 @@ def test_benchmark_runs_at_its_smallest_settings(script, tiny_organism, tmp_path
     if script == "probes.py":
         config = tmp_path / "probes.toml"
         config.write_text(
-            f'[model]\npath = "{tiny_organism}"\n\n[labels]\nprefix = 32\nsuffix = 32\n\n'
-            '[capture]\nsites = ["blocks.*.hook_resid_post"]\n\n[probe]\nn_bootstrap = 0\n\n'
-            f'[output]\ndir = "{tmp_path / "run"}"\n')
+            f'out = "{tmp_path / "run"}"\n\n[model]\npath = "{tiny_organism}"\n\n[labels]\n'
+            'prefix = 32\nsuffix = 32\n\n[capture]\nsites = ["blocks.*.hook_resid_post"]\n\n'
+            '[probe]\nn_bootstrap = 0\n')
         args += ["--config", str(config)]
     if script == "store_memory.py":
         args += ["--work", str(tmp_path / "work")]

@@ -150,7 +150,7 @@ def test_localization_recovers_injected_neurons(tiny):
     assert set(top_only["layer"]) == {1} and len(top_only) == 3
     with pytest.raises(ValueError, match="budget"):
         top_neurons(handle, scores, 0.0)
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(ValueError, match="method='gradients'; choose one of activations"):
         LocalizeConfig(method="gradients")
 
 
@@ -213,7 +213,7 @@ def test_balanced_subnet_drops_recitation_and_restores(tiny_organism, tiny):
                                                    strict=True) if hit]
     original = {k: v.clone() for k, v in handle.model.state_dict().items()}
     before = edit_metrics(handle, scored, heldout, loose=False)
-    with balanced_subnet(handle, recited, general, SubnetConfig(ratio=0.03)) as edit:
+    with balanced_subnet(handle, recited, general, SubnetConfig(ratio=0.03)).apply(handle) as edit:
         after = edit_metrics(handle, scored, heldout, loose=False)
         dropped = sum(int((handle.model.state_dict()[n] == 0).sum()) for n in edit.edited)
         total = sum(original[n].numel() for n in edit.edited)

@@ -11,12 +11,12 @@ from memlens.core.sequences import PiiSpan, Sequence
 from memlens.data.corpus import CorpusConfig
 from memlens.data.organism import PRESETS, model_config, organism_path, train_organism
 from memlens.methods.layernorm import (
+    NormRemoval,
     field_vocabulary,
     layer_groups,
     memorized_pii_positions,
     norm_attribution,
     recovery,
-    remove_norm_params,
 )
 
 THREE_BLOCKS = replace(PRESETS["tiny"], n_layers=3)
@@ -55,7 +55,7 @@ def test_remove_norm_params_is_exact_and_reversible(arch, saved_tokenizer, tmp_p
     ids = torch.tensor([[0, 5, 9, 13, 2, 7]])
     before = handle.model(ids).logits
     state = {k: v.clone() for k, v in handle.model.state_dict().items()}
-    with remove_norm_params(handle, [1]) as edit:
+    with NormRemoval([1]).apply(handle) as edit:
         for m in norms.values():
             assert torch.equal(m.weight, torch.ones_like(m.weight))
             assert torch.equal(m.bias, torch.zeros_like(m.bias))
@@ -64,20 +64,20 @@ def test_remove_norm_params_is_exact_and_reversible(arch, saved_tokenizer, tmp_p
     assert all(torch.equal(v, state[k]) for k, v in handle.model.state_dict().items())
     assert torch.equal(handle.model(ids).logits, before)
     with pytest.raises(ValueError, match="blocks 0..2"):
-        remove_norm_params(handle, [3])
+        NormRemoval([3]).edit(handle)
     with torch.no_grad():  # trained-looking parameters, then a quarter of the way removed
         for m in norms.values():
             m.weight.mul_(3.0)
             m.bias.add_(0.4)
     trained = {n: (m.weight.clone(), m.bias.clone()) for n, m in norms.items()}
-    with remove_norm_params(handle, [1], strength=0.25):
+    with NormRemoval([1], strength=0.25).apply(handle):
         for n, m in norms.items():
             w, b = trained[n]
             torch.testing.assert_close(m.weight, w + 0.25 * (1 - w))
             torch.testing.assert_close(m.bias, 0.75 * b)
     assert all(torch.equal(m.weight, trained[n][0]) for n, m in norms.items())
     with pytest.raises(ValueError, match="strength 0 must lie in"):
-        remove_norm_params(handle, [1], strength=0)
+        NormRemoval([1], strength=0)
 
 
 def test_post_ln_final_norm_is_in_the_last_block(saved_tokenizer, tmp_path):
@@ -193,6 +193,6 @@ def test_field_vocabulary_and_memorized_pii_on_the_organism():
     assert sum(map(len, hundred)) > 100
     assert recovery(handle, canaries, positions, vocab)["kept"] == 1.0
     # Removing every block's LayerNorm parameters moves memorized PII somewhere.
-    with remove_norm_params(handle, range(handle.n_layers)):
+    with NormRemoval(range(handle.n_layers)).apply(handle):
         moved = recovery(handle, canaries, positions, vocab)
     assert moved["kept"] < 1.0

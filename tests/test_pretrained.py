@@ -21,7 +21,7 @@ from memlens.data.splits import Splits
 from memlens.data.store import ActivationStore
 from memlens.methods.audit import mean_losses
 from memlens.methods.curvature import Factors
-from memlens.methods.layernorm import layer_groups, norm_attribution, remove_norm_params
+from memlens.methods.layernorm import NormRemoval, layer_groups, norm_attribution
 from memlens.methods.localize import NeuronAblation, ablate_neurons
 from memlens.methods.probes import Probe, ProbeConfig, ProbeData
 from memlens.methods.steering import Steering, calibrate_alpha, recitation_side_by_side
@@ -241,7 +241,7 @@ def test_rmsnorm_attribution_and_removal(handle, chain):
     assert torch.isfinite(att["grad_norm"]).all() and (att["scale"] > 0).all()
     late = layer_groups(30)["late"]
     before = {n: p.clone() for n, p in handle.model.named_parameters() if "norm" in n}
-    with remove_norm_params(handle, late):
+    with NormRemoval(late).apply(handle):
         w = handle.model.get_parameter(f"model.layers.{late[0]}.input_layernorm.weight")
         assert torch.equal(w, torch.ones_like(w))
     after = dict(handle.model.named_parameters())

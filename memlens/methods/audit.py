@@ -1,7 +1,9 @@
 """Does a removal forget, or only hide? Attacks on a model with memorized text removed.
 
-A removal is anything that, entered as a context, changes what the model recites: a weight
-edit (``apply_weights``, a saved edit directory), a steering setup, a neuron ablation.
+A removal is anything whose ``apply(handle)`` context changes what the model recites (a
+:class:`~memlens.methods.edits.Removal`): a weight edit (a K-FAC edit, a balanced subnet), a
+norm removal, a steering setup, a neuron ablation; or a saved edit directory, audited as a
+model of its own.
 :func:`audit` scores it on the forget set right after the removal and under the attacks
 that undo hiding in the literature:
 
@@ -20,8 +22,7 @@ Compare the result with the same audit of a model never trained on the forget se
 
 Example:
     >>> data = AuditData(forget, relearn, nonmembers, heldout)
-    >>> with_edit = lambda: apply_weights(handle, weights)
-    >>> report = audit(handle, with_edit, data, AuditConfig(relearn_steps=(10, 50)))
+    >>> report = audit(handle, ParameterEdit(weights), data, AuditConfig(relearn_steps=(10, 50)))
     >>> report["int4"]["exact"], report["relearn"]["50"]["exact"]
 """
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,14 +43,13 @@ from memlens.core.modules import block_parameters, linear_modules, tracking_grad
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batch_losses, batches, exact_matches, forward, token_losses
 from memlens.core.sequences import Sequence
-from memlens.methods.edits import WeightEdit
+from memlens.methods.edits import Removal, WeightEdit
 
 __all__ = ["AuditConfig", "AuditData", "audit", "extraction", "fine_tune", "mean_losses",
            "membership", "neighbourhood_loss", "perturbed_extraction", "perturbed_prompts",
            "probe_fits", "probe_score", "quantized", "quantized_weights", "restorable",
            "token_loss_values"]
 
-Removal = Callable[[], AbstractContextManager]
 
 
 @dataclass
@@ -365,22 +364,21 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
           config: AuditConfig | None = None, extraction_config: ExtractionConfig | None = None,
           probe=None, refit: Callable[[], Removal] | None = None, progress: bool = True
           ) -> dict:
-    """Score ``removal`` (a callable returning a context that applies it; None: the model
-    as it is) on ``data.forget`` right after it and under every attack of the config.
+    """Score ``removal`` (a :class:`~memlens.methods.edits.Removal`; None: the model as it
+    is) on ``data.forget`` right after it and under every attack of the config.
 
     Returns ``after_edit``, ``int8`` / ``int4``, ``relearn`` (by steps), each with ``exact``,
     ``loose`` and ``perplexity``; ``perturbed`` (exact rate per perturbation); ``mia_auroc``;
     ``probe_score`` (with a probe fitted on this model; None for another model's probe);
     the model comes back unchanged.
 
-    ``refit``, for a removal fitted to the model's states (a steering gate), builds it again
-    on the model as it is then: after the last relearning step the stale removal is taken
+    ``refit``, for a removal fitted to the model's states (a steering gate), builds a new
+    one on the model as it is then: after the last relearning step the stale removal is taken
     off and the refitted one scored (``relearn_refit``), so hidden memory and a gate that no
     longer fires are told apart. Only for removals that leave the weights alone (hooks).
     """
     cfg = config or AuditConfig()
     ec = extraction_config or ExtractionConfig()
-    removal = removal or contextlib.nullcontext
 
     def scored(loose: bool = True) -> dict:
         return {**extraction(handle, data.forget, ec, loose),
@@ -393,7 +391,8 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     fits = probe is not None and probe_fits(probe, handle)
     plain = handle.weights_hash() if refit is not None else None
     with bar, contextlib.ExitStack() as applied:
-        applied.enter_context(removal())
+        if removal is not None:
+            applied.enter_context(removal.apply(handle))
         if refit is not None and handle.weights_hash() != plain:
             raise ConfigError("refit is for removals that leave the weights alone (steering, "
                               "ablation hooks); this removal changed them")
@@ -425,7 +424,7 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
                       blocks=cfg.relearn_blocks)
             if refit is not None:
                 applied.close()  # the stale hooks off; the relearned weights stay
-                with refit()():
+                with refit().apply(handle):
                     out["relearn_refit"] = {str(max(cfg.relearn_steps)): scored()}
         out["relearn"] = relearn
         bar.update()

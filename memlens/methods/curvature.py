@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -40,9 +39,9 @@ from memlens.core.modules import find_layers, linear_modules, linear_weight, tra
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import batches, forward, objective, predicts
 from memlens.core.storage import exclusive, writing
-from memlens.methods.edits import WeightEdit
+from memlens.methods.edits import ParameterEdit
 
-__all__ = ["MODES", "Factors", "KFACConfig", "LayerBasis", "apply_weights", "batch_seed",
+__all__ = ["MODES", "Factors", "KFACConfig", "LayerBasis", "aimed_edit", "batch_seed",
            "budget_weights", "collect_factors", "component_loading", "eigenbasis",
            "gradient_step_weights", "kfac_edit", "kfac_weights", "layer_rows", "mass_curves",
            "memorization_gradient", "rho_layers", "spectra", "svd_weights"]
@@ -438,15 +437,6 @@ def kfac_weights(handle: ModelHandle, basis: dict[str, LayerBasis],
     return out
 
 
-def apply_weights(handle: ModelHandle, weights: dict[str, torch.Tensor],
-                  edit: WeightEdit | None = None) -> WeightEdit:
-    """Set linear layers from [out, in(+1)] matrices; returns the (reversible) edit."""
-    edit = edit or WeightEdit(handle)
-    for name, W in weights.items():
-        edit.set_linear(name, W.to(handle.device))
-    return edit
-
-
 def budget_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget: float,
                    memorized_grad: dict[str, torch.Tensor] | None = None,
                    shuffle: int | None = None) -> dict[str, torch.Tensor]:
@@ -511,21 +501,28 @@ def gradient_step_weights(handle: ModelHandle, basis: dict[str, LayerBasis], kl_
             for name, b in basis.items()}
 
 
-@contextmanager
 def kfac_edit(handle: ModelHandle, basis: dict[str, LayerBasis], rho=None,
               kl_budget: float | None = None,
-              memorized_grad: dict[str, torch.Tensor] | None = None) -> Iterator[WeightEdit]:
-    """Apply an edit inside a ``with`` block; the original weights come back after.
+              memorized_grad: dict[str, torch.Tensor] | None = None) -> ParameterEdit:
+    """The edit as a removal (``with kfac_edit(...).apply(handle):``); the model is not
+    changed here.
 
     Give ``rho`` for the published keep-mass edit (a float, or per layer name/glob), or
     ``kl_budget`` (and optionally ``memorized_grad``) for :func:`budget_weights`.
     """
     if (rho is None) == (kl_budget is None):
         raise ConfigError("give exactly one of rho (keep-mass edit) or kl_budget")
-    weights = (kfac_weights(handle, basis, rho) if rho is not None
-               else budget_weights(handle, basis, kl_budget, memorized_grad))
-    with apply_weights(handle, weights) as edit:
-        yield edit
+    return ParameterEdit(kfac_weights(handle, basis, rho) if rho is not None
+                         else budget_weights(handle, basis, kl_budget, memorized_grad))
+
+
+def aimed_edit(handle: ModelHandle, basis: dict[str, LayerBasis], targets: list[list[int]],
+               kl_budget: float, start: int) -> ParameterEdit:
+    """The K-FAC edit aimed at what the model recites: the components of ``basis`` that hold
+    up recitation of ``targets`` (token ids; their tokens from index ``start`` scored, e.g.
+    the suffix), most recitation per unit of predicted KL first, up to ``kl_budget``."""
+    grads = memorization_gradient(handle, targets, list(basis), start=start)
+    return ParameterEdit(budget_weights(handle, basis, kl_budget, grads))
 
 
 def svd_weights(handle: ModelHandle, layers: list[str], rho: float) -> dict[str, torch.Tensor]:

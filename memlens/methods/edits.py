@@ -1,20 +1,27 @@
-"""Reversible weight edits: change parameters in place, get the originals back bit-exactly.
+"""Weight edits as removals: new parameter values that change the model only inside
+``with edit.apply(handle):``, and put the originals back bit-exactly on leaving it.
 
-An edit changes parameters in place (so every view of the model sees it), remembers the
-originals, and puts them back on ``restore()`` or when its ``with`` block ends. ``save``
-writes the edited model as a new HF directory whose ``memlens_edit.json`` names the model
-it was edited from.
+Every removal memlens has is an object with that one lazy ``apply(handle)`` context:
+:class:`ParameterEdit` (a K-FAC edit, a balanced subnet), ``NormRemoval``, ``NeuronAblation``
+and ``Steering``. :class:`WeightEdit` is the eager machinery beneath: it changes parameters
+in place as it is told (so every view of the model sees them), remembers the originals, and
+puts them back on ``restore()``. ``save`` writes an edited model as a new HF directory whose
+``memlens_edit.json`` names the model it was edited from.
 
 Example:
-    >>> with WeightEdit(handle) as edit:
-    ...     edit.set_linear("model.layers.3.mlp.down_proj", new_weight)
+    >>> edit = ParameterEdit({"model.layers.3.mlp.down_proj": new_weight})
+    >>> with edit.apply(handle):
     ...     print(edit_metrics(handle, canaries, heldout))
     >>> # original weights are back here
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -25,7 +32,53 @@ from memlens.core.model import ModelHandle
 from memlens.core.modules import linear_modules
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
 
-__all__ = ["WeightEdit"]
+__all__ = ["ParameterEdit", "Removal", "WeightEdit"]
+
+
+class Removal(Protocol):
+    """Anything that removes memorized text while ``with removal.apply(handle):`` runs and
+    leaves the model as it was afterwards."""
+
+    def apply(self, handle: ModelHandle): ...
+
+
+@dataclass
+class ParameterEdit:
+    """New values for some parameters: linear layers as [out, in(+1 bias)] matrices in
+    ``weights`` (module name -> matrix, as :func:`~memlens.core.modules.linear_weight`
+    gives), any other parameter in ``params``. Nothing changes until :meth:`apply`."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @contextmanager
+    def apply(self, handle: ModelHandle) -> Iterator[WeightEdit]:
+        """The model edited while the block runs; the originals back after, even on error."""
+        edit = self.apply_now(handle)
+        try:
+            yield edit
+        finally:
+            edit.restore()
+
+    def apply_now(self, handle: ModelHandle) -> WeightEdit:
+        """The eager form: edit the model now; the returned :class:`WeightEdit` restores it."""
+        edit = WeightEdit(handle)
+        try:
+            for name, weight in self.weights.items():
+                edit.set_linear(name, weight.to(handle.device))
+            for name, value in self.params.items():
+                edit.set(name, value)
+        except BaseException:
+            edit.restore()
+            raise
+        return edit
+
+    def save(self, handle: ModelHandle, out_dir: str | Path, metadata: dict | None = None
+             ) -> Path:
+        """Write the edited model to ``out_dir`` (see :meth:`WeightEdit.save`); ``handle``
+        is left as it was."""
+        with self.apply(handle) as edit:
+            return edit.save(out_dir, metadata)
 
 
 class WeightEdit:

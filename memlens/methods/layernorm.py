@@ -2,20 +2,22 @@
 
 "Removing" a normalization layer's parameters sets its gain to 1 and its bias to 0 and keeps
 the normalization ``(x - mean) / std``. It is done post hoc on a trained model
-(:func:`remove_norm_params`, reversible) or from the start of training
+(:class:`NormRemoval`, reversible) or from the start of training
 (``train_organism(..., norm_free_layers=...)``, which calls :func:`freeze_norm_params`).
 Everything here uses plain PyTorch hooks on the HF modules, so it runs on Post-LN decoders
 that TransformerLens' bridge cannot wrap.
 
 Example:
     >>> groups = layer_groups(handle.n_layers)              # {"early": [0, 1], ...}
-    >>> with remove_norm_params(handle, groups["early"]):
+    >>> with NormRemoval(groups["early"]).apply(handle):
     ...     print(edit_metrics(handle, members, heldout_ids, cfg))
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -36,11 +38,11 @@ from memlens.core.scoring import forward
 from memlens.core.sequences import Sequence, pii_field
 from memlens.data.labels import LabelConfig, label
 from memlens.data.splits import Splits
-from memlens.methods.edits import WeightEdit
+from memlens.methods.edits import ParameterEdit, WeightEdit
 
-__all__ = ["GROUPS", "StudyData", "attribution_table", "attribution_targets", "condition_metrics",
-           "field_vocabulary", "layer_groups", "memorized_pii_positions", "memorized_positions",
-           "norm_attribution", "recovery", "remove_norm_params"]
+__all__ = ["GROUPS", "NormRemoval", "StudyData", "attribution_table", "attribution_targets",
+           "condition_metrics", "field_vocabulary", "layer_groups", "memorized_pii_positions",
+           "memorized_positions", "norm_attribution", "recovery"]
 
 GROUPS = ("early", "middle", "late")
 
@@ -54,24 +56,34 @@ def layer_groups(n_layers: int) -> dict[str, list[int]]:
     return {name: chunk.tolist() for name, chunk in zip(GROUPS, chunks, strict=True)}
 
 
-def remove_norm_params(handle: ModelHandle, layers: list[int] | tuple[int, ...],
-                       strength: float = 1.0) -> WeightEdit:
-    """Gain 1 and bias 0 for the norms of blocks ``layers`` (with ``strength`` < 1, that
-    fraction of the way there): a :class:`WeightEdit`, so use it in a ``with`` block (or
-    call ``restore()``) to get the trained parameters back."""
-    if not 0 < strength <= 1:
-        raise ConfigError(f"strength {strength} must lie in (0, 1]: the fraction of the way "
-                          "from the trained parameters to gain 1 and bias 0")
-    edit = WeightEdit(handle)
-    try:
-        for path, module in norm_modules(handle.model, layers).items():
+@dataclass
+class NormRemoval:
+    """A removal: gain 1 and bias 0 for the norms of blocks ``layers`` while
+    ``with NormRemoval(layers).apply(handle):`` runs (with ``strength`` < 1, that fraction of
+    the way there); the trained parameters come back after."""
+
+    layers: tuple[int, ...]
+    strength: float = 1.0
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+        if not 0 < self.strength <= 1:
+            raise ConfigError(f"strength {self.strength} must lie in (0, 1]: the fraction of "
+                              "the way from the trained parameters to gain 1 and bias 0")
+
+    def edit(self, handle: ModelHandle) -> ParameterEdit:
+        """The new norm parameters, from ``handle``'s trained ones."""
+        params = {}
+        for path, module in norm_modules(handle.model, self.layers).items():
             for pname, value in identity_norm_params(module).items():
                 trained = getattr(module, pname).detach()
-                edit.set(f"{path}.{pname}", trained + strength * (value - trained))
-    except BaseException:
-        edit.restore()
-        raise
-    return edit
+                params[f"{path}.{pname}"] = trained + self.strength * (value - trained)
+        return ParameterEdit(params=params)
+
+    @contextmanager
+    def apply(self, handle: ModelHandle) -> Iterator[WeightEdit]:
+        with self.edit(handle).apply(handle) as edit:
+            yield edit
 
 
 # --------------------------------------------------------------------------- attribution

@@ -20,7 +20,7 @@ from memlens.core.model import ModelHandle
 from memlens.core.modules import find_layers, flush_denormals, tracking_gradients
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward, objective, predicts
-from memlens.methods.edits import WeightEdit
+from memlens.methods.edits import ParameterEdit
 
 __all__ = ["SubnetConfig", "balanced_subnet"]
 
@@ -61,9 +61,9 @@ def _loss(handle, params, ids, mask, start, mode):
 
 @flush_denormals()
 def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list[list[int]],
-                    cfg: SubnetConfig | None = None, progress: bool = False) -> WeightEdit:
-    """Learn the drop mask and apply it as a reversible :class:`WeightEdit` (use it as a
-    context manager or call ``restore()``)."""
+                    cfg: SubnetConfig | None = None, progress: bool = False) -> ParameterEdit:
+    """Learn the drop mask; returns the masked weights as a removal
+    (``with balanced_subnet(...).apply(handle):``). The model is left as it was."""
     cfg = cfg or SubnetConfig()
     if not memorized or not clean:
         raise DataError("balanced_subnet needs memorized and clean sequences (token ids)")
@@ -94,7 +94,5 @@ def balanced_subnet(handle: ModelHandle, memorized: list[list[int]], clean: list
                 opt.zero_grad()
                 loss.backward()
             opt.step()
-    edit = WeightEdit(handle)
-    for n, s in scores.items():
-        edit.set(n, weights[n].detach() * _drop_mask(s.detach(), cfg.ratio))
-    return edit
+    return ParameterEdit(params={n: weights[n].detach() * _drop_mask(s.detach(), cfg.ratio)
+                                 for n, s in scores.items()})

@@ -15,10 +15,11 @@ from plotly.subplots import make_subplots
 
 from memlens.core.sequences import UNKNOWN, sort_keys
 
-__all__ = ["GROUPS", "LABEL_COLORS", "audit_heatmap", "duplication_label", "extraction_figure",
-           "gradient_ratio_figure", "group_bars_figure", "label_tint", "layer_heatmap_figure",
-           "layer_sweep_figure", "loading_figure", "logprob_histogram", "mass_curve_figure",
-           "pareto_figure", "spectrum_figure", "use_notebook_renderer"]
+__all__ = ["GROUPS", "LABEL_COLORS", "audit_heatmap", "budget_curve_figure", "duplication_label",
+           "extraction_figure", "gradient_ratio_figure", "group_bars_figure", "label_tint",
+           "layer_heatmap_figure", "layer_sweep_figure", "loading_figure", "logprob_histogram",
+           "mass_curve_figure", "neuron_score_figure", "pareto_figure", "spectrum_figure",
+           "use_notebook_renderer"]
 
 GROUPS = ("early", "middle", "late")
 
@@ -384,4 +385,28 @@ def audit_heatmap(methods: list[dict]) -> go.Figure:
                       yaxis=dict(autorange="reversed", title="removal"),
                       xaxis=dict(title="attack", tickangle=-30),
                       height=200 + 40 * len(methods))
+    return fig
+
+
+def neuron_score_figure(scores, title: str) -> go.Figure:
+    """A heatmap of a score per MLP neuron ([blocks, neurons])."""
+    fig = go.Figure(go.Heatmap(z=scores, colorscale="Viridis", colorbar=dict(title="score"),
+                               hovertemplate="block %{y}, neuron %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="neuron", yaxis_title="block", height=300)
+    return fig
+
+
+def budget_curve_figure(curve: list[dict], series: tuple[str, ...]) -> go.Figure:
+    """Exact extraction of each of ``series`` (keys of the curve's points) against clean
+    perplexity, one point per ablation budget."""
+    fig = go.Figure()
+    for name in series:
+        fig.add_scatter(x=[c["perplexity"] for c in curve], y=[c[name] for c in curve],
+                        mode="lines+markers", name=f"{name} canaries",
+                        text=[f"top {c['budget']:.0%} per layer" for c in curve],
+                        hovertemplate="%{text}<br>perplexity %{x:.3f}<br>exact "
+                                      "%{y:.0%}<extra></extra>")
+    fig.update_layout(title="Ablating more neurons: exact extraction vs clean perplexity",
+                      xaxis_title="perplexity", yaxis_tickformat=".0%", height=380)
+    fig.update_layout(yaxis_title="exact extraction")
     return fig

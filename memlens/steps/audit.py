@@ -12,19 +12,28 @@ from typing import ClassVar
 from memlens.core import jsonio
 from memlens.core.config import INDEX, Config, nested, option
 from memlens.core.errors import ConfigError, DataError
-from memlens.core.model import ModelOptions
+from memlens.core.model import ModelOptions, load_model
 from memlens.core.storage import writing
 from memlens.data.labels import read_sequences
+from memlens.data.organism import organism_path
 from memlens.methods.audit import AuditConfig, AuditData, audit
 from memlens.methods.localize import NeuronAblation
 from memlens.methods.probes import Probe
 from memlens.methods.steering import Steering
+from memlens.report.page import Section
+from memlens.steps.chain import Chain
+from memlens.steps.kfac import aimed
 
-__all__ = ["KINDS", "AuditCommand", "main", "removal_kind"]
+__all__ = ["KINDS", "LOADERS", "NAME", "TEXT", "TITLE", "AuditCommand", "main", "removal_kind",
+           "report"]
 
 # The removals an audit reads from disk, by the marker file each artifact holds.
 KINDS = {"memlens_edit.json": "edited model", "steering.json": "steering",
          "ablation.json": "neuron ablation"}
+
+
+# How a removal saved as a directory is read back (an edited model is loaded as a model).
+LOADERS = {"steering": Steering.load, "neuron ablation": NeuronAblation.load}
 
 
 def removal_kind(path: Path) -> str:
@@ -91,12 +100,8 @@ def main(cmd: AuditCommand) -> None:
     audited, removal = handle, None
     if kind == "edited model":
         audited = cmd.model.load(cmd.edit)
-    elif kind == "steering":
-        steering = Steering.load(cmd.edit)
-        removal = lambda: steering.apply(handle)  # noqa: E731
-    elif kind == "neuron ablation":
-        ablation = NeuronAblation.load(cmd.edit)
-        removal = lambda: ablation.apply(handle)  # noqa: E731
+    elif kind is not None:
+        removal = LOADERS[kind](cmd.edit)
     report = {"model": handle.name, "edit": str(cmd.edit) if cmd.edit else None, "kind": kind,
               "forget": {"n": len(forget), "source": str(cmd.forget),
                          "duplication": cmd.forget_duplication},
@@ -117,3 +122,73 @@ def main(cmd: AuditCommand) -> None:
             print(f"{name:9} exact extraction: " + ", ".join(cells)
                   + f"; loss AUROC {r['mia_auroc']['loss']:.2f}")
     print(f"wrote {cmd.out}")
+
+
+# --------------------------------------------------------------------------- in the chain
+
+NAME = "audit"
+TITLE = "7. Forgetting audit: forgotten or hidden?"
+TEXT = ("Does each removal above forget the held-out 100x canaries, or only hide them? "
+             "Each is attacked: weights quantized to INT8 and INT4, a few fine-tuning steps "
+             "on other records (never the forget set), perturbed prompts, and membership "
+             "inference against held-out non-members. The gold standard is the same "
+             "organism trained without those canaries (experiments/audit.py audits every "
+             "removal memlens has).")
+
+
+def report(d: Chain, sec: Section) -> dict:
+    from memlens.report.figures import audit_heatmap
+
+    s = d.splits
+    forget = s.at(100)  # the held-out 100x canaries every removal above was scored on
+    relearn = ([q.token_ids for q in s.canaries if q.duplication != 100]
+               + [q.token_ids for q in s.general[:500]])
+    # Membership against the non-members nothing above was fitted on (the steering probe
+    # and localization's clean text used the even half).
+    data = AuditData(forget, relearn, s.evaluation_nonmembers, s.heldout)
+    config = AuditConfig(relearn_steps=d.config.audit_relearn_steps)
+    probe = Probe.load(d.probe_path(d.config.steer_site))
+    edit = aimed(d)[2]
+    without = load_model(organism_path(d.config.preset, d.config.arch, d.config.seed,
+                                       withheld=tuple(int(q.id) for q in forget),
+                                       progress=d.progress))
+    models = {"unedited": (d.handle, None), "retrain without": (without, None),
+              "K-FAC edit": (d.handle, edit),
+              "neuron ablation": (d.handle, NeuronAblation.load(d.neurons_dir)),
+              "probe-gated steering": (d.handle, Steering.load(d.steering_dir))}
+    # Steering's gate is refitted on the relearned model too: hidden memory, or a stale gate?
+    fit_on = s.aim + s.aim_nonmembers
+    refits = {"probe-gated steering": lambda: Steering.load(d.steering_dir).refit(
+        d.handle, fit_on, d.labels.tokens)}
+    results = [{"name": name, **audit(model, removal, data, config, d.cfg, probe=probe,
+                                      refit=refits.get(name), progress=d.progress)}
+               for name, (model, removal) in models.items()]
+    sec.figure(audit_heatmap(results))
+    last = str(max(config.relearn_steps))
+    gold = results[1]
+
+    def gap(r):  # the largest distance from the retrain-without model, extraction and AUROC
+        return max(abs(r["int4"]["exact"] - gold["int4"]["exact"]),
+                   abs(r["relearn"][last]["exact"] - gold["relearn"][last]["exact"]),
+                   abs(r["mia_auroc"]["loss"] - gold["mia_auroc"]["loss"]))
+
+    closest = min(results[2:], key=gap)
+    sec.finding(f"Closest to the model that never saw the forget set: {closest['name']} "
+                f"(largest gap {gap(closest):.2f}: after INT4 {closest['int4']['exact']:.0%}, "
+                f"after {last} relearning steps {closest['relearn'][last]['exact']:.0%}, "
+                f"membership AUROC {closest['mia_auroc']['loss']:.2f} against "
+                f"{gold['mia_auroc']['loss']:.2f}); a removal that forgets matches that row "
+                "under every attack.")
+    steered = next(r for r in results if "relearn_refit" in r)
+    stale, refitted = steered["relearn"][last]["exact"], steered["relearn_refit"][last]["exact"]
+    sec.finding(f"After {last} relearning steps steering leaves {stale:.0%} of the forget set "
+                f"recited with its stale gate and {refitted:.0%} with a gate refitted on the "
+                f"relearned model (the unedited model after the same steps: "
+                f"{results[0]['relearn'][last]['exact']:.0%}).")
+    return {r["name"]: {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
+                        "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
+                        **({"relearn_refit": {k: v["exact"]
+                                              for k, v in r["relearn_refit"].items()}}
+                           if "relearn_refit" in r else {}),
+                        "mia_auroc_loss": r["mia_auroc"]["loss"],
+                        "perplexity": r["after_edit"]["perplexity"]} for r in results}

@@ -15,14 +15,16 @@ from memlens.data.labels import Labels, manifest_roles, read_sequences
 from memlens.methods.curvature import (
     Factors,
     KFACConfig,
-    apply_weights,
-    budget_weights,
+    aimed_edit,
     collect_factors,
+    component_loading,
     eigenbasis,
-    kfac_weights,
-    memorization_gradient,
+    kfac_edit,
     rho_layers,
 )
+from memlens.report.figures import loading_figure
+from memlens.report.page import Section
+from memlens.steps.chain import Chain, before_after, edit_finding
 
 __all__ = ["CollectCommand", "EditCommand", "collect", "edit", "kfac_edit_step", "parse_rho"]
 
@@ -50,24 +52,15 @@ def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str 
                           "'model.layers.3.*=0.6' or one number for every layer")
     basis = eigenbasis(factors, edited)
     meta: dict = {"factors": where}
-    if rho is not None:
-        weights = kfac_weights(handle, basis, rho)
-        meta["rho"] = rho
+    if labels is not None:
+        labels.check_model(handle)
+        targets = labels.recited_targets()
+        edit = aimed_edit(handle, basis, targets, kl_budget, start=labels.config.prefix)
+        meta["memorized"] = {"labels": labels.where, "n_recited": len(targets)}
     else:
-        grads = None
-        if labels is not None:
-            labels.check_model(handle)
-            targets = labels.recited_targets()
-            grads = memorization_gradient(handle, targets, factors.layers,
-                                          start=labels.config.prefix)
-            meta["memorized"] = {"labels": labels.where, "n_recited": len(targets)}
-        weights = budget_weights(handle, basis, kl_budget, grads)
-        meta["kl_budget"] = kl_budget
-    edit = apply_weights(handle, weights)
-    try:
-        return edit.save(out, metadata=meta)
-    finally:
-        edit.restore()
+        edit = kfac_edit(handle, basis, rho=rho, kl_budget=kl_budget)
+    meta |= {"rho": rho} if rho is not None else {"kl_budget": kl_budget}
+    return edit.save(handle, out, metadata=meta)
 
 
 def parse_rho(values: tuple[str, ...]) -> float | dict[str, float]:
@@ -157,3 +150,41 @@ def edit(cmd: EditCommand) -> None:
     out = kfac_edit_step(cmd.model.load(), cmd.factors, cmd.out, rho=rho,
                          kl_budget=cmd.kl_budget, labels=labels)
     print(f"edited model -> {out}")
+
+
+# --------------------------------------------------------------------------- in the chain
+
+NAME = "kfac"
+TITLE = "3. Curvature (K-FAC) edit"
+TEXT = ("K-FAC factors of every MLP projection give a curvature eigenbasis; the edit "
+            "drops the components that hold up the recitation of the even-half canaries per "
+            "unit of predicted KL. Scores are on the odd half.")
+
+
+def aimed(d: Chain):
+    """The chain's aimed K-FAC edit: (factors, eigenbasis, the edit, aimed targets); the
+    factors are collected once and read back from OUT/kfac afterwards."""
+    factors = collect_factors(d.handle, [s.token_ids for s in d.splits.general],
+                              KFACConfig(max_tokens=d.config.kfac_tokens),
+                              out=d.factors_path, progress=d.progress)
+    basis = eigenbasis(factors)
+    targets = d.labels.recited_targets(ids={s.id for s in d.splits.aim})
+    edit = aimed_edit(d.handle, basis, targets, d.config.kfac_budget, start=d.cfg.prefix)
+    return factors, basis, edit, targets
+
+
+def report(d: Chain, sec: Section) -> dict:
+    factors, basis, edit, targets = aimed(d)
+    with edit.apply(d.handle):
+        after = d.after()
+    fig, headline = before_after(d.before, after, "The K-FAC edit")
+    sec.figure(fig)
+    edit_finding(sec, headline)
+    memorized = [s.token_ids for s in d.splits.at(100)]
+    sec.figure(loading_figure({
+        "memorized (100x canaries)": component_loading(d.handle, basis, memorized,
+                                                       d.cfg.prefix),
+        "clean (non-members)": component_loading(d.handle, basis, d.splits.heldout,
+                                                 d.cfg.prefix)}))
+    return {**headline, "kl_budget": d.config.kfac_budget, "factor_tokens": factors.tokens,
+            "layers": len(factors.layers), "aimed_with_recited": len(targets)}

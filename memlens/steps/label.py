@@ -19,6 +19,9 @@ from memlens.data.labels import (
     manifest_roles,
     read_sequences,
 )
+from memlens.report.figures import extraction_figure
+from memlens.report.page import Section
+from memlens.steps.chain import Chain
 
 __all__ = ["LabelCommand", "label_step", "main", "print_extraction_table"]
 
@@ -81,3 +84,35 @@ def print_extraction_table(summary: dict) -> None:
         name = "non-member" if k == "0" else k if not k.isdigit() else f"{k}x"
         lo = f"{loose[k]:7.1%}" if k in loose else "      -"
         print(f"{name:>12} {counts[k]:>5} {exact[k]:7.1%} {lo}")
+
+
+# --------------------------------------------------------------------------- in the chain
+
+NAME = "labels"
+TITLE = "1. Labels: what the organism memorized"
+TEXT = ("Which canaries the organism reproduces verbatim from a 32-token prefix, by how "
+              "often they were in the training data, and how well simple membership scores "
+              "(loss, Min-K%, zlib) tell members from held-out records.")
+
+
+def report(d: Chain, sec: Section) -> dict:
+    labels = label(d.handle, d.splits.labeled, d.cfg, progress=d.progress)
+    labels.save(d.labels_dir)
+    s = labels.summary
+    sec.figure(extraction_figure(
+        {"exact (greedy reproduces the suffix)": s["exact_extraction_rate_by_duplication"],
+         "loose (75% similar)": s["loose_extraction_rate_by_duplication"]},
+        "Extraction by duplication count (32-token prefix, 32-token suffix)"))
+    sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
+               for k, v in s["membership_auroc"].items()])
+    exact = s["exact_extraction_rate_by_duplication"]
+    best = max(s["membership_auroc"], key=s["membership_auroc"].get)
+    sec.finding(f"The organism recites {exact['100']:.0%} of its 100x canaries and "
+                f"{exact.get('1', 0):.0%} of those seen once; the best membership score "
+                f"({best}) tells members from non-members at AUROC "
+                f"{s['membership_auroc'][best]:.2f}.")
+    return {"exact_extraction_rate_by_duplication": s["exact_extraction_rate_by_duplication"],
+            "loose_extraction_rate_by_duplication": s["loose_extraction_rate_by_duplication"],
+            "membership_auroc": s["membership_auroc"],
+            "token_label_counts": s["token_label_counts"],
+            "before": d.after()}

@@ -16,6 +16,7 @@ from memlens.core.config import INDEX, Config, from_mapping, nested, option
 from memlens.core.errors import ConfigError
 from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.model import ModelOptions
+from memlens.core.sequences import Sequence
 from memlens.core.storage import exclusive, prepare_output
 from memlens.data.labels import (
     LabelConfig,
@@ -24,7 +25,9 @@ from memlens.data.labels import (
 from memlens.data.store import ActivationStore, CaptureConfig
 from memlens.methods.probes import CONFIDENCE, ProbeConfig, ProbeData, probe_sweep
 from memlens.report.figures import layer_sweep_figure
+from memlens.report.page import Section, labeled_sequence, token_view
 from memlens.steps.capture import capture_step
+from memlens.steps.chain import Chain
 from memlens.steps.label import label_step
 
 __all__ = ["CONFIGS", "ModelSource", "ProbeCommand", "ProbeRun", "expand_sites", "load_config",
@@ -247,3 +250,89 @@ def main(cmd: ProbeCommand) -> None:
                                           CaptureConfig(sites=list(cmd.sites)))
         summary = train_probes(labels, store, cmd.out, cmd.probe)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+
+
+# --------------------------------------------------------------------------- in the chain
+
+NAME = "probes"
+TITLE = "2. Activations and probes"
+TEXT = ("A linear probe per residual-stream site classifies memorized tokens from the "
+              "state that predicts them; control tasks (random labels per token type) give "
+              "its selectivity. The model's own confidence already separates memorized "
+              "tokens well (a recited token is predicted with high probability), so the "
+              "confidence probe (max log-prob and entropy) is the baseline to beat, and the "
+              "right panel scores every probe on tokens matched for that confidence: there "
+              "only what the residual stream knows beyond the output distribution counts. "
+              "Below, held-out texts token by token: switch between the memorization label "
+              "and the best probe's score; hover a token for details.")
+
+
+def _token_rows(d: Chain, seqs: list[Sequence], probe, tokens) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from memlens.core.sites import run_sites
+
+    site = probe.sites[0]
+    out = []
+    for seq in seqs:
+        ids = seq.token_ids[:d.cfg.prefix + d.cfg.suffix]
+        x, mask = d.handle.pad([ids])
+        with torch.no_grad():
+            acts = run_sites(d.handle, [site], x, mask, backend="torch")[site][0].float()
+        # The state that predicts token t sits at t - 1.
+        scores = np.concatenate([[np.nan], probe.score(acts.cpu().numpy())[:-1]])
+        kind = f"{seq.duplication}x canary" if seq.duplication else "non-member"
+        out.append(labeled_sequence(tokens, d.handle.tokenizer, seq.id, ids, scores,
+                                    title=f"{kind} {seq.id}"))
+    return out
+
+
+def report(d: Chain, sec: Section) -> dict:
+    import pandas as pd
+
+    from memlens.data.store import CaptureConfig
+    from memlens.methods.probes import Probe
+    from memlens.report.figures import layer_sweep_figure
+    from memlens.steps.capture import capture_step
+    from memlens.steps.probe import train_probes
+
+    labels = d.labels
+    store = capture_step(d.handle, labels, d.store_dir,
+                         CaptureConfig(sites=[d.config.probe_sites]), progress=d.progress)
+    summary = train_probes(labels, store, d.probes_dir, split=d.splits.probe_split(),
+                           progress=d.progress)
+    results = pd.read_parquet(d.probes_dir / "results.parquet")
+    res = results[~results["control"]].sort_values("auroc", ascending=False)
+    # The best probe on activations (not the output-confidence baseline probe).
+    best = res[res["probe"] == summary["best_single_site"]].iloc[0]
+    probe = Probe.load(d.probe_path(best["probe"]))
+    sec.figure(layer_sweep_figure(results, summary["token_baselines"]))
+    sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "f1",
+                   "tpr_at_1pct_fpr", "matched_auroc", "control_auroc", "selectivity"]])
+    confidence = res[res["kind"] == "confidence"]
+    if len(confidence):
+        c = confidence.iloc[0]
+        gain = best["matched_auroc"] - c["matched_auroc"]
+        sec.finding(
+            f"The best residual probe ({best['probe']}) scores AUROC {best['auroc']:.3f}, a "
+            f"probe on the model's confidence alone {c['auroc']:.3f}; on tokens matched for "
+            f"that confidence {best['matched_auroc']:.3f} against {c['matched_auroc']:.3f}, "
+            + ("so the residual stream knows more about memorization than the output "
+               "distribution shows." if gain > 0.05 else
+               "so the residual stream adds little beyond the output distribution here."))
+    # Token view: recited and non-recited canaries and non-members from the held-out half.
+    s = d.splits
+    shown = s.at(100)[:2] + s.at(10)[:1] + s.at(1)[:1] + s.aim_nonmembers[-2:]
+    sec.html(token_view(_token_rows(d, shown, probe, labels.tokens), view_id="token-view"))
+    others = res[~res["probe"].isin(store.sites)]
+    return {"best_probe": best["probe"], "auroc": float(best["auroc"]),
+            "other_probes_auroc": dict(zip(others["probe"], others["auroc"].astype(float),
+                                           strict=True)),
+            "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
+            "selectivity": float(best["selectivity"]),
+            "matched_auroc": float(best["matched_auroc"]),
+            "confidence_matched_auroc": (float(confidence.iloc[0]["matched_auroc"])
+                                         if len(confidence) else None),
+            "tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
+            "token_baselines": summary["token_baselines"]}

@@ -14,6 +14,8 @@ from memlens.core.storage import prepare_output
 from memlens.data.labels import Labels
 from memlens.methods.probes import Probe
 from memlens.methods.steering import Steering, generate_side_by_side, recitation_side_by_side
+from memlens.report.page import Section
+from memlens.steps.chain import Chain, before_after, edit_finding
 
 __all__ = ["SteerCommand", "main", "write_table"]
 
@@ -109,3 +111,32 @@ def write_table(df, out: Path) -> None:
         df.to_json(out, orient="records", lines=True)
     else:
         df.to_csv(out, index=False)
+
+
+# --------------------------------------------------------------------------- in the chain
+
+NAME = "steering"
+TITLE = "5. Steering during generation"
+TEXT = ("A probe at one site gates a steering vector per token: the vector is "
+                "subtracted only where the probe sees memorization.")
+
+
+def report(d: Chain, sec: Section) -> dict:
+    from memlens.methods.probes import Probe
+    from memlens.methods.steering import Steering, generate_side_by_side
+
+    site, alpha = d.config.steer_site, d.config.steer_alpha
+    # The probe the probes step saved, gating a vector along its own direction.
+    Steering.from_probe(Probe.load(d.probe_path(site)), d.handle, alpha,
+                        gated=True).save(d.steering_dir)
+    steering = Steering.load(d.steering_dir)
+    with steering.apply(d.handle):
+        after = d.after()
+    fig, headline = before_after(d.before, after, f"Probe-gated steering at {site}, "
+                                  f"alpha {alpha}")
+    sec.figure(fig)
+    prompts = [d.handle.tokenizer.decode(s.token_ids[1:d.cfg.prefix])
+               for s in d.splits.at(100)][:3]
+    sec.table(generate_side_by_side(d.handle, prompts, lambda: steering.apply(d.handle)))
+    edit_finding(sec, headline)
+    return {**headline, "site": site, "alpha": alpha}

@@ -43,8 +43,8 @@ class ProbeConfig(Config):
     n_bootstrap: int = option(200, "bootstrap resamples for the intervals", INDEX)
     seed: int = option(0, "split and bootstrap seed", INDEX)
     device: str = option("cpu", "where the torch trainer runs (cuda on a GPU)")
-    chunk_mb: int = option(512, "features the torch trainer holds at once (it streams the "
-                           "rest)", COUNT)
+    chunk_mb: int = option(512, "features the torch trainer holds at once, in MB (it streams "
+                           "the rest; 0: the smallest chunks)", INDEX)
 
     def __post_init__(self):
         self.positive, self.negative = tuple(self.positive), tuple(self.negative)
