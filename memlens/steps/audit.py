@@ -20,6 +20,7 @@ from memlens.methods.audit import AuditConfig, AuditData, audit
 from memlens.methods.localize import NeuronAblation
 from memlens.methods.probes import Probe
 from memlens.methods.steering import Steering
+from memlens.report.figures import audit_heatmap
 from memlens.report.page import Section
 from memlens.steps.chain import Chain
 from memlens.steps.kfac import aimed
@@ -137,7 +138,6 @@ TEXT = ("Does each removal above forget the held-out 100x canaries, or only hide
 
 
 def report(d: Chain, sec: Section) -> dict:
-    from memlens.report.figures import audit_heatmap
 
     s = d.splits
     forget = s.at(100)  # the held-out 100x canaries every removal above was scored on

@@ -4,6 +4,17 @@ their parameters per group of blocks does."""
 
 from __future__ import annotations
 
+from memlens.core.metrics import perplexity
+from memlens.methods.layernorm import (
+    NormRemoval,
+    StudyData,
+    attribution_table,
+    attribution_targets,
+    condition_metrics,
+    layer_groups,
+    memorized_positions,
+    norm_attribution,
+)
 from memlens.report.figures import gradient_ratio_figure
 from memlens.report.page import Section
 from memlens.steps.chain import Chain
@@ -21,17 +32,6 @@ TEXT = ("Per normalization layer: the gradient at its input for memorized PII to
 
 
 def report(d: Chain, sec: Section) -> dict:
-    from memlens.core.metrics import perplexity
-    from memlens.methods.layernorm import (
-        NormRemoval,
-        StudyData,
-        attribution_table,
-        attribution_targets,
-        condition_metrics,
-        layer_groups,
-        memorized_positions,
-        norm_attribution,
-    )
 
     data = StudyData.from_splits(d.splits)
     positions = memorized_positions(d.labels.tokens, data.canaries)

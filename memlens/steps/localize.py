@@ -10,7 +10,13 @@ from memlens.core.config import FRACTION, Config, nested, option
 from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
 from memlens.data.labels import Labels
-from memlens.methods.localize import LocalizeConfig, NeuronAblation, find_neurons
+from memlens.methods.localize import (
+    LocalizeConfig,
+    NeuronAblation,
+    ablate_neurons,
+    find_neurons,
+    top_neurons,
+)
 from memlens.report.figures import budget_curve_figure, neuron_score_figure
 from memlens.report.page import Section
 from memlens.steps.chain import Chain, before_after, edit_finding
@@ -77,7 +83,6 @@ TEXT = ("MLP neurons scored by how much ablating each one lowers the "
 
 
 def report(d: Chain, sec: Section) -> dict:
-    from memlens.methods.localize import ablate_neurons, top_neurons
 
     s = d.splits
     # Neurons scored on the whole recited sequence (start 1), as the text says.

@@ -12,18 +12,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
+import pandas as pd
+import torch
+
 from memlens.core.config import INDEX, Config, from_mapping, nested, option
 from memlens.core.errors import ConfigError
 from memlens.core.identity import Identity, read_artifact, write_artifact
-from memlens.core.model import ModelOptions
+from memlens.core.model import ModelOptions, load_model
 from memlens.core.sequences import Sequence
+from memlens.core.sites import run_sites
 from memlens.core.storage import exclusive, prepare_output
 from memlens.data.labels import (
     LabelConfig,
     Labels,
 )
+from memlens.data.organism import organism_path
 from memlens.data.store import ActivationStore, CaptureConfig
-from memlens.methods.probes import CONFIDENCE, ProbeConfig, ProbeData, probe_sweep
+from memlens.methods.probes import CONFIDENCE, Probe, ProbeConfig, ProbeData, probe_sweep
 from memlens.report.figures import layer_sweep_figure
 from memlens.report.page import Section, labeled_sequence, token_view
 from memlens.steps.capture import capture_step
@@ -180,8 +186,6 @@ def load_config(config: str | Path | ProbeRun) -> ProbeRun:
 def run_config(config: str | Path | ProbeRun, progress: bool = True) -> dict:
     """Label, capture and train probes from one config (see :func:`load_config`); each
     step is reused when its artifact is already there for the same model and settings."""
-    from memlens.core.model import load_model
-    from memlens.data.organism import organism_path
 
     cfg = load_config(config)
     m = cfg.model
@@ -268,10 +272,7 @@ TEXT = ("A linear probe per residual-stream site classifies memorized tokens fro
 
 
 def _token_rows(d: Chain, seqs: list[Sequence], probe, tokens) -> list[dict]:
-    import numpy as np
-    import torch
 
-    from memlens.core.sites import run_sites
 
     site = probe.sites[0]
     out = []
@@ -289,13 +290,7 @@ def _token_rows(d: Chain, seqs: list[Sequence], probe, tokens) -> list[dict]:
 
 
 def report(d: Chain, sec: Section) -> dict:
-    import pandas as pd
 
-    from memlens.data.store import CaptureConfig
-    from memlens.methods.probes import Probe
-    from memlens.report.figures import layer_sweep_figure
-    from memlens.steps.capture import capture_step
-    from memlens.steps.probe import train_probes
 
     labels = d.labels
     store = capture_step(d.handle, labels, d.store_dir,

@@ -122,8 +122,6 @@ TEXT = ("A probe at one site gates a steering vector per token: the vector is "
 
 
 def report(d: Chain, sec: Section) -> dict:
-    from memlens.methods.probes import Probe
-    from memlens.methods.steering import Steering, generate_side_by_side
 
     site, alpha = d.config.steer_site, d.config.steer_alpha
     # The probe the probes step saved, gating a vector along its own direction.
