@@ -79,7 +79,7 @@ class Sweep:
 
     def __init__(self, handle, forget, heldout, cfg, max_rise: float = 0.10):
         self.handle, self.forget, self.heldout, self.cfg = handle, forget, heldout, cfg
-        self.base = edit_metrics(handle, forget, heldout, cfg, loose=False)["perplexity"]
+        self.base = edit_metrics(handle, forget, heldout, cfg, loose=False).perplexity
         self.max_rise = max_rise
 
     def best(self, name: str, make, params) -> tuple[object, list[dict]]:
@@ -87,9 +87,9 @@ class Sweep:
         for p in params:
             with make(p).apply(self.handle):
                 m = edit_metrics(self.handle, self.forget, self.heldout, self.cfg, loose=False)
-            exact = m["exact_extraction_rate_by_duplication"][str(FORGET_DUPLICATION)]
-            points.append({"param": p, "exact": exact, "perplexity": m["perplexity"]})
-            print(f"  {name:40} {p!s:>8}  exact {exact:5.0%}  ppl {m['perplexity']:8.3f}",
+            exact = m.exact[str(FORGET_DUPLICATION)]
+            points.append({"param": p, "exact": exact, "perplexity": m.perplexity})
+            print(f"  {name:40} {p!s:>8}  exact {exact:5.0%}  ppl {m.perplexity:8.3f}",
                   flush=True)
         ok = [q for q in points if q["perplexity"] <= (1 + self.max_rise) * self.base]
         chosen = min(ok or points, key=lambda q: (q["exact"], q["perplexity"]))

@@ -30,7 +30,7 @@ import torch
 
 from memlens import load_model, organism_path
 from memlens.core import jsonio
-from memlens.core.metrics import edit_metrics, exact_extraction
+from memlens.core.metrics import Extraction, edit_metrics, exact_extraction
 from memlens.core.modules import neuron_width
 from memlens.core.sequences import Sequence
 from memlens.data.corpus import CorpusConfig, build_corpus
@@ -86,18 +86,14 @@ def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, 
                                  target_exact_after_ablation=target_after,
                                  seconds=round(time.perf_counter() - t0, 1)))
                 damage.append(dict(budget=budget, record=j, method=method,
-                                   perplexity_injected=injected_metrics["perplexity"],
-                                   perplexity_ablated=after["perplexity"],
-                                   exact_100_injected=injected_metrics[
-                                       "exact_extraction_rate_by_duplication"]["100"],
-                                   exact_100_ablated=after[
-                                       "exact_extraction_rate_by_duplication"]["100"],
-                                   loose_100_injected=injected_metrics[
-                                       "loose_extraction_rate_by_duplication"]["100"],
-                                   loose_100_ablated=after[
-                                       "loose_extraction_rate_by_duplication"]["100"]))
+                                   perplexity_injected=injected_metrics.perplexity,
+                                   perplexity_ablated=after.perplexity,
+                                   exact_100_injected=injected_metrics.exact["100"],
+                                   exact_100_ablated=after.exact["100"],
+                                   loose_100_injected=injected_metrics.loose["100"],
+                                   loose_100_ablated=after.loose["100"]))
                 print(f"  inject {budget:.3f} #{j} {method:22} recall {rec:.2f}  "
-                      f"ppl {after['perplexity']:.3f}", flush=True)
+                      f"ppl {after.perplexity:.3f}", flush=True)
             edit.restore()
     df, dmg = pd.DataFrame(rows), pd.DataFrame(damage)
     by = df.groupby(["budget", "method"])["recall"].mean()
@@ -130,11 +126,11 @@ def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
 
     def point(method, budget, seconds=0.0):
         m = edit_metrics(handle, scored, splits.heldout, cfg)
-        row = dict(method=method, budget=budget, perplexity=m["perplexity"],
+        row = dict(method=method, budget=budget, perplexity=m.perplexity,
                    seconds=round(seconds, 1),
                    exact_targets=float(sum(exact_extraction(handle, aimed, cfg)) / len(aimed)),
                    **{f"exact_{k}x": v for k, v in
-                      m["exact_extraction_rate_by_duplication"].items() if int(k) in counts})
+                      m.exact.items() if int(k) in counts})
         print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in row.items()), flush=True)
         return row
@@ -162,12 +158,12 @@ def run_subnet(handle, aim, eval_canaries, general, heldout, cfg, before):
         subnet = balanced_subnet(handle, recited, general[:256], SubnetConfig(ratio=ratio))
         with subnet.apply(handle):
             m = edit_metrics(handle, eval_canaries, heldout, cfg)
-        points.append(dict(ratio=ratio, perplexity=m["perplexity"],
-                           exact_100=m["exact_extraction_rate_by_duplication"]["100"],
+        points.append(dict(ratio=ratio, perplexity=m.perplexity,
+                           exact_100=m.exact["100"],
                            after=m))
         print(f"  subnet ratio {ratio}: 100x {points[-1]['exact_100']:.2f} "
-              f"ppl {m['perplexity']:.3f}", flush=True)
-    best = _goal_row(pd.DataFrame(points), before["perplexity"], 0.10)
+              f"ppl {m.perplexity:.3f}", flush=True)
+    best = _goal_row(pd.DataFrame(points), before.perplexity, 0.10)
     return {"ratio": best.ratio, "before": before, "after": best.after,
             "points": [{k: v for k, v in p.items() if k != "after"} for p in points]}
 
@@ -206,13 +202,13 @@ def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites,
             for alpha in alphas:
                 with make(alpha):
                     m = edit_metrics(handle, eval_canaries, heldout, cfg, loose=False)
-                ex = m["exact_extraction_rate_by_duplication"]
+                ex = m.exact
                 points.append(dict(site=site, method=name, alpha=alpha,
-                                   perplexity=m["perplexity"], exact_100=ex["100"],
+                                   perplexity=m.perplexity, exact_100=ex["100"],
                                    exact_by_duplication=ex))
                 contexts[(site, name, alpha)] = make
                 print(f"  steer {site} {name:52} a={alpha:<4} 100x {ex['100']:.2f} "
-                      f"ppl {m['perplexity']:.3f}", flush=True)
+                      f"ppl {m.perplexity:.3f}", flush=True)
     df = pd.DataFrame(points)
     out = {"before": before, "points": points}
     for key, frame in (("dynamic", df[df.method.str.startswith("probe")]),
@@ -220,7 +216,7 @@ def run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg, before, sites,
                        ("static", df[df.method.str.startswith("static")])):
         if frame.empty:  # a variant not run
             continue
-        row = _goal_row(frame, before["perplexity"], 0.05)
+        row = _goal_row(frame, before.perplexity, 0.05)
         with contexts[(row.site, row.method, row.alpha)](row.alpha):
             after = edit_metrics(handle, eval_canaries, heldout, cfg)
         out[key] = {"site": row.site, "method": row.method, "alpha": row.alpha,
@@ -265,9 +261,9 @@ def main():
     result["seconds"] = round(time.perf_counter() - t0, 1)
     jsonio.write(args.out, result)
     b = before
-    print(f"\nbefore: 100x exact {b['exact_extraction_rate_by_duplication']['100']:.0%}, "
-          f"loose {b['loose_extraction_rate_by_duplication']['100']:.0%}, "
-          f"perplexity {b['perplexity']:.3f}")
+    print(f"\nbefore: 100x exact {b.exact['100']:.0%}, "
+          f"loose {b.loose['100']:.0%}, "
+          f"perplexity {b.perplexity:.3f}")
     if "recall_by_method" in result:
         print("recall of injected neurons at 0.1% / 1%:")
         for m in METHODS:
@@ -275,20 +271,20 @@ def main():
                   f"{result['recall_by_method_1pct'][m]:.2f}")
     for key in ("balanced_subnet",):
         if key in result:
-            a = result[key]["after"]
-            print(f"{key}: 100x exact {a['exact_extraction_rate_by_duplication']['100']:.0%}, "
-                  f"loose {a['loose_extraction_rate_by_duplication']['100']:.0%}, "
-                  f"perplexity {a['perplexity']:.3f}")
+            a = Extraction.from_json(jsonio.plain(result[key]["after"]))
+            print(f"{key}: 100x exact {a.exact['100']:.0%}, "
+                  f"loose {a.loose['100']:.0%}, "
+                  f"perplexity {a.perplexity:.3f}")
     if "steering" in result:
         for key in ("dynamic", "baseline", "static"):
             if key not in result["steering"]:
                 continue
             r = result["steering"][key]
-            a = r["after"]
+            a = Extraction.from_json(jsonio.plain(r["after"]))
             print(f"steering {key:8} ({r['site']}, {r['method']}, alpha {r['alpha']}): "
-                  f"100x exact {a['exact_extraction_rate_by_duplication']['100']:.0%}, "
-                  f"loose {a['loose_extraction_rate_by_duplication']['100']:.0%}, "
-                  f"perplexity {a['perplexity']:.3f}")
+                  f"100x exact {a.exact['100']:.0%}, "
+                  f"loose {a.loose['100']:.0%}, "
+                  f"perplexity {a.perplexity:.3f}")
     print(f"wrote {args.out}")
 
 

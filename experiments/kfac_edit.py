@@ -133,14 +133,14 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
         for param, make in grid:
             with ParameterEdit(make()).apply(handle):
                 m = edit_metrics(handle, eval_half, heldout, cfg, loose=False)
-            exact = m["exact_extraction_rate_by_duplication"]
-            points.append(dict(method=method, param=param, perplexity=m["perplexity"],
+            exact = m.exact
+            points.append(dict(method=method, param=param, perplexity=m.perplexity,
                                exact_100=exact["100"], exact_25=exact["25"],
                                exact_by_duplication=exact))
-            print(f"  {arch:5} {method:38} {param:<8} ppl {m['perplexity']:7.3f}  "
+            print(f"  {arch:5} {method:38} {param:<8} ppl {m.perplexity:7.3f}  "
                   + " ".join(f"{k}x {v:4.0%}" for k, v in exact.items()), flush=True)
     df = pd.DataFrame(points)
-    base_ppl = before["perplexity"]
+    base_ppl = before.perplexity
 
     def best(frame):
         """Cheapest point that meets the goal (100x at most 5%, perplexity +10% at most),
@@ -212,8 +212,8 @@ def at_perplexity(points: pd.DataFrame, ppl: float) -> float | None:
 
 def _row(name: str, entry: dict) -> str:
     a = entry["after"]
-    ex, lo = a["exact_extraction_rate_by_duplication"], a["loose_extraction_rate_by_duplication"]
-    return (f"{name:34} {str(entry.get('param', '')):>8} {a['perplexity']:8.3f} "
+    ex, lo = a.exact, a.loose
+    return (f"{name:34} {str(entry.get('param', '')):>8} {a.perplexity:8.3f} "
             f"{ex['100']:7.1%} {lo['100']:7.1%} {ex['25']:7.1%} {ex['10']:7.1%}")
 
 
@@ -232,11 +232,11 @@ def main():
     jsonio.write(args.out, report)
     for arch, r in by_arch.items():
         b = r["before"]
-        ex = b["exact_extraction_rate_by_duplication"]
+        ex = b.exact
         print(f"\n{arch}: {'':27} {'param':>8} {'ppl':>8} {'100x':>7} {'loose':>7} "
               f"{'25x':>7} {'10x':>7}")
-        print(f"{'before':34} {'':>8} {b['perplexity']:8.3f} {ex['100']:7.1%} "
-              f"{b['loose_extraction_rate_by_duplication']['100']:7.1%} {ex['25']:7.1%} "
+        print(f"{'before':34} {'':>8} {b.perplexity:8.3f} {ex['100']:7.1%} "
+              f"{b.loose['100']:7.1%} {ex['25']:7.1%} "
               f"{ex['10']:7.1%}")
         print(_row("best K-FAC: " + r["kfac"]["method"][:22], r["kfac"]))
         print(_row("published recipe", r["published"]))

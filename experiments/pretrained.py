@@ -38,7 +38,7 @@ from interventions import run_inject, run_steer  # noqa: E402
 from kfac_edit import AIMED, GRADIENT, PUBLISHED, RANDOM, SVD, sweep_arch  # noqa: E402
 
 from memlens.core import jsonio
-from memlens.core.metrics import edit_metrics  # noqa: E402
+from memlens.core.metrics import Extraction, edit_metrics  # noqa: E402
 from memlens.core.model import load_model  # noqa: E402
 from memlens.data.labels import LabelConfig  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
@@ -116,9 +116,8 @@ def demo_part(args, trained: list[int], out: Path) -> dict:
                         audit=False)  # relearning 135M weights per removal: hours on 2 cores
     s = run_demo(out, config=config)
     return {
-        "labels": {k: s["labels"][k] for k in ("exact_extraction_rate_by_duplication",
-                                               "loose_extraction_rate_by_duplication",
-                                               "membership_auroc")},
+        "labels": {**Extraction.from_json(s["labels"]).to_json(),
+                   "membership_auroc": s["labels"]["membership_auroc"]},
         "probes": {"best_site": s["probes"]["best_probe"],
                    "best_token_auroc": s["probes"]["auroc"],
                    "confidence_auroc": s["probes"]["other_probes_auroc"].get("confidence"),
@@ -228,12 +227,12 @@ def layernorm_part(args, path: Path, trained: list[int]) -> dict:
                 continue
             with NormRemoval(blocks if strength else [], strength or 1.0).apply(handle):
                 m = edit_metrics(handle, often, splits.heldout, cfg, loose=False)
-            ex = m["exact_extraction_rate_by_duplication"]
+            ex = m.exact
             rows.append({"group": group if strength else "none", "strength": strength,
                          "exact_ge_10x": sum(ex.values()) / len(ex),
-                         "perplexity": m["perplexity"]})
+                         "perplexity": m.perplexity})
             print(f"  norms {rows[-1]['group']:6} strength {strength:4}: exact >= 10x "
-                  f"{rows[-1]['exact_ge_10x']:.0%}, perplexity {m['perplexity']:.1f}", flush=True)
+                  f"{rows[-1]['exact_ge_10x']:.0%}, perplexity {m.perplexity:.1f}", flush=True)
     return {"layernorm_partial": rows}
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from memlens.cli import main
 from memlens.core.jsonio import plain
+from memlens.core.metrics import Extraction
 from memlens.steps.demo import STEPS
 
 
@@ -14,7 +15,7 @@ def test_label_command_writes_results(tiny_organism, tmp_path, capsys):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_sequences"] == 50
-    assert "0" not in summary["exact_extraction_rate_by_duplication"]
+    assert "0" not in Extraction.from_json(summary).exact
     assert (out / "tokens.parquet").exists() and (out / "sequences.parquet").exists()
     assert "100x" in capsys.readouterr().out
 

@@ -31,7 +31,7 @@ def test_labels_and_edit_metrics_follow_the_same_rule(tiny_organism):
     nonmembers = [s for s in seqs if s.duplication == 0][:6]
     mixed = hundred + unknown + nonmembers
     labels = label(handle, mixed, LabelConfig(generate=False), progress=False)
-    by_dup = labels.summary["exact_extraction_rate_by_duplication"]
+    by_dup = labels.extraction.exact
     assert list(by_dup) == ["0", "100", "unknown"]
     assert by_dup["unknown"] == by_dup["100"] >= 0.75  # the same texts, recited the same
     assert labels.summary["n_by_duplication"] == {"0": 6, "100": 4, "unknown": 4}
@@ -42,7 +42,7 @@ def test_labels_and_edit_metrics_follow_the_same_rule(tiny_organism):
     known = label(handle, hundred + nonmembers, LabelConfig(generate=False), progress=False)
     assert labels.summary["membership_auroc"] == known.summary["membership_auroc"]
     metrics = edit_metrics(handle, mixed, [s.token_ids for s in nonmembers], loose=False)
-    assert metrics["exact_extraction_rate_by_duplication"] == by_dup
+    assert metrics.exact == by_dup
 
 
 @pytest.mark.parametrize("value", [-3, 2.5, "many", True])

@@ -223,14 +223,14 @@ def test_edit_removes_recitation_and_restores_bit_exactly(tiny, tmp_path):
     basis = eigenbasis(factors)
     original = {k: v.clone() for k, v in handle.model.state_dict().items()}
     before = edit_metrics(handle, canaries, heldout, loose=False)
-    assert before["exact_extraction_rate_by_duplication"]["100"] >= 0.9
+    assert before.exact["100"] >= 0.9
     with kfac_edit(handle, basis, rho=0.8).apply(handle) as edit:
         after = edit_metrics(handle, canaries, heldout, loose=False)
         edit.save(tmp_path / "edited", metadata={"rho": 0.8})
         ids = torch.tensor([canaries[-1].token_ids[:40]])
         edited_logits = handle.model(input_ids=ids).logits
-    assert after["exact_extraction_rate_by_duplication"]["100"] <= 0.1
-    assert after["perplexity"] < 1.5 * before["perplexity"]
+    assert after.exact["100"] <= 0.1
+    assert after.perplexity < 1.5 * before.perplexity
     for k, v in handle.model.state_dict().items():
         assert torch.equal(v, original[k]), k
     reloaded = load_model(tmp_path / "edited")

@@ -8,6 +8,7 @@ import pytest
 from plotly.colors import hex_to_rgb
 
 from memlens.core.jsonio import plain
+from memlens.core.metrics import Extraction
 from memlens.report.figures import LABEL_COLORS, label_tint, logprob_histogram
 from memlens.report.page import Report, token_view
 from memlens.steps.demo import STEPS, DemoConfig, run_demo
@@ -34,13 +35,13 @@ def test_demo_summary_holds_every_step(tiny_demo):
     written = json.loads((out / "summary.json").read_text())
     assert set(STEPS) | {"seconds"} <= set(written)
     assert {k: written[k] for k in STEPS} == plain({k: summary[k] for k in STEPS})
-    assert summary["labels"]["exact_extraction_rate_by_duplication"]["100"] >= 0.9
-    assert summary["labels"]["exact_extraction_rate_by_duplication"]["0"] == 0.0
+    recited = Extraction.from_json(summary["labels"]).exact
+    assert recited["100"] >= 0.9 and recited["0"] == 0.0
     assert summary["probes"]["auroc"] > 0.8
     for step in ("kfac", "interventions", "steering"):
         r = summary[step]
-        assert r["exact_100x_before"] == summary["labels"]["before"][
-            "exact_extraction_rate_by_duplication"]["100"] >= 0.9
+        assert r["exact_100x_before"] == Extraction.from_json(
+            summary["labels"]["before"]).exact["100"] >= 0.9
         assert r["perplexity_after"] != r["perplexity_before"]  # the edit took effect
     # Steering that added the vector would leave the held-out 100x canaries recited
     # (measured: 1.0 -> 0.4 at +19% on the tiny organism). The demo's K-FAC budget (.003)
@@ -81,7 +82,7 @@ def test_every_artifact_is_strict_json_and_no_lock_file_is_left(tiny_demo):
     assert 0 < labels["p_z_zero_share_by_duplication"]["0"] <= 1
     assert labels["p_z_zero_share_by_duplication"]["100"] == 0
     assert labels["median_log_p_z_by_duplication"]["100"] > -5
-    assert summary["labels"]["exact_extraction_rate_by_duplication"]["100"] >= 0.9
+    assert Extraction.from_json(summary["labels"]).exact["100"] >= 0.9
     litter = [p.name for p in out.rglob(".*")]
     assert litter == [], litter
 

@@ -218,11 +218,11 @@ def test_balanced_subnet_drops_recitation_and_restores(tiny_organism, tiny):
         dropped = sum(int((handle.model.state_dict()[n] == 0).sum()) for n in edit.edited)
         total = sum(original[n].numel() for n in edit.edited)
     assert 0.029 <= dropped / total < 0.035
-    assert before["exact_extraction_rate_by_duplication"]["100"] >= 0.8
-    assert after["exact_extraction_rate_by_duplication"]["100"] <= 0.4, after
+    assert before.exact["100"] >= 0.8
+    assert after.exact["100"] <= 0.4, after
     # Measured on the tiny organism: 100x 1.0 -> 0.0 at +31% perplexity (the small one
     # pays +3%, see experiments/interventions.py).
-    assert after["perplexity"] < 1.4 * before["perplexity"], (before, after)
+    assert after.perplexity < 1.4 * before.perplexity, (before, after)
     for k, v in handle.model.state_dict().items():
         assert torch.equal(v, original[k]), k
     with pytest.raises(ValueError, match="fraction of weights dropped"):

@@ -28,7 +28,7 @@ def test_summary_has_the_headline_numbers(result):
     for key in ("n_sequences", "exact_extraction_rate", "exact_extraction_rate_by_duplication",
                 "loose_extraction_rate", "n_skipped", "seconds"):
         assert key in s
-    by_dup = s["exact_extraction_rate_by_duplication"]
+    by_dup = result.extraction.exact
     assert set(by_dup) == {"0", "1", "5", "10", "25", "100"}
     assert s["n_sequences"] == 100 and s["n_skipped"] == 0
     assert by_dup["0"] == 0.0

@@ -46,7 +46,7 @@ def test_layer_groups_are_thirds():
 
 
 @pytest.mark.parametrize("arch", ["opt", "opt-postln"])
-def test_remove_norm_params_is_exact_and_reversible(arch, saved_tokenizer, tmp_path):
+def test_norm_removal_is_exact_and_reversible(arch, saved_tokenizer, tmp_path):
     handle = _opt_handle(arch, saved_tokenizer, tmp_path)
     norms = norm_modules(handle.model, [1])
     assert sorted(n.rsplit(".", 1)[1] for n in norms) == ["final_layer_norm",

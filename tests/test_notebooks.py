@@ -17,26 +17,26 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 # Per notebook: numbers it computes, read from its kernel after the last cell ran.
 PROBES = {
-    "01_explore": "dict(exact_100=result.summary['exact_extraction_rate_by_duplication']['100'],"
-                  " exact_0=result.summary['exact_extraction_rate_by_duplication']['0'],"
+    "01_explore": "dict(exact_100=result.extraction.exact['100'],"
+                  " exact_0=result.extraction.exact['0'],"
                   " min_k=result.summary['membership_auroc']['min_k'], rows=store.n_rows,"
                   " n_tokens=int((store.tokens.position >= 32).sum()))",
     "02_probes": "dict(auroc=summary['best_token_auroc'],"
                  " probe_auroc=probe.metrics['auroc'], dim=int(direction.shape[0]))",
-    "03_kfac": "dict(before=before['exact_extraction_rate_by_duplication']['100'],"
+    "03_kfac": "dict(before=before.exact['100'],"
                " rho_08=float(keep_mass.loc['rho=0.8', '100x']), tokens=factors.tokens)",
-    "04_interventions_steering": "dict(before=before['exact_extraction_rate_by_duplication']"
-                                 "['100'], best_dynamic=float(sweep[sweep['mode'] == "
+    "04_interventions_steering": "dict(before=before.exact['100'],"
+                                 " best_dynamic=float(sweep[sweep['mode'] == "
                                  "'dynamic'].exact_100.min()))",
     "05_layernorm": "dict(n_conditions=len(conditions), n_attribution=len(attribution),"
                     " kept=[c['recovery']['kept'] for c in conditions"
                     " if c['removed_group'] == 'none'])",
     "06_pretrained": "dict(bridge_diff=bridge_diff,"
-                     " exact=s['exact_extraction_rate_by_duplication'],"
+                     " exact=s.exact,"
                      " best=float(table[table.probe != 'confidence'].auroc.max()),"
                      " matched=table.set_index('probe').matched_auroc.to_dict(),"
-                     " kfac=kfac_table.to_dict('index'), before=before,"
-                     " steered=steered['exact_extraction_rate_by_duplication'],"
+                     " kfac=kfac_table.to_dict('index'), before=before.exact,"
+                     " steered=steered.exact,"
                      " neuron_blocks=sorted(set(int(x) for x in neurons.layer)), trained=trained,"
                      " norm_rows=len(norm_table))",
     "07_audit": "dict(rows={r['name']: dict(exact=r['after_edit']['exact'],"
@@ -57,7 +57,7 @@ CHECKS = {
     and v["exact"]["1"] == 0.0 and 0 <= v["best"] <= 1
     and all(0 <= m <= 1 for m in v["matched"].values())
     and v["kfac"]["keep-mass rho=0.9"]["25x"] == 0.0
-    and v["steered"]["25"] < v["before"]["exact_extraction_rate_by_duplication"]["25"]
+    and v["steered"]["25"] < v["before"]["25"]
     and v["neuron_blocks"] == v["trained"] and v["norm_rows"] == 4,
     "07_audit": lambda v: len(v["rows"]) == 4
     and v["rows"]["unedited"]["exact"] >= 0.9 and v["rows"]["retrain without"]["exact"] == 0

@@ -47,7 +47,7 @@ def test_dynamic_steering_stops_recitation_and_spares_clean_text(fitted):
     handle, states, _, canaries, heldout = fitted
     probe, d = states.fit_probe(), states.mean_difference()
     before = edit_metrics(handle, canaries, heldout, loose=False)
-    assert before["exact_extraction_rate_by_duplication"]["100"] >= 0.8
+    assert before.exact["100"] >= 0.8
     with steer(handle, SITE, d, 2.0, probe=probe):
         dynamic = edit_metrics(handle, canaries, heldout, loose=False)
     with steer(handle, SITE, d, 2.0):
@@ -55,10 +55,10 @@ def test_dynamic_steering_stops_recitation_and_spares_clean_text(fitted):
     # Measured on the 5 held-out canaries per count: 100x 1.0 -> .4, 25x 1.0 -> .2 and
     # 10x .8 -> .2 at +0.8% perplexity (static: .2 / 0 / 0 at +13%). Steering that stopped
     # one canary per count (.8) fails here.
-    after = dynamic["exact_extraction_rate_by_duplication"]
+    after = dynamic.exact
     assert max(after["100"], after["25"], after["10"]) <= 0.4, after
-    assert dynamic["perplexity"] < 1.03 * before["perplexity"]
-    assert static["perplexity"] > 1.05 * before["perplexity"]
+    assert dynamic.perplexity < 1.03 * before.perplexity
+    assert static.perplexity > 1.05 * before.perplexity
     with pytest.raises(ValueError, match="not 'blocks.1.hook_resid_post'"):
         with steer(handle, "blocks.1.hook_resid_post", d, 1.0, probe=probe):
             pass

@@ -88,10 +88,11 @@ def option(default=REQUIRED, help: str = "", check: Number | None = None,  # noq
     return dataclasses.field(default=default, metadata=meta)
 
 
-def nested(cls, help: str = "", skip: tuple[str, ...] = ()):  # noqa: A002
-    """A field holding another config, its defaults unless given; the command line offers
-    its fields but those in ``skip`` (they keep their defaults)."""
-    return dataclasses.field(default_factory=cls,
+def nested(cls, help: str = "", skip: tuple[str, ...] = (), factory=None):  # noqa: A002
+    """A field holding another config: ``factory()`` (default ``cls()``) unless given, and
+    what a TOML table for it overrides. The command line offers its fields but those in
+    ``skip`` (they keep their defaults)."""
+    return dataclasses.field(default_factory=factory or cls,
                              metadata={"help": help, "nested": True, "skip": skip})
 
 

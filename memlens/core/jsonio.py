@@ -4,8 +4,9 @@ Python's ``json`` writes ``NaN`` and ``-Infinity``, which are not JSON: ``JSON.p
 and most other readers refuse the file. memlens writes through :func:`dumps` and
 :func:`write`, which turn a value that is not a finite number into ``null`` (for example
 the log-probability of a suffix that sampling can never produce, ``-inf``), numpy and torch
-scalars and arrays into plain numbers and lists, and anything else (a path, a dtype) into
-its string.
+scalars and arrays into plain numbers and lists, a result type into its ``to_json()`` (an
+:class:`~memlens.core.metrics.Extraction`), and anything else (a path, a dtype) into its
+string.
 
 Example:
     >>> dumps({"p": float("-inf"), "n": np.int64(3)})
@@ -32,6 +33,8 @@ def plain(obj):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [plain(v) for v in obj]
+    if callable(getattr(obj, "to_json", None)):  # a result type
+        return plain(obj.to_json())
     if hasattr(obj, "tolist") and not isinstance(obj, numbers.Number):  # arrays, tensors
         return plain(obj.tolist())
     if hasattr(obj, "item") and callable(obj.item):  # numpy and torch scalars

@@ -5,7 +5,7 @@ counts (``"0"`` for non-members) and ``"unknown"``.
 
 Example:
     >>> m = edit_metrics(handle, canaries, heldout_ids, ExtractionConfig(prefix=32, suffix=32))
-    >>> m["exact_extraction_rate_by_duplication"]["100"], m["perplexity"]
+    >>> m.exact["100"], m.perplexity
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from rapidfuzz.distance import Levenshtein
@@ -30,9 +31,9 @@ from memlens.core.scoring import (
 )
 from memlens.core.sequences import Sequence, duplication_key, pii_token_mask, sort_keys
 
-__all__ = ["ExtractionConfig", "by_duplication", "counts_by_duplication", "edit_metrics",
-           "exact_extraction", "heldout_metrics", "loose_distances", "loose_extraction", "n_for_p",
-           "perplexity"]
+__all__ = ["Extraction", "ExtractionConfig", "by_duplication", "counts_by_duplication",
+           "edit_metrics", "exact_extraction", "heldout_metrics", "loose_distances",
+           "loose_extraction", "n_for_p", "perplexity"]
 
 
 @dataclass
@@ -46,6 +47,33 @@ class ExtractionConfig(Config):
     loose_threshold: float = option(0.75, "loose-match similarity (1 - normalized token "
                                     "edit distance)", FRACTION)
     batch_size: int = option(32, "sequences per forward pass", COUNT)
+
+
+@dataclass
+class Extraction:
+    """Extraction rates by duplication count (keys ``"0"`` for non-members, ``"1"``, ...,
+    ``"unknown"``), and the clean perplexity beside them: what labels report and what a
+    removal is judged by. Written to JSON (summaries, caches) by :meth:`to_json`."""
+
+    exact: dict[str, float]
+    loose: dict[str, float] | None = None
+    perplexity: float | None = None
+
+    KEYS: ClassVar[dict[str, str]] = {"exact": "exact_extraction_rate_by_duplication",
+                                      "loose": "loose_extraction_rate_by_duplication"}
+
+    def to_json(self) -> dict:
+        out = {self.KEYS["exact"]: self.exact}
+        if self.loose is not None:
+            out[self.KEYS["loose"]] = self.loose
+        if self.perplexity is not None:
+            out["perplexity"] = self.perplexity
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Extraction:
+        """From :meth:`to_json`'s dict, or any summary holding its keys (a labels summary)."""
+        return cls(data[cls.KEYS["exact"]], data.get(cls.KEYS["loose"]), data.get("perplexity"))
 
 
 def by_duplication(duplications: list[int | None], values: list[float],
@@ -107,7 +135,7 @@ def perplexity(handle: ModelHandle, token_ids: list[list[int]], batch_size: int 
 
 
 def edit_metrics(handle: ModelHandle, members: list[Sequence], heldout: list[list[int]],
-                 cfg: ExtractionConfig | None = None, loose: bool = True) -> dict:
+                 cfg: ExtractionConfig | None = None, loose: bool = True) -> Extraction:
     """What an edit is judged by: extraction of members by duplication, clean perplexity.
 
     ``members`` are the sequences to test for recitation (e.g. an organism's canaries);
@@ -116,13 +144,9 @@ def edit_metrics(handle: ModelHandle, members: list[Sequence], heldout: list[lis
     cfg = cfg or ExtractionConfig()
     kept = [s for s in members if len(s.token_ids) > cfg.prefix]
     dups = [s.duplication for s in kept]
-    out = {"exact_extraction_rate_by_duplication":
-           by_duplication(dups, exact_extraction(handle, kept, cfg))}
-    if loose:
-        out["loose_extraction_rate_by_duplication"] = by_duplication(
-            dups, loose_extraction(handle, kept, cfg))
-    out["perplexity"] = perplexity(handle, heldout, cfg.batch_size)
-    return out
+    exact = by_duplication(dups, exact_extraction(handle, kept, cfg))
+    near = by_duplication(dups, loose_extraction(handle, kept, cfg)) if loose else None
+    return Extraction(exact, near, perplexity(handle, heldout, cfg.batch_size))
 
 
 @torch.no_grad()

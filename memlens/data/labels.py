@@ -9,7 +9,7 @@ Example:
     >>> handle = load_model(organism_path("tiny"))
     >>> seqs = read_sequences(organism_path("tiny") / "corpus.jsonl", handle.tokenizer)
     >>> labels = label(handle, seqs, LabelConfig(prefix=32, suffix=32))
-    >>> labels.summary["exact_extraction_rate_by_duplication"]
+    >>> labels.extraction.exact["100"]
     >>> labels.save("labels/")                 # the artifact capture, probes and edits read
     >>> Labels.load("labels/").recited()       # the sequences the model recites
 """
@@ -32,6 +32,7 @@ from memlens.core.config import COUNT, FRACTION, POSITIVE, option
 from memlens.core.errors import DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.metrics import (
+    Extraction,
     ExtractionConfig,
     by_duplication,
     counts_by_duplication,
@@ -121,6 +122,11 @@ class Labels:
         summary.pop("files", None)
         return cls(pd.read_parquet(path / "sequences.parquet"),
                    pd.read_parquet(path / "tokens.parquet"), summary, identity, path)
+
+    @property
+    def extraction(self) -> Extraction:
+        """Extraction by duplication (exact and, where generated, loose)."""
+        return Extraction.from_json(self.summary)
 
     @property
     def config(self) -> LabelConfig:
@@ -385,7 +391,7 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
         "n_skipped": int(n_skipped),
         "n_short_suffix": int((sequences["suffix_len"] < cfg.suffix).sum()),
         "exact_extraction_rate": float(sequences["exact"].mean()),
-        "exact_extraction_rate_by_duplication": rate("exact"),
+        Extraction.KEYS["exact"]: rate("exact"),
         "n_by_duplication": counts_by_duplication(dup),
         # The median: one suffix that top-k sampling can never produce (p_z = 0, log -inf)
         # would make the mean -inf. null where more than half have p_z = 0.
@@ -397,7 +403,7 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
     if "loose" in sequences:
         summary.update(
             loose_extraction_rate=float(sequences["loose"].mean()),
-            loose_extraction_rate_by_duplication=rate("loose"),
+            **{Extraction.KEYS["loose"]: rate("loose")},
             mean_normalized_levenshtein=float(sequences["normalized_levenshtein"].mean()),
             greedy_agrees_with_teacher_forcing=bool(
                 (sequences["greedy_exact"] == sequences["exact"]).all()))

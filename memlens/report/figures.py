@@ -2,7 +2,7 @@
 numbers), never from models or tensors, so a figure can be redrawn from saved results.
 
 Example:
-    >>> extraction_figure({"exact": summary["exact_extraction_rate_by_duplication"]}, "Labels")
+    >>> extraction_figure({"exact": labels.extraction.exact}, "Labels")
     >>> layer_sweep_figure(pd.read_parquet("probes/results.parquet"), baselines)
 """
 

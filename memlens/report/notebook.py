@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["finding", "setup", "wrapped"]
+__all__ = ["exact_by_count", "finding", "setup", "wrapped"]
 
 
 def setup(max_rows: int = 60) -> None:
@@ -48,3 +48,11 @@ def wrapped(df, columns=None):
     columns = list(columns if columns is not None else text_columns(df))
     return (df.style.format(escape="html").hide(axis="index")
             .set_properties(subset=columns, **{"white-space": "pre-wrap", "text-align": "left"}))
+
+
+def exact_by_count(rates) -> dict[str, float]:
+    """Exact extraction of an :class:`~memlens.core.metrics.Extraction` keyed for a table
+    (``"100x"``, ``"non-member"``)."""
+    from memlens.report.figures import duplication_label
+
+    return {duplication_label(k): v for k, v in rates.exact.items()}

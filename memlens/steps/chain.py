@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 
 from memlens.core import jsonio
 from memlens.core.identity import Identity
-from memlens.core.metrics import edit_metrics
+from memlens.core.metrics import Extraction, edit_metrics
 from memlens.core.model import ModelHandle, load_model
 from memlens.core.version import VERSION
 from memlens.data.labels import LabelConfig, Labels
@@ -71,13 +71,15 @@ class Chain:
         return Labels.load(self.labels_dir)
 
     @cached_property
-    def before(self) -> dict:
-        return json.loads((self.out / "steps" / "labels.json").read_text())["summary"]["before"]
+    def before(self) -> Extraction:
+        """The scores before any removal, as the labels step recorded them."""
+        cached = json.loads((self.out / "steps" / "labels.json").read_text())
+        return Extraction.from_json(cached["summary"]["before"])
 
     def probe_path(self, site: str) -> Path:
         return self.probes_dir / "probes" / site
 
-    def after(self, loose: bool = True) -> dict:
+    def after(self, loose: bool = True) -> Extraction:
         s = self.splits
         return edit_metrics(self.handle, s.evaluation, s.heldout, self.cfg, loose=loose)
 
@@ -105,19 +107,16 @@ class Chain:
 def before_after(before: dict, after: dict, what: str) -> tuple[go.Figure, dict]:
     """Extraction by duplication and perplexity, before vs after an intervention."""
     fig = extraction_figure({
-        "exact, before": before["exact_extraction_rate_by_duplication"],
-        "exact, after": after["exact_extraction_rate_by_duplication"],
-        **({"loose, after": after["loose_extraction_rate_by_duplication"]}
-           if "loose_extraction_rate_by_duplication" in after else {})},
+        "exact, before": before.exact, "exact, after": after.exact,
+        **({"loose, after": after.loose} if after.loose is not None else {})},
         f"{what}<br><sup>extraction of held-out canaries; perplexity "
-        f"{before['perplexity']:.3f} -> {after['perplexity']:.3f}</sup>")
+        f"{before.perplexity:.3f} -> {after.perplexity:.3f}</sup>")
     headline = {
         "what": what,
-        "exact_100x_before": before["exact_extraction_rate_by_duplication"]["100"],
-        "exact_100x_after": after["exact_extraction_rate_by_duplication"]["100"],
-        "loose_100x_after": after.get("loose_extraction_rate_by_duplication", {}).get("100"),
-        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-        "perplexity_change": after["perplexity"] / before["perplexity"] - 1}
+        "exact_100x_before": before.exact["100"], "exact_100x_after": after.exact["100"],
+        "loose_100x_after": (after.loose or {}).get("100"),
+        "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
+        "perplexity_change": after.perplexity / before.perplexity - 1}
     return fig, headline
 
 

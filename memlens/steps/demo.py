@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from memlens.core import jsonio
 from memlens.core.config import option
+from memlens.core.metrics import Extraction
 from memlens.core.storage import exclusive
 from memlens.report.page import Report, Section
 from memlens.steps import audit, kfac, label, layernorm, localize, probe, steer
@@ -124,7 +125,7 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
         return f"{x:.0%}"
 
     labels = s["labels"]
-    exact = labels["exact_extraction_rate_by_duplication"]
+    exact = Extraction.from_json(labels).exact
     counts = sorted((k for k in exact if k.isdigit() and k != "0"), key=int, reverse=True)
     mia = labels["membership_auroc"]
     rows = [("labels", "canaries recited exactly, by duplication: "

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from memlens.core.config import Config, nested, option
 from memlens.core.identity import corpus_hash
+from memlens.core.metrics import Extraction
 from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
 from memlens.data.labels import (
@@ -76,8 +77,8 @@ def main(cmd: LabelCommand) -> None:
 
 
 def print_extraction_table(summary: dict) -> None:
-    exact = summary["exact_extraction_rate_by_duplication"]
-    loose = summary.get("loose_extraction_rate_by_duplication", {})
+    rates = Extraction.from_json(summary)
+    exact, loose = rates.exact, rates.loose or {}
     counts = summary["n_by_duplication"]
     print(f"{'duplication':>12} {'n':>5} {'exact':>7} {'loose':>7}")
     for k in exact:
@@ -100,19 +101,18 @@ def report(d: Chain, sec: Section) -> dict:
     labels.save(d.labels_dir)
     s = labels.summary
     sec.figure(extraction_figure(
-        {"exact (greedy reproduces the suffix)": s["exact_extraction_rate_by_duplication"],
-         "loose (75% similar)": s["loose_extraction_rate_by_duplication"]},
+        {"exact (greedy reproduces the suffix)": labels.extraction.exact,
+         "loose (75% similar)": labels.extraction.loose},
         "Extraction by duplication count (32-token prefix, 32-token suffix)"))
     sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
                for k, v in s["membership_auroc"].items()])
-    exact = s["exact_extraction_rate_by_duplication"]
+    exact = labels.extraction.exact
     best = max(s["membership_auroc"], key=s["membership_auroc"].get)
     sec.finding(f"The organism recites {exact['100']:.0%} of its 100x canaries and "
                 f"{exact.get('1', 0):.0%} of those seen once; the best membership score "
                 f"({best}) tells members from non-members at AUROC "
                 f"{s['membership_auroc'][best]:.2f}.")
-    return {"exact_extraction_rate_by_duplication": s["exact_extraction_rate_by_duplication"],
-            "loose_extraction_rate_by_duplication": s["loose_extraction_rate_by_duplication"],
+    return {**labels.extraction.to_json(),
             "membership_auroc": s["membership_auroc"],
             "token_label_counts": s["token_label_counts"],
-            "before": d.after()}
+            "before": d.after().to_json()}

@@ -98,8 +98,8 @@ def report(d: Chain, sec: Section) -> dict:
     for budget in sorted({d.config.localize_budget, 0.03, 0.1}):
         with ablate_neurons(d.handle, top_neurons(d.handle, scores, budget)):
             m = d.after(loose=False)
-        curve.append({"budget": budget, "perplexity": m["perplexity"],
-                      **{f"{k}x": v for k, v in m["exact_extraction_rate_by_duplication"].items()
+        curve.append({"budget": budget, "perplexity": m.perplexity,
+                      **{f"{k}x": v for k, v in m.exact.items()
                          if k in ("10", "25", "100")}})
     fig, headline = before_after(d.before, after, f"Ablating the {len(table)} neurons "
                                   f"{d.config.localize_method} finds")

@@ -3,7 +3,6 @@ or the whole label -> capture -> probe run from one TOML config."""
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 import sys
@@ -147,8 +146,7 @@ class ProbeRun(Config):
     combos: dict[str, list[str]] = option({}, "probes on several sites: name -> site globs "
                                           "(confidence: the model's max log-prob and entropy)")
     model: ModelSource = nested(ModelSource)
-    labels: LabelConfig = dataclasses.field(default_factory=lambda: LabelConfig(
-        generate=False), metadata={"nested": True})
+    labels: LabelConfig = nested(LabelConfig, factory=lambda: LabelConfig(generate=False))
     capture: CaptureConfig = nested(CaptureConfig)
     probe: ProbeConfig = nested(ProbeConfig)
     source: str = option("a config object", "where the settings came from", cli=False)
