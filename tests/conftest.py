@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,6 +46,12 @@ def random_model_dir(arch: str, tokenizer, root, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def make_random_model():
+    """``random_model_dir`` as a fixture (test modules do not import conftest)."""
+    return random_model_dir
+
+
+@pytest.fixture(scope="session")
 def random_models(tmp_path_factory, saved_tokenizer):
     root = tmp_path_factory.mktemp("models")
     return {a: random_model_dir(a, saved_tokenizer, root) for a in ("llama", "neox", "gpt2")}
@@ -59,12 +66,11 @@ def tiny_demo(tmp_path_factory, tiny_organism):
     return out, run_demo(out, preset="tiny", progress=False)
 
 
-ORGANISMS = {"tiny_organism", "smollm2_organism", "tiny_demo"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """A test that uses a trained organism (directly or through another fixture) is
-    ``slow``; ``tests/unit`` holds the others, on random models (``-m "not slow"``)."""
+    """Tests outside ``tests/unit`` (organisms, notebooks, experiments, the README) are
+    ``slow``; ``tests/unit`` runs on random models in seconds (``-m "not slow"`` or
+    ``pytest tests/unit``)."""
+    unit = Path(__file__).parent / "unit"
     for item in items:
-        if ORGANISMS & set(getattr(item, "fixturenames", ())):
+        if unit not in Path(item.path).parents:
             item.add_marker(pytest.mark.slow)

@@ -51,26 +51,6 @@ def test_bridge_nnsight_and_torch_hooks_record_the_same(arch, random_models, org
             torch.testing.assert_close(got[b][site], ref, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
-def test_padded_batches_match_unpadded_sequences(arch, random_models):
-    handle = load_model(random_models[arch])
-    sites = resolve_sites(handle, ["blocks.*.hook_resid_post", "blocks.1.mlp.hook_post"])
-    texts = ["Biography. Ann Lee was born on May 1, 1990.", "Phone 555-123-4567.", "Hi"]
-    alone = []
-    for t in texts:
-        ids, mask = handle.tokenize(t)
-        alone.append(run_sites(handle, sites, ids, mask))
-    for side in ("left", "right"):
-        ids, mask = handle.tokenize(texts, side=side)
-        batch = run_sites(handle, sites, ids, mask)
-        for row in range(len(texts)):
-            valid = mask[row].bool()
-            for s in sites:
-                # Documented tolerance: 1e-5 absolute (fp32 reductions over padded rows).
-                torch.testing.assert_close(batch[s][row, valid], alone[row][s][0],
-                                           atol=1e-5, rtol=1e-5)
-
-
 def test_store_round_trip_is_aligned_with_labels(organism, tmp_path):
     handle, seqs = organism
     seqs = seqs[:24]

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from memlens.core.metrics import n_for_p
 from memlens.core.model import load_model
 from memlens.core.scoring import greedy_continuations
 from memlens.core.sequences import Sequence
@@ -85,12 +84,6 @@ def test_membership_scores_match_a_direct_computation(handle, result):
             # A recited suffix is in the top 40 everywhere, and renormalizing over those
             # can only raise its probability above the full softmax's.
             assert math.isfinite(expected) and expected >= lp[31:].sum() - 1e-5
-
-
-def test_n_for_p():
-    assert n_for_p(math.log(0.95), 0.9) == 1
-    assert n_for_p(math.log(0.5), 0.9) == 4  # 1 - 0.5^4 = 0.9375 >= 0.9 > 0.875
-    assert n_for_p(-math.inf, 0.9) == math.inf
 
 
 def test_token_labels_follow_the_rule(result):

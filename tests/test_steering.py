@@ -125,8 +125,6 @@ def test_the_audits_probe_score_under_steering_is_the_models_own_state(fitted):
 def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism):
     """Relearning with steering on is scored twice: with the stale setup, and with one
     refitted on the relearned model, the stale hooks taken off first."""
-    from functools import partial
-
     from memlens.core.sites import site_module
     from memlens.methods.audit import AuditConfig, AuditData, audit
 
@@ -141,12 +139,12 @@ def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism)
     def refit():
         again = steering.refit(handle, s.aim + s.aim_nonmembers, tokens)
         seen.append((again, len(module._forward_hooks)))
-        return partial(again.apply, handle)
+        return again
 
     forget = [q for q in canaries if q.duplication == 100]
     relearn = [q.token_ids for q in s.general[:100]]
     data = AuditData(forget, relearn, s.evaluation_nonmembers, heldout)
-    report = audit(handle, partial(steering.apply, handle), data,
+    report = audit(handle, steering, data,
                    AuditConfig(bits=(8,), relearn_steps=(3, 6), neighbours=2), refit=refit,
                    progress=False)
     assert set(report["relearn"]) == {"3", "6"} and set(report["relearn_refit"]) == {"6"}
@@ -157,16 +155,11 @@ def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism)
     assert again.site == SITE and again.alpha == 2.0 and again.gate is not None
     assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
     # A removal that changes the weights cannot be refitted: its edit would be undone.
-    from contextlib import contextmanager
-
     from memlens.core.errors import ConfigError
-    from memlens.methods.audit import restorable
+    from memlens.methods.edits import ParameterEdit
 
-    @contextmanager
-    def weight_edit():
-        with restorable(handle), torch.no_grad():
-            next(handle.model.parameters()).add_(1e-3)
-            yield
+    name, first = next(iter(handle.model.named_parameters()))
+    weight_edit = ParameterEdit(params={name: first.detach() + 1e-3})
 
     with pytest.raises(ConfigError, match="leave the weights alone"):
         audit(handle, weight_edit, data, AuditConfig(bits=(8,), relearn_steps=(3,)),

@@ -10,7 +10,7 @@ a lower layer, and every module declares its public names (``__all__``).
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).parent.parent / "memlens"
+ROOT = Path(__file__).parents[2] / "memlens"
 # Folders, lowest first; modules at the top (the command line, ``python -m memlens``, the
 # package's own names) sit above them all.
 FOLDERS = ("core", "data", "methods", "report", "steps")

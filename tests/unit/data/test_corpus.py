@@ -1,3 +1,5 @@
+"""The synthetic PII corpus: deterministic, with spans over the values."""
+
 from memlens.data.corpus import PII_FIELDS, CorpusConfig, build_corpus
 
 CFG = CorpusConfig(n_general=200, canaries_per_count=3, duplication_counts=(1, 5, 100),

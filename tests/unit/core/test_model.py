@@ -1,9 +1,10 @@
+"""Loading models: the bridge, nnsight and HF views agree; errors name the fix."""
+
 import json
 import re
 
 import pytest
 import torch
-from conftest import random_model_dir
 
 from memlens.core.model import SUPPORTED_ARCHITECTURES, ModelLoadError, load_model
 
@@ -76,8 +77,8 @@ def test_missing_directory_is_named(tmp_path):
         load_model(tmp_path)
 
 
-def test_tokenizer_that_does_not_fit_the_model(tmp_path, saved_tokenizer):
-    small = random_model_dir("gpt2", saved_tokenizer, tmp_path)
+def test_tokenizer_that_does_not_fit_the_model(tmp_path, saved_tokenizer, make_random_model):
+    small = make_random_model("gpt2", saved_tokenizer, tmp_path)
     cfg = json.loads((small / "config.json").read_text())
     from transformers import AutoModelForCausalLM, GPT2Config
 
