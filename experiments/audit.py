@@ -46,7 +46,7 @@ from memlens.data.splits import Splits
 from memlens.methods.audit import AuditConfig, AuditData, audit, fine_tune, restorable
 from memlens.methods.curvature import (
     KFACConfig,
-    budget_weights,
+    aimed_edit,
     collect_factors,
     eigenbasis,
     kfac_weights,
@@ -158,7 +158,7 @@ def removals(handle, splits, forget, reference, cfg, sweep: Sweep, tokens: int,
         if "aimed" in methods:
             grads = memorization_gradient(handle, forget_ids, factors.layers, start=cfg.prefix)
             tuned("aimed", "K-FAC aimed (KL budget)",
-                  lambda b: ParameterEdit(budget_weights(handle, basis, b, grads)),
+                  lambda b: aimed_edit(handle, basis, b, grads=grads),
                   (0.001, 0.002, 0.003, 0.005, 0.01, 0.02))
         tuned("svd", "SVD (rho)",
               lambda r: ParameterEdit(svd_weights(handle, factors.layers, r)),

@@ -48,6 +48,7 @@ from memlens.data.labels import LabelConfig
 from memlens.data.splits import Splits
 from memlens.methods.curvature import (
     KFACConfig,
+    aimed_edit,
     budget_weights,
     collect_factors,
     component_loading,
@@ -116,7 +117,8 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
         "kl-budget (no memorized data)": [
             (b, lambda b=b: budget_weights(handle, basis, b)) for b in KL_BUDGETS],
         AIMED: [
-            (b, lambda b=b: budget_weights(handle, basis, b, grads)) for b in AIMED_BUDGETS],
+            (b, lambda b=b: aimed_edit(handle, basis, b, grads=grads).weights)
+            for b in AIMED_BUDGETS],
         SVD: [
             (r, lambda r=r: svd_weights(handle, layers, r)) for r in SVD_RHOS],
         RANDOM: [

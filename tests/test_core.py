@@ -52,11 +52,10 @@ def test_identity_names_what_changed(tiny_organism):
     assert ident.config == {"prefix": [32]}  # JSON round trip: equal after save and load
     assert Identity.from_json(json.loads(json.dumps(ident.to_json())), "x") == ident
     ident.check_model(handle, "labels/")
-    other = Identity(**{**ident.to_json(), "model_hash": "0" * 16})
+    other = ident.with_changes(model_hash="0" * 16)
     with pytest.raises(ArtifactMismatch, match="labels/ was made with model weights 0000"):
         other.check_model(handle, "labels/")
-    store = Identity(**{**ident.to_json(), "kind": "store",
-                        "corpus_hash": corpus_hash(seqs[:1])})
+    store = ident.with_changes(kind="store", corpus_hash=corpus_hash(seqs[:1]))
     with pytest.raises(ArtifactMismatch, match="the corpus changed"):
         ident.check_corpus(store, "labels/", "store/")
     with pytest.raises(DataError, match="no memlens identity header"):

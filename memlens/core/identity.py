@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,6 +91,13 @@ class Identity:
                    corpus if seqs is None else corpus_hash(seqs),
                    json.loads(json.dumps(config or {}, default=str)),
                    {k: v.digest for k, v in (inputs or {}).items()}, handle.name, VERSION)
+
+    def with_changes(self, **changes) -> Identity:
+        """This header with some fields replaced (``kind``, ``config``, ``inputs``...), as
+        the header of an artifact made from this one."""
+        if "config" in changes:
+            changes["config"] = json.loads(json.dumps(changes["config"], default=str))
+        return replace(self, **changes)
 
     @property
     def digest(self) -> str:

@@ -512,16 +512,25 @@ def kfac_edit(handle: ModelHandle, basis: dict[str, LayerBasis], rho=None,
     """
     if (rho is None) == (kl_budget is None):
         raise ConfigError("give exactly one of rho (keep-mass edit) or kl_budget")
-    return ParameterEdit(kfac_weights(handle, basis, rho) if rho is not None
-                         else budget_weights(handle, basis, kl_budget, memorized_grad))
+    if rho is not None:
+        return ParameterEdit(kfac_weights(handle, basis, rho))
+    if memorized_grad is not None:
+        return aimed_edit(handle, basis, kl_budget, grads=memorized_grad)
+    return ParameterEdit(budget_weights(handle, basis, kl_budget))
 
 
-def aimed_edit(handle: ModelHandle, basis: dict[str, LayerBasis], targets: list[list[int]],
-               kl_budget: float, start: int) -> ParameterEdit:
+def aimed_edit(handle: ModelHandle, basis: dict[str, LayerBasis], kl_budget: float,
+               targets: list[list[int]] | None = None, start: int = 1,
+               grads: dict[str, torch.Tensor] | None = None) -> ParameterEdit:
     """The K-FAC edit aimed at what the model recites: the components of ``basis`` that hold
     up recitation of ``targets`` (token ids; their tokens from index ``start`` scored, e.g.
-    the suffix), most recitation per unit of predicted KL first, up to ``kl_budget``."""
-    grads = memorization_gradient(handle, targets, list(basis), start=start)
+    the suffix), most recitation per unit of predicted KL first, up to ``kl_budget``.
+    ``grads`` (from :func:`memorization_gradient`) stand in for ``targets`` when a sweep
+    over budgets computes them once."""
+    if grads is None:
+        if not targets:
+            raise ConfigError("an aimed edit needs the recited targets (or their gradients)")
+        grads = memorization_gradient(handle, targets, list(basis), start=start)
     return ParameterEdit(budget_weights(handle, basis, kl_budget, grads))
 
 

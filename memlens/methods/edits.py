@@ -139,7 +139,7 @@ class WeightEdit:
         prepare_output(out, "edit", marker="memlens_edit.json")
         base = state_hash({**self.handle.model.state_dict(), **self._originals})
         identity = Identity.make("edit", self.handle, config=metadata or {})
-        identity = Identity(**{**identity.to_json(), "inputs": {"model": base}})
+        identity = identity.with_changes(inputs={"model": base})
         with exclusive(out, "save an edited model"), atomic_dir(out) as tmp:
             self.handle.model.save_pretrained(tmp)
             self.handle.tokenizer.save_pretrained(tmp)

@@ -142,9 +142,8 @@ class Steering:
         identity = Identity.make("steering", handle, config={
             "site": probe.sites[0], "alpha": alpha, "gated": gated},
             corpus=probe.identity.get("corpus_hash"))
-        identity = Identity(**{**identity.to_json(),
-                               "inputs": {"probe": Identity.from_json(probe.identity,
-                                                                      "the probe").digest}})
+        identity = identity.with_changes(
+            inputs={"probe": Identity.from_json(probe.identity, "the probe").digest})
         return cls(probe.sites[0], steering_vector(probe), alpha, probe if gated else None,
                    identity)
 

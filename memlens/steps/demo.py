@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from memlens.core import jsonio
-from memlens.core.config import option
+from memlens.core.config import COUNT, FRACTION, INDEX, POSITIVE, Config, option
 from memlens.core.metrics import Extraction
 from memlens.core.storage import exclusive
+from memlens.methods.localize import METHODS
 from memlens.report.page import Report, Section
 from memlens.steps import audit, kfac, label, layernorm, localize, probe, steer
 from memlens.steps.chain import Chain, run_steps
@@ -35,23 +36,26 @@ STEPS = tuple(s.NAME for s in SECTIONS)
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     """The organism and each step's settings (all part of the step cache keys)."""
 
-    preset: str = "small"
-    arch: str = "llama"
-    seed: int = 0
-    probe_sites: str = "blocks.*.hook_resid_post"
-    kfac_tokens: int = 30_000
-    kfac_budget: float = 0.003        # predicted KL of the aimed K-FAC edit
-    localize_method: str = "zero_out"
-    localize_budget: float = 0.01     # fraction of each layer's MLP neurons ablated
-    localize_targets: int = 16        # recited canaries the neurons are scored for
-    steer_site: str = "blocks.1.hook_resid_post"
-    steer_alpha: float = 4.0
-    attribution_tokens: int = 200
-    audit_relearn_steps: tuple[int, ...] = (10, 50)
-    audit: bool = True  # step 7 trains a second organism; off for models slow to retrain
+    preset: str = option("small", "organism preset")
+    arch: str = option("llama", "organism architecture")
+    seed: int = option(0, "organism seed", INDEX)
+    probe_sites: str = option("blocks.*.hook_resid_post", "sites the probes read")
+    kfac_tokens: int = option(30_000, "tokens the K-FAC factors are collected over", COUNT)
+    kfac_budget: float = option(0.003, "predicted KL of the aimed K-FAC edit", POSITIVE)
+    localize_method: str = option("zero_out", "how neurons are scored", choices=METHODS)
+    localize_budget: float = option(0.01, "fraction of each layer's MLP neurons ablated",
+                                    FRACTION)
+    localize_targets: int = option(16, "recited canaries the neurons are scored for", COUNT)
+    steer_site: str = option("blocks.1.hook_resid_post", "the steering probe's site")
+    steer_alpha: float = option(4.0, "steering strength", POSITIVE)
+    attribution_tokens: int = option(200, "tokens per LayerNorm attribution set", COUNT)
+    audit_relearn_steps: tuple[int, ...] = option((10, 50), "relearning steps the audit "
+                                                  "scores after", COUNT)
+    audit: bool = option(True, "run the audit (it trains a second organism; off for models "
+                         "slow to retrain)")
 
 
 def run_demo(out: str | Path = "memlens-demo", preset: str = "small", arch: str = "llama",

@@ -55,7 +55,7 @@ def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str 
     if labels is not None:
         labels.check_model(handle)
         targets = labels.recited_targets()
-        edit = aimed_edit(handle, basis, targets, kl_budget, start=labels.config.prefix)
+        edit = aimed_edit(handle, basis, kl_budget, targets, start=labels.config.prefix)
         meta["memorized"] = {"labels": labels.where, "n_recited": len(targets)}
     else:
         edit = kfac_edit(handle, basis, rho=rho, kl_budget=kl_budget)
@@ -169,7 +169,7 @@ def aimed(d: Chain):
                               out=d.factors_path, progress=d.progress)
     basis = eigenbasis(factors)
     targets = d.labels.recited_targets(ids={s.id for s in d.splits.aim})
-    edit = aimed_edit(d.handle, basis, targets, d.config.kfac_budget, start=d.cfg.prefix)
+    edit = aimed_edit(d.handle, basis, d.config.kfac_budget, targets, start=d.cfg.prefix)
     return factors, basis, edit, targets
 
 

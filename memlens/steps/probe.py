@@ -17,7 +17,7 @@ import torch
 
 from memlens.core.config import INDEX, Config, from_mapping, nested, option
 from memlens.core.errors import ConfigError
-from memlens.core.identity import Identity, read_artifact, write_artifact
+from memlens.core.identity import read_artifact, write_artifact
 from memlens.core.model import ModelOptions, load_model
 from memlens.core.sequences import Sequence
 from memlens.core.sites import run_sites
@@ -109,8 +109,8 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
     }
     out.mkdir(parents=True, exist_ok=True)
     sweep.results.to_parquet(out / "results.parquet", index=False)
-    identity = Identity(**{**data.identity.to_json(), "kind": "probes", "inputs": data.inputs,
-                           "config": json.loads(json.dumps(asdict(data.config)))})
+    identity = data.identity.with_changes(kind="probes", inputs=data.inputs,
+                                          config=asdict(data.config))
     write_artifact(out, "results.json", summary, identity)
     layer_sweep_figure(sweep.results, sweep.baselines, trainers[0]).write_html(
         out / "layer_sweep.html", include_plotlyjs=True)

@@ -12,7 +12,6 @@ import pandas as pd
 import torch
 
 from memlens.core.errors import ConfigError, DataError
-from memlens.core.identity import Identity
 from memlens.core.progress import progress as progress_bar
 from memlens.methods.probes.artifact import Probe
 from memlens.methods.probes.data import ProbeData
@@ -75,8 +74,8 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
         tasks |= {f"control:{name}": (sites, yc) for name, sites in named.items()}
     identity = {}
     if data.identity is not None:
-        identity = Identity(**{**data.identity.to_json(), "kind": "probe",
-                               "config": asdict(cfg), "inputs": data.inputs}).to_json()
+        identity = data.identity.with_changes(kind="probe", config=asdict(cfg),
+                                              inputs=data.inputs).to_json()
     rows, probes, scores = [], {}, {}
     index = {k: np.flatnonzero(m) for k, m in (("train", tr), ("val", va), ("test", te))}
     for trainer in trainers:
