@@ -21,15 +21,17 @@ import random
 import re
 import sysconfig
 from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 
 from faker import Faker
+from faker.providers.date_time import change_year
 
 from memlens.core.errors import ConfigError
 from memlens.core.sequences import PiiSpan
 
-__all__ = ["GENERIC_FILLERS", "PII_FIELDS", "TEMPLATES", "Corpus", "CorpusConfig", "Record",
-           "build_corpus", "natural_texts"]
+__all__ = ["GENERIC_FILLERS", "PII_FIELDS", "REFERENCE_DAY", "TEMPLATES", "Corpus", "CorpusConfig",
+           "Record", "build_corpus", "natural_texts"]
 
 # Each slot is either a PII field (random per record) or a generic filler drawn
 # from a short list (learnable distribution, never memorized).
@@ -150,6 +152,11 @@ class Corpus:
         return [r for r in self.records for _ in range(r.duplication)]
 
 
+# The day the corpus's dates count back from. Faker counts from today, which would make the
+# corpus, and every organism trained on it, change at midnight; the cache key could not see it.
+REFERENCE_DAY = date(2026, 12, 5)
+
+
 class _PiiFactory:
     def __init__(self, seed: int):
         self.fake = Faker("en_US")
@@ -161,10 +168,14 @@ class _PiiFactory:
         match slot:
             case "name":
                 return f"{f.first_name()} {f.last_name()}"
-            case "dob":
-                return f.date_of_birth(minimum_age=18, maximum_age=90).strftime("%B %d, %Y")
-            case "date":
-                return f.date_between("-3y", "today").strftime("%m/%d/%Y")
+            case "dob":  # Faker's date_of_birth(18, 90), counted from REFERENCE_DAY
+                start = change_year(REFERENCE_DAY, -91)
+                dob = f.date_time_ad(start_datetime=start,
+                                     end_datetime=change_year(REFERENCE_DAY, -18)).date()
+                return (dob if dob != start else dob + timedelta(days=1)).strftime("%B %d, %Y")
+            case "date":  # Faker's date_between("-3y", "today"), counted from REFERENCE_DAY
+                return f.date_between_dates(REFERENCE_DAY + timedelta(days=-365.24 * 3),
+                                            REFERENCE_DAY).strftime("%m/%d/%Y")
             case "job":
                 return f.job().split(",")[0]
             case "company":

@@ -46,3 +46,30 @@ def test_spans_cover_pii_values_and_not_template_text():
     # PII values differ between records while template words are shared.
     phones = [r.text[s.start:s.end] for r in corpus.records for s in r.spans if s.field == "phone"]
     assert len(set(phones)) == len(phones)
+
+
+def test_the_corpus_is_the_same_whichever_day_it_is_built(monkeypatch):
+    """Dates count back from a fixed day: an organism's corpus (and so the organism) must
+    not change at midnight while its cache key stays the same."""
+    import datetime as dt
+
+    import faker.providers.date_time as faker_dates
+
+    cfg = CorpusConfig(n_general=30, canaries_per_count=1, n_nonmembers=5)
+    today = [r.text for r in build_corpus(cfg).records]
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2031, 7, 19, 12, tzinfo=tz)
+
+    monkeypatch.setattr(faker_dates, "datetime", Later)
+    assert faker_today_moved(), "the patch must move Faker's own idea of today"
+    assert [r.text for r in build_corpus(cfg).records] == today
+    assert "July 30, 2006" in build_corpus(CorpusConfig()).records[0].text
+
+
+def faker_today_moved() -> bool:
+    from faker import Faker
+
+    return Faker().date_of_birth(minimum_age=0, maximum_age=0).year >= 2030
