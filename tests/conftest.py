@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,3 +76,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if unit not in Path(item.path).parents:
             item.add_marker(pytest.mark.slow)
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
+                  "--virtual-time-budget=15000", "--dump-dom"]
+
+
+@pytest.fixture(scope="session")
+def render():
+    """``render(path)``: the DOM after scripts ran, and every console message, from
+    headless Chromium."""
+    def run(path):
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            pytest.fail("this test needs Chromium: apt-get install chromium")
+        done = subprocess.run([binary, *CHROMIUM_FLAGS, path.resolve().as_uri()],
+                              capture_output=True, text=True, timeout=180)
+        return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return run

@@ -1,29 +1,9 @@
 import json
 import re
-import shutil
-import subprocess
-
-import pytest
 
 from memlens.core.jsonio import plain
 from memlens.core.metrics import Extraction
 from memlens.steps.demo import STEPS, DemoConfig, run_demo
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
-                  "--virtual-time-budget=15000", "--dump-dom"]
-
-
-def render(path):
-    """The DOM after scripts ran, and every console message, from headless Chromium."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("this test needs Chromium: apt-get install chromium")
-    run = subprocess.run([binary, *CHROMIUM_FLAGS, path.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=180)
-    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
-    return run.stdout, console
 
 
 def test_demo_summary_holds_every_step(tiny_demo):
@@ -93,7 +73,7 @@ def test_demo_second_run_reuses_every_step(tiny_demo, capsys):
     assert plain({k: again[k] for k in STEPS}) == plain({k: first[k] for k in STEPS})
 
 
-def test_report_renders_offline_in_headless_chromium(tiny_demo):
+def test_report_renders_offline_in_headless_chromium(tiny_demo, render):
     out, _ = tiny_demo
     page = (out / "report.html").read_text()
     # Offline: plotly.js is inline (megabytes of it) and nothing is fetched.

@@ -22,8 +22,6 @@ from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
-import plotly.graph_objects as go
-
 from memlens.core import jsonio
 from memlens.core.identity import Identity
 from memlens.core.metrics import Extraction, edit_metrics
@@ -104,7 +102,7 @@ class Chain:
                         self.inputs(step), str(self.path), VERSION)
 
 
-def before_after(before: dict, after: dict, what: str) -> tuple[go.Figure, dict]:
+def before_after(before: Extraction, after: Extraction, what: str) -> tuple:
     """Extraction by duplication and perplexity, before vs after an intervention."""
     fig = extraction_figure({
         "exact, before": before.exact, "exact, after": after.exact,

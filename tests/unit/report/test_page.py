@@ -1,34 +1,15 @@
 """The report page: token views escape text and carry their styles."""
 
 import re
-import shutil
-import subprocess
 
 import pandas as pd
-import pytest
 from plotly.colors import hex_to_rgb
 
 from memlens.report.figures import LABEL_COLORS, label_tint, logprob_histogram
 from memlens.report.page import Report, token_view
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
-                  "--virtual-time-budget=15000", "--dump-dom"]
 
-
-def render(path):
-    """The DOM after scripts ran, and every console message, from headless Chromium."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("this test needs Chromium: apt-get install chromium")
-    run = subprocess.run([binary, *CHROMIUM_FLAGS, path.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=180)
-    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
-    return run.stdout, console
-
-
-def test_token_text_is_escaped_and_renders_as_text(tmp_path):
+def test_token_text_is_escaped_and_renders_as_text(tmp_path, render):
     planted = "<script>document.title='pwned'</script>"
     view = token_view([{"title": "a <b>record</b>", "tokens": [
         {"text": "Name:", "label": "generic"},
