@@ -116,10 +116,10 @@ def run_recited(handle, splits, cfg, methods=METHODS, budgets=(0.01, 0.03, 0.1),
     and the odd half's canaries of the same counts are scored (with held-out perplexity),
     beside as many random neurons per layer."""
     labels = label(handle, splits.labeled, LabelConfig(generate=False), progress=False)
-    aim = {s.id for s in splits.aim}
+    aim = {s.id for s in splits.calibration}
     targets = labels.recited_targets(aim, limit=n_targets)  # round-robin over the counts
     counts = sorted({s.duplication for s in labels.to_sequences(recited=True) if s.id in aim})
-    clean = [s.token_ids for s in splits.aim_nonmembers]
+    clean = [s.token_ids for s in splits.calibration_nonmembers]
     scored = [s for s in splits.evaluation if s.duplication in counts]
     aimed = [Sequence(id=f"target-{i}", token_ids=t, text="", duplication=None, spans=[],
                       offsets=[]) for i, t in enumerate(targets)]
@@ -238,7 +238,7 @@ def main():
     handle = load_model(path)
     splits = Splits.from_organism(path, handle.tokenizer)
     seqs, eval_canaries, heldout = splits.labeled, splits.evaluation, splits.heldout
-    aim_ids = {s.id for s in splits.aim + splits.aim_nonmembers}
+    aim_ids = {s.id for s in splits.calibration + splits.calibration_nonmembers}
     general = [s.token_ids for s in splits.general]
     cfg = LabelConfig()
     before = edit_metrics(handle, eval_canaries, heldout, cfg)
@@ -252,8 +252,8 @@ def main():
     if "recited" in args.parts:
         result.update(run_recited(handle, splits, cfg))
     if "subnet" in args.parts:
-        result["balanced_subnet"] = run_subnet(handle, splits.aim, eval_canaries, general, heldout,
-                                               cfg, before)
+        result["balanced_subnet"] = run_subnet(handle, splits.calibration, eval_canaries,
+                                               general, heldout, cfg, before)
     if "steer" in args.parts:
         sites = [f"blocks.{i}.hook_resid_post" for i in range(1, handle.n_layers)]
         result["steering"] = run_steer(handle, seqs, aim_ids, eval_canaries, heldout, cfg,

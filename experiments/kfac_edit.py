@@ -83,7 +83,7 @@ def sweep_arch(preset: str, arch: str, tokens: int, out_dir: Path,
     handle = load_model(path)
     splits = Splits.from_organism(path, handle.tokenizer)
     general = [s.token_ids for s in splits.general]
-    aim_half, eval_half = splits.aim, splits.evaluation
+    aim_half, eval_half = splits.calibration, splits.evaluation
     # Perplexity on held-out prose where the organism has some, else on every non-member.
     heldout = splits.heldout if splits.prose else [s.token_ids for s in splits.nonmembers]
     cfg = LabelConfig()

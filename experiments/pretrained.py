@@ -1,13 +1,15 @@
 """memlens on a real pretrained model: SmolLM2-135M continued with planted canaries.
 
-    python experiments/pretrained.py [--preset smollm2-cpu] [--parts demo kfac localize steer]
+    python experiments/pretrained.py [--preset smollm2-cpu] [--parts run kfac localize steer]
                                      [--out FILE.json]
 
 Parts (each kept in the JSON when a later run leaves it out):
 
-- demo: the demo's chain (labels, probes, the aimed K-FAC edit, neuron ablation, probe-gated
-  steering, norm attribution and removal); its report goes beside the JSON
-  (``pretrained-demo/report.html``), steps already computed are reused;
+- run: ``memlens run`` on the organism and its corpus, with its default settings (labels,
+  probes, the aimed K-FAC edit, neuron ablation, steering, norm attribution and removal,
+  the audit; every setting chosen on the calibration half, scored on the evaluation half);
+  its report goes beside the JSON (``pretrained-run/report.html``), steps already computed
+  are reused;
 - kfac: the published keep-mass edit, the aimed KL-budget edit, SVD and the aimed edit's two
   controls at equal predicted KL (random components; a gradient step), each at several
   strengths on the MLPs of the blocks the organism trained (memorization can live only
@@ -17,8 +19,9 @@ Parts (each kept in the JSON when a later run leaves it out):
 - localize: recall of injected neurons per method at 0.1% and 1% of each block's neurons,
   injected into and searched in the trained blocks;
 - steer: static and probe-gated steering at the trained blocks' residual streams;
-- layernorm: the published LayerNorm findings, each reproduced, refuted or not testable,
-  from the demo's attribution and removal.
+- layernorm: norm parameters moved part of the way to gain 1 per group, and the published
+  LayerNorm findings, each reproduced, refuted or not testable, from that sweep and the
+  run's attribution.
 
 Perplexity is on held-out prose throughout.
 """
@@ -44,9 +47,9 @@ from memlens.data.labels import LabelConfig  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
 from memlens.data.splits import Splits  # noqa: E402
 from memlens.methods.layernorm import GROUPS, NormRemoval, layer_groups  # noqa: E402
-from memlens.steps.demo import DemoConfig, run_demo  # noqa: E402
+from memlens.steps.run import run  # noqa: E402
 
-PARTS = ("demo", "kfac", "localize", "steer", "layernorm")
+PARTS = ("run", "kfac", "localize", "steer", "layernorm")
 # On 2 CPU cores zero-out costs a forward pass per neuron (6,144 in four blocks) and
 # slimming as much as hard concrete, its stronger sibling: both left out.
 LOCALIZE_METHODS = ("activations", "integrated_gradients", "hard_concrete")
@@ -57,7 +60,7 @@ STEER_VARIANTS = ("static, mean difference", "probe-gated, mean difference",
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="smollm2-cpu",
-                    choices=[k for k, p in PRESETS.items()  # the demo reads 10x-100x
+                    choices=[k for k, p in PRESETS.items()  # the sweeps read 10x-100x
                              if p.base and {10, 25, 100} <= set(p.corpus.duplication_counts)])
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--kfac-tokens", type=int, default=20_000)
@@ -91,15 +94,15 @@ def main():
     for part in args.parts:
         t = time.perf_counter()
         print(f"== {part}", flush=True)
-        if part == "demo":
-            result |= demo_part(args, trained, args.out.with_name("pretrained-demo"))
+        if part == "run":
+            result |= run_part(path, trained, args.out.with_name("pretrained-run"))
         elif part == "kfac":
             result["kfac"] = kfac_part(args, trained, args.out.parent)
         else:
             result |= {"localize": localize_part, "steer": steer_part,
                        "layernorm": layernorm_part}[part](args, path, trained)
-        if "layernorm_demo" in result and "layernorm_partial" in result:
-            result["layernorm"] = layernorm_verdicts(result["layernorm_demo"],
+        if "layernorm_run" in result and "layernorm_partial" in result:
+            result["layernorm"] = layernorm_verdicts(result["layernorm_run"],
                                                      result["layernorm_partial"], trained)
         seconds[part] = round(time.perf_counter() - t, 1)
         result["part_seconds"] = seconds
@@ -109,15 +112,12 @@ def main():
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
 
 
-def demo_part(args, trained: list[int], out: Path) -> dict:
-    config = DemoConfig(preset=args.preset, steer_site=f"blocks.{trained[1]}.hook_resid_post",
-                        kfac_tokens=4000, localize_method="activations",
-                        localize_budget=0.001, attribution_tokens=40,
-                        audit=False)  # relearning 135M weights per removal: hours on 2 cores
-    s = run_demo(out, config=config)
+def run_part(path: Path, trained: list[int], out: Path) -> dict:
+    s = run(path, path, out, title="memlens on SmolLM2-135M")
     return {
         "labels": {**Extraction.from_json(s["labels"]).to_json(),
-                   "membership_auroc": s["labels"]["membership_auroc"]},
+                   "membership_auroc": s["labels"]["membership_auroc"],
+                   "halves": s["labels"]["halves"]},
         "probes": {"best_site": s["probes"]["best_probe"],
                    "best_token_auroc": s["probes"]["auroc"],
                    "confidence_auroc": s["probes"]["other_probes_auroc"].get("confidence"),
@@ -125,8 +125,11 @@ def demo_part(args, trained: list[int], out: Path) -> dict:
                    "selectivity": s["probes"]["selectivity"],
                    "token_baselines": s["probes"]["token_baselines"]},
         "probe_diagnosis": probe_diagnosis(out, trained),
-        "demo": {k: s[k] for k in ("kfac", "interventions", "steering")},
-        "layernorm_demo": s["layernorm"],
+        "calibration": {k: v for k, v in s["calibration"].items() if not k.endswith("_ids")},
+        "run": {k: {x: v for x, v in s[k].items() if x != "chosen"}
+                for k in ("kfac", "interventions", "steering", "layernorm")},
+        "audit": s.get("audit"),
+        "layernorm_run": s["layernorm"],
     }
 
 
@@ -144,7 +147,7 @@ def probe_diagnosis(out: Path, trained: list[int]) -> dict:
     from memlens.methods.probes import ProbeData
 
     demo = json.loads((out / "steps" / "probes.json").read_text())["summary"]
-    path = organism_path(json.loads((out / "summary.json").read_text())["organism"]["preset"])
+    path = Path(json.loads((out / "summary.json").read_text())["model"])
     splits = Splits.from_organism(path, load_model(path).tokenizer)
     data = ProbeData.from_store(ActivationStore.open(out / "activations"),
                                 Labels.load(out / "labels"), split=splits.probe_split())
@@ -208,7 +211,7 @@ def localize_part(args, path: Path, trained: list[int]) -> dict:
 def steer_part(args, path: Path, trained: list[int]) -> dict:
     handle, splits, cfg = _organism(path)
     before = edit_metrics(handle, splits.evaluation, splits.heldout, cfg)
-    aim_ids = {s.id for s in splits.aim + splits.aim_nonmembers}
+    aim_ids = {s.id for s in splits.calibration + splits.calibration_nonmembers}
     sites = [f"blocks.{i}.hook_resid_post" for i in (args.steer_blocks or trained[:-1])]
     r = run_steer(handle, splits.labeled, aim_ids, splits.evaluation, splits.heldout, cfg,
                   before, sites, alphas=args.alphas, variants_named=STEER_VARIANTS)
@@ -237,15 +240,14 @@ def layernorm_part(args, path: Path, trained: list[int]) -> dict:
 
 
 def layernorm_verdicts(ln: dict, partial: list[dict], trained: list[int]) -> dict:
-    """The four published LayerNorm findings (Singhal & Kim 2025) against the demo's norm
-    attribution and post-hoc removal on this Pre-RMSNorm model; where full removal breaks
+    """The four published LayerNorm findings (Singhal & Kim 2025) against the run's norm
+    attribution and the removal sweep on this Pre-RMSNorm model; where full removal breaks
     the model, the strongest partial removal that leaves every group readable decides."""
-    rows = {r["removed"]: r for r in ln["removal"]}
-    base = rows["none"]
-    effect = {g: {"exact_ge_10x": rows[g]["exact >= 10x"],
-                  "perplexity_change": rows[g]["held-out perplexity"]
-                  / base["held-out perplexity"] - 1,
-                  "recovery": rows[g]["recovery"]} for g in GROUPS}
+    none = next(r for r in partial if r["group"] == "none")
+    full = {r["group"]: r for r in partial if r["strength"] == 1.0}
+    effect = {g: {"exact_ge_10x": full[g]["exact_ge_10x"],
+                  "perplexity_change": full[g]["perplexity"] / none["perplexity"] - 1}
+              for g in GROUPS}
     ratio = {g: [] for g in GROUPS}
     n = 1 + max(int(m.split(".")[2]) for m in ln["grad_ratio_by_module"])
     thirds = {i: g for g, blocks in layer_groups(n).items() for i in blocks}
@@ -256,7 +258,6 @@ def layernorm_verdicts(ln: dict, partial: list[dict], trained: list[int]) -> dic
     # A removal that multiplies perplexity tenfold leaves a model that no longer writes
     # text: a fall in extraction there says nothing about where memorization lives.
     broken = [g for g in GROUPS if effect[g]["perplexity_change"] > 9]
-    none = next(r for r in partial if r["group"] == "none")
     readable = {}
     for strength in sorted({r["strength"] for r in partial if r["strength"]}):
         by_group = {r["group"]: r for r in partial if r["strength"] == strength}
@@ -289,8 +290,8 @@ def layernorm_verdicts(ln: dict, partial: list[dict], trained: list[int]) -> dic
              else "reproduced" if most_mem == "early" else "refuted")
     most_grad = max(GROUPS, key=lambda g: abs(math.log(grad[g])))
     return {
-        "removal": effect, "before": {"exact_ge_10x": base["exact >= 10x"],
-                                      "perplexity": base["held-out perplexity"]},
+        "removal": effect, "before": {"exact_ge_10x": none["exact_ge_10x"],
+                                      "perplexity": none["perplexity"]},
         "grad_ratio_by_group": grad, "trained_blocks": trained,
         "findings": {
             "post_ln_removal_lowers_memorization_and_recovers": {

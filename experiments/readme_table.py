@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from memlens.steps.demo import headline_rows, markdown_table
+from memlens.steps.run import headline_rows, markdown_table
 
 README = Path(__file__).parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- demo table[^\n]*-->)\n(.*?)\n?(<!-- end demo table -->)", re.S)

@@ -39,7 +39,8 @@ _EXPORTS = {
     # does it forget, or only hide?
     "audit": "memlens.methods.audit", "AuditConfig": "memlens.methods.audit",
     "AuditData": "memlens.methods.audit",
-    # the whole chain on an organism, into one report
+    # the whole chain on any model and data (or on an organism), into one report
+    "run": "memlens.steps.run", "RunConfig": "memlens.steps.chain",
     "run_demo": "memlens.steps.demo",
 }
 __all__ = sorted(_EXPORTS)

@@ -32,7 +32,18 @@ GROUPS = {"organism": "train or find the memorization organism",
 
 def commands() -> dict[str, tuple[type, typing.Callable]]:
     """Command name -> (its config dataclass, the function that runs it)."""
-    from memlens.steps import audit, capture, demo, kfac, label, localize, organism, probe, steer
+    from memlens.steps import (
+        audit,
+        capture,
+        demo,
+        kfac,
+        label,
+        localize,
+        organism,
+        probe,
+        run,
+        steer,
+    )
 
     return {"organism train": (organism.TrainCommand, organism.train),
             "organism path": (organism.PathCommand, organism.path),
@@ -43,7 +54,9 @@ def commands() -> dict[str, tuple[type, typing.Callable]]:
             "kfac edit": (kfac.EditCommand, kfac.edit),
             "localize": (localize.LocalizeCommand, localize.main),
             "steer": (steer.SteerCommand, steer.main),
+            "layernorm": (run.LayernormCommand, run.layernorm_main),
             "audit": (audit.AuditCommand, audit.main),
+            "run": (run.RunCommand, run.main),
             "demo": (demo.DemoCommand, demo.main)}
 
 

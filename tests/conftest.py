@@ -60,8 +60,9 @@ def random_models(tmp_path_factory, saved_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory, tiny_organism):
-    """``memlens demo`` on the tiny organism, run once: (output dir, summary)."""
+def tiny_run(tmp_path_factory, tiny_organism):
+    """``memlens demo --preset tiny`` (``memlens run`` on the tiny organism and its corpus),
+    run once: (output dir, summary)."""
     from memlens.steps.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")

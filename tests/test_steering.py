@@ -24,7 +24,7 @@ def fitted(tiny_organism):
     handle = load_model(tiny_organism)
     s = Splits.from_organism(tiny_organism, handle.tokenizer)
     tokens = label(handle, s.labeled, LabelConfig(generate=False), progress=False).tokens
-    states = memorization_states(handle, SITE, s.aim + s.aim_nonmembers, tokens)
+    states = memorization_states(handle, SITE, s.calibration + s.calibration_nonmembers, tokens)
     held = memorization_states(handle, SITE, s.evaluation + s.nonmembers[1::2], tokens)
     return handle, states, held, s.evaluation, s.heldout
 
@@ -137,7 +137,7 @@ def test_the_audit_refits_the_gate_on_the_relearned_model(fitted, tiny_organism)
     seen = []
 
     def refit():
-        again = steering.refit(handle, s.aim + s.aim_nonmembers, tokens)
+        again = steering.refit(handle, s.calibration + s.calibration_nonmembers, tokens)
         seen.append((again, len(module._forward_hooks)))
         return again
 

@@ -31,7 +31,8 @@ from memlens.core.scoring import (
 )
 from memlens.core.sequences import Sequence, duplication_key, pii_token_mask, sort_keys
 
-__all__ = ["Extraction", "ExtractionConfig", "by_duplication", "counts_by_duplication",
+__all__ = ["Extraction", "ExtractionConfig", "bootstrap_ci", "by_duplication",
+           "counts_by_duplication",
            "edit_metrics", "exact_extraction", "heldout_metrics", "loose_distances",
            "loose_extraction", "n_for_p", "perplexity"]
 
@@ -84,6 +85,20 @@ def by_duplication(duplications: list[int | None], values: list[float],
     for d, v in zip(duplications, values, strict=True):
         groups.setdefault(duplication_key(d), []).append(float(v))
     return {k: float(reduce(groups[k])) for k in sort_keys(groups)}
+
+
+def bootstrap_ci(values: list[float], n: int = 2000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per record,
+    resampled with replacement): the uncertainty a rate over few records carries."""
+    if not values:
+        raise DataError("a bootstrap interval needs at least one value")
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (n, len(x)), generator=gen)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 def counts_by_duplication(duplications: list[int | None]) -> dict[str, int]:

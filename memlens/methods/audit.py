@@ -88,7 +88,8 @@ class AuditConfig(Config):
 class AuditData:
     """forget: the removed sequences. relearn: token ids the attacker fine-tunes on
     (disjoint from ``forget``). nonmembers: sequences never trained on, for membership
-    inference. heldout: clean token ids, for perplexity."""
+    inference (none: the audit leaves membership inference out). heldout: clean token ids,
+    for perplexity."""
 
     forget: list[Sequence]
     relearn: list[list[int]]
@@ -96,8 +97,8 @@ class AuditData:
     heldout: list[list[int]]
 
     def __post_init__(self):
-        if not self.forget or not self.nonmembers or not self.heldout:
-            raise DataError("an audit needs forget, nonmember and heldout sequences")
+        if not self.forget or not self.heldout:
+            raise DataError("an audit needs forget and heldout sequences")
         forgotten = {tuple(s.token_ids) for s in self.forget}
         leaked = sum(tuple(ids) in forgotten for ids in self.relearn)
         if leaked:
@@ -405,10 +406,12 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
         out["perturbed"] = perturbed_extraction(handle, data.forget, ec, cfg.corrupt,
                                                 cfg.shift, cfg.seed)
         bar.update()
-        out["mia_auroc"] = membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
+        out["mia_auroc"] = (membership(handle, data.forget, data.nonmembers, ec, cfg.neighbours)
+                            if data.nonmembers else None)
         if fits:
             out["probe_score"] = probe_score(handle, probe, data.forget, ec)
-            out["probe_score_nonmembers"] = probe_score(handle, probe, data.nonmembers, ec)
+            out["probe_score_nonmembers"] = (probe_score(handle, probe, data.nonmembers, ec)
+                                             if data.nonmembers else None)
         elif probe is not None:  # another model's residual stream: its score means nothing
             out["probe_score"] = out["probe_score_nonmembers"] = None
         bar.update()

@@ -42,9 +42,19 @@ from memlens.methods.edits import ParameterEdit, WeightEdit
 
 __all__ = ["GROUPS", "NormRemoval", "StudyData", "attribution_table", "attribution_targets",
            "condition_metrics", "field_vocabulary", "layer_groups", "memorized_pii_positions",
-           "memorized_positions", "norm_attribution", "recovery"]
+           "memorized_positions", "norm_attribution", "norm_placement", "recovery"]
 
 GROUPS = ("early", "middle", "late")
+
+
+def norm_placement(handle: ModelHandle) -> str:
+    """Where the model normalizes: ``Post-LN`` (after each residual add: OPT with
+    ``do_layer_norm_before=False``), else ``Pre-LN`` (``Pre-RMSNorm`` for RMSNorm)."""
+    cfg = handle.config
+    if cfg.model_type == "opt" and not getattr(cfg, "do_layer_norm_before", True):
+        return "Post-LN"
+    names = {type(m).__name__ for m in norm_modules(handle.model).values()}
+    return "Pre-RMSNorm" if any("RMSNorm" in n for n in names) else "Pre-LN"
 
 
 def layer_groups(n_layers: int) -> dict[str, list[int]]:
@@ -291,13 +301,14 @@ def attribution_targets(data: StudyData, pii_positions: list[list[int]],
                         cfg: LabelConfig | None = None, n: int = 300, seed: int = 0
                         ) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
     """Token sets for :func:`norm_attribution`: ``memorized`` (memorized PII tokens of the
-    canaries) and ``clean`` (template tokens of held-out records in the same suffix window),
+    canaries) and ``clean`` (template tokens of held-out records in the same suffix window;
+    every token there for records without PII spans),
     ``n`` of each drawn at random; each as (token ids, target positions) per sequence."""
     cfg = cfg or LabelConfig()
     memorized = [(i, t) for i, pos in enumerate(pii_positions) for t in pos]
     clean = [(i, t) for i, seq in enumerate(data.heldout)
              for t in range(cfg.prefix, min(len(seq.token_ids), cfg.prefix + cfg.suffix))
-             if pii_field(seq, t) is None]
+             if seq.spans is None or pii_field(seq, t) is None]
     rng = random.Random(seed)
     sets = {}
     for kind, pairs, seqs in (("memorized", memorized, data.canaries),

@@ -6,6 +6,9 @@ A neuron is unit k of the input to a block's MLP output projection (``down_proj`
 - ``activations``: mean |activation| on the target tokens minus that on clean tokens;
 - ``zero_out``: rise of the target loss when the neuron alone is zeroed;
 - ``integrated_gradients``: activation x path-integrated gradient of the target log-prob;
+- ``attribution_patching``: activation x gradient of the target log-prob (Syed et al.,
+  2023), the first-order estimate of ``zero_out`` for every neuron of every block from one
+  backward pass per batch (the cheap choice on a large model);
 - ``slimming``: a mask per neuron, initialised at 1, trained to keep the target loss low
   under an L1 penalty; neurons the target still needs keep a high mask;
 - ``hard_concrete``: the same with stochastic hard-concrete gates and an L0 penalty.
@@ -54,12 +57,13 @@ from memlens.methods.interventions import ablate, edit_site
 __all__ = ["METHODS", "SUMMED", "LocalizeConfig", "NeuronAblation", "ablate_neurons",
            "check_budget", "find_neurons", "inject", "localize", "recall", "top_neurons"]
 
-METHODS = ("activations", "zero_out", "integrated_gradients", "slimming", "hard_concrete")
+METHODS = ("activations", "zero_out", "integrated_gradients", "attribution_patching",
+           "slimming", "hard_concrete")
 # Scores that are sums over the targets: under torchrun each rank takes its share of the
 # batches and the sums are all-reduced (the same scores as one process, to float rounding).
 # The mask methods are optimisations: there each step averages the gradients of one batch
 # per rank, so N ranks see N batches per step (a different run from one process).
-SUMMED = ("activations", "zero_out", "integrated_gradients")
+SUMMED = ("activations", "zero_out", "integrated_gradients", "attribution_patching")
 
 
 @dataclass
@@ -160,6 +164,18 @@ def _integrated_gradients(handle, sites, targets, cfg, width):
     return scores
 
 
+def _attribution_patching(handle, sites, targets, cfg, width):
+    scores = torch.zeros(len(sites), width)
+    for ids, mask in _batches(handle, targets, cfg.batch_size):
+        scale = [torch.ones(width, device=handle.device, requires_grad=True) for _ in sites]
+        with torch.enable_grad(), _scaled(handle, sites, scale):
+            lp = _target_logprob(handle, ids, mask, cfg.start).sum()
+            grads = torch.autograd.grad(lp, scale)
+        # d lp / d scale_k at 1 = sum_t a_k(t) * dlp/da_k(t): zeroing k costs about this much
+        scores += torch.stack([g.detach().cpu() for g in grads])
+    return scores
+
+
 @flush_denormals()
 def _train_masks(handle, sites, targets, cfg, width, hard: bool):
     """Slimming (hard=False) or hard-concrete gates (hard=True): keep the target loss low
@@ -229,10 +245,12 @@ def localize(handle: ModelHandle, targets: list[list[int]], clean: list[list[int
         scores = _zero_out(handle, chosen, targets, cfg, width)
     elif cfg.method == "integrated_gradients":
         scores = _integrated_gradients(handle, chosen, targets, cfg, width)
+    elif cfg.method == "attribution_patching":
+        scores = _attribution_patching(handle, chosen, targets, cfg, width)
     else:
         scores = _train_masks(handle, chosen, targets, cfg, width,
                               hard=cfg.method == "hard_concrete")
-    if cfg.method in ("zero_out", "integrated_gradients"):
+    if cfg.method in ("zero_out", "integrated_gradients", "attribution_patching"):
         scores = distributed.all_reduce_sum(scores)
     if len(blocks) == len(sites):
         return scores

@@ -30,16 +30,15 @@ from safetensors.torch import load_file, save_file
 
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import Identity, read_artifact, write_artifact
-from memlens.core.metrics import perplexity
 from memlens.core.model import ModelHandle
-from memlens.core.scoring import exact_matches, greedy_continuations
+from memlens.core.scoring import greedy_continuations
 from memlens.core.sequences import Sequence
 from memlens.core.sites import run_sites
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
 from memlens.methods.interventions import add_vector
 from memlens.methods.probes import Probe, ProbeConfig, fit_probe
 
-__all__ = ["States", "Steering", "calibrate_alpha", "generate_side_by_side", "memorization_states",
+__all__ = ["States", "Steering", "generate_side_by_side", "memorization_states",
            "recitation_side_by_side", "steer", "steering_vector"]
 
 
@@ -220,32 +219,3 @@ def generate_side_by_side(handle: ModelHandle, prompts: list[str] | list[list[in
             gen = greedy_continuations(handle, ids, max_new_tokens, batch_size=len(ids))
         out[name] = handle.tokenizer.batch_decode(gen, skip_special_tokens=True)
     return pd.DataFrame({"prompt": prompts, **out})
-
-
-def calibrate_alpha(handle: ModelHandle, probe: Probe, targets: list[list[int]], prefix: int,
-                    heldout: list[list[int]], alphas=(0.5, 1.0, 2.0, 4.0, 8.0),
-                    gated: bool = True, max_share: float = 0.0,
-                    max_ppl_increase: float = 0.05) -> tuple[float | None, pd.DataFrame]:
-    """The weakest ``alpha`` that leaves at most ``max_share`` of ``targets`` (calibration
-    sequences the model recites) recited while perplexity on ``heldout`` rises at most
-    ``max_ppl_increase``; None when no alpha does. Returns it and the curve it was chosen from
-    (alpha, recited share, perplexity change). Alphas are tried in increasing order, stopping
-    at the first that works or the first over the perplexity budget. Score the chosen setting
-    on other sequences than ``targets``."""
-    base = perplexity(handle, heldout)
-    recited = [t for t, hit in zip(targets, exact_matches(handle, targets, prefix), strict=True)
-               if hit]  # greedy recites a sequence iff teacher forcing's argmax matches
-    rows, chosen = [], None
-    for alpha in sorted(alphas):
-        steering = Steering.from_probe(probe, handle, alpha, gated=gated)
-        with steering.apply(handle):
-            increase = perplexity(handle, heldout) / base - 1
-            hits = exact_matches(handle, recited, prefix) if recited else []
-        share = float(np.mean(hits)) if hits else float("nan")
-        rows.append({"alpha": alpha, "recited_share": share, "ppl_increase": increase})
-        if increase > max_ppl_increase:
-            break
-        if share <= max_share:
-            chosen = alpha
-            break
-    return chosen, pd.DataFrame(rows)

@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 
 from memlens.core.sequences import UNKNOWN, sort_keys
 
-__all__ = ["GROUPS", "LABEL_COLORS", "audit_heatmap", "budget_curve_figure", "duplication_label",
+__all__ = ["GROUPS", "LABEL_COLORS", "audit_heatmap", "calibration_figure", "duplication_label",
            "extraction_figure", "gradient_ratio_figure", "group_bars_figure", "label_tint",
            "layer_heatmap_figure", "layer_sweep_figure", "loading_figure", "logprob_histogram",
            "mass_curve_figure", "neuron_score_figure", "pareto_figure", "spectrum_figure",
@@ -363,17 +363,18 @@ def audit_heatmap(methods: list[dict]) -> go.Figure:
     membership AUROCs (forget set vs non-members), from :func:`memlens.methods.audit.audit` results
     (each with a ``name``). A removal that forgets matches the retrain-without row."""
     steps = list(methods[0]["relearn"])
+    mia = methods[0].get("mia_auroc") is not None  # None: no non-members to score against
     cols = (["after the removal", "INT8", "INT4"] + [f"relearn {k} steps" for k in steps]
-            + ["worst perturbed prompt", "membership AUROC (loss)",
-               "membership AUROC (neighbourhood)"])
+            + ["worst perturbed prompt"]
+            + (["membership AUROC (loss)", "membership AUROC (neighbourhood)"] if mia else []))
     z, text = [], []
     for m in methods:
         row = [m["after_edit"]["exact"], m.get("int8", {}).get("exact", float("nan")),
                m.get("int4", {}).get("exact", float("nan")),
-               *[m["relearn"][k]["exact"] for k in steps], max(m["perturbed"].values()),
-               m["mia_auroc"]["loss"], m["mia_auroc"]["neighbourhood"]]
-        z.append(row)
-        text.append([f"{v:.0%}" for v in row[:-2]] + [f"{v:.2f}" for v in row[-2:]])
+               *[m["relearn"][k]["exact"] for k in steps], max(m["perturbed"].values())]
+        aurocs = [m["mia_auroc"]["loss"], m["mia_auroc"]["neighbourhood"]] if mia else []
+        z.append(row + aurocs)
+        text.append([f"{v:.0%}" for v in row] + [f"{v:.2f}" for v in aurocs])
     names = [f"{m['name']} (ppl {m['after_edit']['perplexity']:.2f})" for m in methods]
     fig = go.Figure(go.Heatmap(
         z=z, x=cols, y=names, zmin=0, zmax=1, colorscale="Reds", text=text,
@@ -396,17 +397,30 @@ def neuron_score_figure(scores, title: str) -> go.Figure:
     return fig
 
 
-def budget_curve_figure(curve: list[dict], series: tuple[str, ...]) -> go.Figure:
-    """Exact extraction of each of ``series`` (keys of the curve's points) against clean
-    perplexity, one point per ablation budget."""
+def calibration_figure(curve: list[dict], budget: float, target: float,
+                       chosen: dict | None, what: str) -> go.Figure:
+    """The settings a method was chosen from, on the calibration half: the share of recited
+    sequences each removes against the rise in clean perplexity it costs, one line per
+    family (``curve`` rows: family, setting, removed, perplexity_change), the utility budget
+    and the target as lines, the chosen setting circled."""
     fig = go.Figure()
-    for name in series:
-        fig.add_scatter(x=[c["perplexity"] for c in curve], y=[c[name] for c in curve],
-                        mode="lines+markers", name=f"{name} canaries",
-                        text=[f"top {c['budget']:.0%} per layer" for c in curve],
-                        hovertemplate="%{text}<br>perplexity %{x:.3f}<br>exact "
+    families = list(dict.fromkeys(c["family"] for c in curve))
+    for k, fam in enumerate(families):
+        pts = [c for c in curve if c["family"] == fam]
+        fig.add_scatter(x=[c["perplexity_change"] for c in pts], y=[c["removed"] for c in pts],
+                        mode="lines+markers", name=fam, marker_color=_color(k, len(families)),
+                        text=[c["setting"] for c in pts],
+                        hovertemplate="%{text}<br>perplexity %{x:+.1%}<br>removed "
                                       "%{y:.0%}<extra></extra>")
-    fig.update_layout(title="Ablating more neurons: exact extraction vs clean perplexity",
-                      xaxis_title="perplexity", yaxis_tickformat=".0%", height=380)
-    fig.update_layout(yaxis_title="exact extraction")
+    if chosen is not None:
+        fig.add_scatter(x=[chosen["perplexity_change"]], y=[chosen["removed"]], mode="markers",
+                        name="chosen", marker=dict(size=16, symbol="circle-open", color="black",
+                                                   line=dict(width=2)),
+                        hovertemplate=f"chosen: {chosen['setting']}<extra></extra>")
+    fig.add_vline(x=budget, line_dash="dash", annotation_text="utility budget")
+    fig.add_hline(y=target, line_dash="dot", annotation_text="target")
+    fig.update_layout(title=f"{what}: the settings it was chosen from (calibration half)",
+                      xaxis_title="rise in clean perplexity", xaxis_tickformat="+.0%",
+                      xaxis_type="linear", yaxis_title="recited sequences no longer recited",
+                      yaxis_tickformat=".0%", yaxis_range=[-0.05, 1.05], height=400)
     return fig

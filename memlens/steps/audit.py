@@ -22,11 +22,12 @@ from memlens.methods.probes import Probe
 from memlens.methods.steering import Steering
 from memlens.report.figures import audit_heatmap
 from memlens.report.page import Section
-from memlens.steps.chain import Chain
-from memlens.steps.kfac import aimed
+from memlens.steps import kfac, layernorm, localize, steer
+from memlens.steps.chain import Chain, skip
 
-__all__ = ["KINDS", "LOADERS", "NAME", "TEXT", "TITLE", "AuditCommand", "main", "removal_kind",
-           "report"]
+__all__ = ["AFTER", "KINDS", "LOADERS", "MODULES", "NAME", "REMOVALS", "TEXT", "TITLE",
+           "AuditCommand", "forget_set", "main", "needs", "reference", "relearn_blocks",
+           "removal_kind", "report"]
 
 # The removals an audit reads from disk, by the marker file each artifact holds.
 KINDS = {"memlens_edit.json": "edited model", "steering.json": "steering",
@@ -129,66 +130,132 @@ def main(cmd: AuditCommand) -> None:
 
 NAME = "audit"
 TITLE = "7. Forgetting audit: forgotten or hidden?"
-TEXT = ("Does each removal above forget the held-out 100x canaries, or only hide them? "
-             "Each is attacked: weights quantized to INT8 and INT4, a few fine-tuning steps "
-             "on other records (never the forget set), perturbed prompts, and membership "
-             "inference against held-out non-members. The gold standard is the same "
-             "organism trained without those canaries (experiments/audit.py audits every "
-             "removal memlens has).")
+TEXT = ("Does each removal chosen above forget the evaluation half's forget set, or only "
+        "hide it? Each is attacked: weights quantized to INT8 and INT4, a few fine-tuning "
+        "steps on other records (never the forget set), perturbed prompts, and membership "
+        "inference against held-out non-members. The gold standard is a model never trained "
+        "on the forget set (--reference, or the organism trained again without it).")
+AFTER = ("labels", "probes", "kfac", "interventions", "steering", "layernorm")
+SETTINGS = ("audit_relearn_steps", "audit_relearn_blocks", "retrain")
+REMOVALS = {"kfac": "K-FAC edit", "interventions": "neuron ablation",
+            "steering": "steering", "layernorm": "norm removal"}
+MODULES = {"kfac": kfac, "interventions": localize, "steering": steer, "layernorm": layernorm}
+
+
+def forget_set(d: Chain) -> list:
+    """The evaluation half's most repeated members where counts are known (an organism's
+    100x canaries), else its recited members."""
+    s = d.splits
+    if d.counts:
+        top = max(q.duplication or 0 for q in s.evaluation)
+        return [q for q in s.evaluation if q.duplication == top]
+    return d.recited("evaluation")
+
+
+def needs(d: Chain) -> str | None:
+    if not any(_chosen(d, step) for step in REMOVALS):
+        return "no removal was chosen above, so there is nothing to audit"
+    return None
+
+
+def _chosen(d: Chain, step: str) -> bool:
+    path = d.out / "steps" / f"{step}.json"
+    if not path.is_file():
+        return False
+    result = d.step_result(step)
+    return not result.get("skipped") and result["chosen"]["params"] is not None
+
+
+def reference(d: Chain, forget: list):
+    """The model never trained on ``forget``: --reference, or the organism trained again
+    without it; None (and why) where there is neither."""
+    if d.reference is not None:
+        return d.options.load(d.reference), None
+    org = d.organism
+    if org is None or not d.splits.organism:  # ids name organism records only in its corpus
+        return None, "pass --reference M0, a model never trained on the forget set"
+    if not d.config.retrain:
+        return None, "--retrain is off; pass --reference M0 or turn it on"
+    return load_model(organism_path(org["preset"], org["arch"], org["seed"],
+                                    withheld=tuple(int(q.id) for q in forget),
+                                    progress=d.progress)), None
+
+
+def relearn_blocks(d: Chain) -> tuple[int, ...] | None:
+    """The blocks the relearning attacker trains: as set, else those an organism continued
+    from a pretrained model trained (its memory can live only there), else every weight."""
+    if d.config.audit_relearn_blocks is not None:
+        return d.config.audit_relearn_blocks
+    top = (d.organism or {}).get("preset_config", {}).get("train_blocks")
+    n = d.handle.n_layers
+    return tuple(range(n - top, n)) if top else None
 
 
 def report(d: Chain, sec: Section) -> dict:
-
     s = d.splits
-    forget = s.at(100)  # the held-out 100x canaries every removal above was scored on
-    relearn = ([q.token_ids for q in s.canaries if q.duplication != 100]
-               + [q.token_ids for q in s.general[:500]])
-    # Membership against the non-members nothing above was fitted on (the steering probe
-    # and localization's clean text used the even half).
-    data = AuditData(forget, relearn, s.evaluation_nonmembers, s.heldout)
-    config = AuditConfig(relearn_steps=d.config.audit_relearn_steps)
-    probe = Probe.load(d.probe_path(d.config.steer_site))
-    edit = aimed(d)[2]
-    without = load_model(organism_path(d.config.preset, d.config.arch, d.config.seed,
-                                       withheld=tuple(int(q.id) for q in forget),
-                                       progress=d.progress))
-    models = {"unedited": (d.handle, None), "retrain without": (without, None),
-              "K-FAC edit": (d.handle, edit),
-              "neuron ablation": (d.handle, NeuronAblation.load(d.neurons_dir)),
-              "probe-gated steering": (d.handle, Steering.load(d.steering_dir))}
-    # Steering's gate is refitted on the relearned model too: hidden memory, or a stale gate?
-    fit_on = s.aim + s.aim_nonmembers
-    refits = {"probe-gated steering": lambda: Steering.load(d.steering_dir).refit(
-        d.handle, fit_on, d.labels.tokens)}
+    forget = forget_set(d)
+    forgotten = {q.id for q in forget}
+    relearn = list({q.id: q.token_ids for q in s.canaries + s.general[:500]
+                    if q.id not in forgotten and q.member}.values())
+    data = AuditData(forget, relearn, s.evaluation_nonmembers, d.clean_ids("evaluation"))
+    config = AuditConfig(relearn_steps=d.config.audit_relearn_steps,
+                         relearn_blocks=relearn_blocks(d))
+    probes = d.step_result("probes")
+    probe = None if probes.get("skipped") else Probe.load(d.probe_path(probes["best_probe"]))
+    models = {"unedited": (d.handle, None)}
+    skipped = []
+    without, why = reference(d, forget)
+    if without is not None:
+        models["retrain without"] = (without, None)
+    else:
+        skipped.append(skip(sec, "The retrain-without comparison", why))
+    for step, name in REMOVALS.items():
+        if _chosen(d, step):
+            models[name] = (d.handle, MODULES[step].removal(d))
+    refits = {}
+    if "steering" in models:
+        # Steering's gate is refitted on the relearned model: hidden memory, or a stale gate?
+        fit_on = s.calibration + s.calibration_nonmembers
+        steering = models["steering"][1]
+        if steering.gate is not None:
+            refits["steering"] = lambda: steering.refit(d.handle, fit_on, d.labels.tokens)
+    if not s.evaluation_nonmembers:
+        skipped.append(skip(sec, "Membership inference in the audit", "add held-out records "
+                            "the model was never trained on, marked 'duplication': 0"))
     results = [{"name": name, **audit(model, removal, data, config, d.cfg, probe=probe,
                                       refit=refits.get(name), progress=d.progress)}
                for name, (model, removal) in models.items()]
     sec.figure(audit_heatmap(results))
     last = str(max(config.relearn_steps))
-    gold = results[1]
+    gold = next((r for r in results if r["name"] == "retrain without"), None)
+    removals = [r for r in results if r["name"] not in ("unedited", "retrain without")]
+    if gold is not None and removals:
+        def gap(r):  # the largest distance from the retrain-without model
+            gaps = [abs(r["int4"]["exact"] - gold["int4"]["exact"]),
+                    abs(r["relearn"][last]["exact"] - gold["relearn"][last]["exact"])]
+            if r["mia_auroc"] is not None:
+                gaps.append(abs(r["mia_auroc"]["loss"] - gold["mia_auroc"]["loss"]))
+            return max(gaps)
 
-    def gap(r):  # the largest distance from the retrain-without model, extraction and AUROC
-        return max(abs(r["int4"]["exact"] - gold["int4"]["exact"]),
-                   abs(r["relearn"][last]["exact"] - gold["relearn"][last]["exact"]),
-                   abs(r["mia_auroc"]["loss"] - gold["mia_auroc"]["loss"]))
-
-    closest = min(results[2:], key=gap)
-    sec.finding(f"Closest to the model that never saw the forget set: {closest['name']} "
-                f"(largest gap {gap(closest):.2f}: after INT4 {closest['int4']['exact']:.0%}, "
-                f"after {last} relearning steps {closest['relearn'][last]['exact']:.0%}, "
-                f"membership AUROC {closest['mia_auroc']['loss']:.2f} against "
-                f"{gold['mia_auroc']['loss']:.2f}); a removal that forgets matches that row "
-                "under every attack.")
-    steered = next(r for r in results if "relearn_refit" in r)
-    stale, refitted = steered["relearn"][last]["exact"], steered["relearn_refit"][last]["exact"]
-    sec.finding(f"After {last} relearning steps steering leaves {stale:.0%} of the forget set "
-                f"recited with its stale gate and {refitted:.0%} with a gate refitted on the "
-                f"relearned model (the unedited model after the same steps: "
-                f"{results[0]['relearn'][last]['exact']:.0%}).")
-    return {r["name"]: {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
-                        "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
-                        **({"relearn_refit": {k: v["exact"]
-                                              for k, v in r["relearn_refit"].items()}}
-                           if "relearn_refit" in r else {}),
-                        "mia_auroc_loss": r["mia_auroc"]["loss"],
-                        "perplexity": r["after_edit"]["perplexity"]} for r in results}
+        closest = min(removals, key=gap)
+        sec.finding(f"Closest to the model that never saw the forget set: {closest['name']} "
+                    f"(largest gap {gap(closest):.2f}: after INT4 "
+                    f"{closest['int4']['exact']:.0%}, after {last} relearning steps "
+                    f"{closest['relearn'][last]['exact']:.0%}); a removal that forgets "
+                    "matches that row under every attack.")
+    for r in removals:
+        if "relearn_refit" in r:
+            sec.finding(f"After {last} relearning steps steering leaves "
+                        f"{r['relearn'][last]['exact']:.0%} of the forget set recited with its "
+                        f"stale gate and {r['relearn_refit'][last]['exact']:.0%} with a gate "
+                        f"refitted on the relearned model (the unedited model after the same "
+                        f"steps: {results[0]['relearn'][last]['exact']:.0%}).")
+    return {"forget": {"n": len(forget), "ids": sorted(forgotten)}, "skipped_parts": skipped,
+            "relearn_blocks": config.relearn_blocks,
+            **{r["name"]: {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
+                           "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
+                           **({"relearn_refit": {k: v["exact"]
+                                                 for k, v in r["relearn_refit"].items()}}
+                              if "relearn_refit" in r else {}),
+                           "mia_auroc_loss": (r["mia_auroc"] or {}).get("loss"),
+                           "perplexity": r["after_edit"]["perplexity"]} for r in results}}

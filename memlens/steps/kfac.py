@@ -7,26 +7,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import pandas as pd
+
 from memlens.core.config import POSITIVE, Config, nested, option
 from memlens.core.errors import ConfigError
 from memlens.core.model import ModelHandle, ModelOptions
+from memlens.core.modules import block_path
 from memlens.core.storage import prepare_output
 from memlens.data.labels import Labels, manifest_roles, read_sequences
 from memlens.methods.curvature import (
     Factors,
     KFACConfig,
     aimed_edit,
+    budget_weights,
     collect_factors,
     component_loading,
     eigenbasis,
     kfac_edit,
+    memorization_gradient,
     rho_layers,
 )
+from memlens.methods.edits import ParameterEdit
 from memlens.report.figures import loading_figure
 from memlens.report.page import Section
-from memlens.steps.chain import Chain, before_after, edit_finding
+from memlens.steps.calibrate import choose, evaluate, needs_recited
+from memlens.steps.chain import Chain
 
-__all__ = ["CollectCommand", "EditCommand", "collect", "edit", "kfac_edit_step", "parse_rho"]
+__all__ = ["AFTER", "NAME", "SETTINGS", "TEXT", "TITLE", "CollectCommand", "EditCommand", "collect",
+           "edit", "kfac_edit_step", "needs", "parse_rho", "removal", "report", "where_to_look"]
 
 
 def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str | Path,
@@ -156,35 +164,102 @@ def edit(cmd: EditCommand) -> None:
 
 NAME = "kfac"
 TITLE = "3. Curvature (K-FAC) edit"
-TEXT = ("K-FAC factors of every MLP projection give a curvature eigenbasis; the edit "
-            "drops the components that hold up the recitation of the even-half canaries per "
-            "unit of predicted KL. Scores are on the odd half.")
+TEXT = ("K-FAC factors of every MLP projection give a curvature eigenbasis. Where to look is "
+        "found from the data: per block, how much more of the recited sequences' gradient "
+        "than of clean text's loads on the low-curvature half of the components. The aimed "
+        "edit drops the components that hold up the recitation of the calibration half's "
+        "recited sequences per unit of predicted KL, up to a KL budget, in the top blocks by "
+        "that loading; the blocks and the budget are chosen on the calibration half and "
+        "scored on the evaluation half.")
+AFTER = ("labels",)
+SETTINGS = ("max_ppl_increase", "target_removal", "kfac_tokens", "kfac_budgets")
+LOW_BINS = 5  # of component_loading's 10 curvature bins: the lower half
 
 
-def aimed(d: Chain):
-    """The chain's aimed K-FAC edit: (factors, eigenbasis, the edit, aimed targets); the
-    factors are collected once and read back from OUT/kfac afterwards."""
-    factors = collect_factors(d.handle, [s.token_ids for s in d.splits.general],
-                              KFACConfig(max_tokens=d.config.kfac_tokens),
-                              out=d.factors_path, progress=d.progress)
+def needs(d: Chain) -> str | None:
+    return needs_recited(d)
+
+
+def block_of(name: str, root: str) -> int:
+    return int(name[len(root) + 1:].split(".")[0])
+
+
+def where_to_look(d: Chain, basis) -> list[dict]:
+    """Per block, the share of the recited sequences' gradient loading on low-curvature
+    components, over that of clean text (calibration half), highest first."""
+    targets = [q.token_ids[:d.cfg.prefix + d.cfg.suffix] for q in d.recited("calibration")]
+    clean = [ids for ids in d.clean_ids("calibration") if len(ids) > d.cfg.prefix][:64]
+    root = block_path(d.handle.model)
+    rows = []
+    for kind, seqs in (("recited", targets), ("clean", clean)):
+        load = component_loading(d.handle, basis, seqs, d.cfg.prefix)
+        low = load[load["bin"] >= LOW_BINS].groupby("layer")["loading"].sum()
+        for layer, v in low.items():
+            rows.append({"kind": kind, "block": block_of(layer, root), "low": float(v)})
+    df = pd.DataFrame(rows).groupby(["block", "kind"])["low"].mean().unstack()
+    df["ratio"] = df["recited"] / df["clean"].clip(lower=1e-12)
+    df = df.sort_values("ratio", ascending=False).reset_index()
+    return [{"block": int(r.block), "recited_low_curvature_share": float(r.recited),
+             "clean_low_curvature_share": float(r.clean), "ratio": float(r.ratio)}
+            for r in df.itertuples()]
+
+
+def _setup(d: Chain, collect: bool = True):
+    factors = (collect_factors(d.handle, [q.token_ids for q in d.splits.general],
+                               KFACConfig(max_tokens=d.config.kfac_tokens),
+                               out=d.factors_path, progress=d.progress)
+               if collect else Factors.load(d.factors_path))
     basis = eigenbasis(factors)
-    targets = d.labels.recited_targets(ids={s.id for s in d.splits.aim})
-    edit = aimed_edit(d.handle, basis, d.config.kfac_budget, targets, start=d.cfg.prefix)
-    return factors, basis, edit, targets
+    targets = [q.token_ids[:d.cfg.prefix + d.cfg.suffix] for q in d.recited("calibration")]
+    grads = memorization_gradient(d.handle, targets, list(basis), start=d.cfg.prefix)
+    return factors, basis, grads
+
+
+def _edit(d: Chain, basis, grads, params: dict) -> ParameterEdit:
+    root = block_path(d.handle.model)
+    layers = {n: b for n, b in basis.items() if block_of(n, root) in params["blocks"]}
+    return ParameterEdit(budget_weights(d.handle, layers, params["kl_budget"], grads))
+
+
+def removal(d: Chain) -> ParameterEdit | None:
+    """The chosen edit, rebuilt from the saved factors (for the audit)."""
+    params = d.step_result(NAME)["chosen"]["params"]
+    if params is None:
+        return None
+    _, basis, grads = _setup(d, collect=False)
+    return _edit(d, basis, grads, params)
 
 
 def report(d: Chain, sec: Section) -> dict:
-    factors, basis, edit, targets = aimed(d)
-    with edit.apply(d.handle):
-        after = d.after()
-    fig, headline = before_after(d.before, after, "The K-FAC edit")
-    sec.figure(fig)
-    edit_finding(sec, headline)
-    memorized = [s.token_ids for s in d.splits.at(100)]
+    factors, basis, grads = _setup(d)
+    where = where_to_look(d, basis)
+    sec.table(where)
+    ranked = [w["block"] for w in where]
+    sizes = sorted({k for k in (1, 2, 4, len(ranked)) if k <= len(ranked)})
+    families = {(f"top {k} blocks by loading" if k < len(ranked) else "every block"):
+                [{"label": f"KL budget {b:g}", "blocks": sorted(ranked[:k]), "kl_budget": b}
+                 for b in sorted(d.config.kfac_budgets)] for k in sizes}
+    cache: dict = {}
+
+    def apply(params):
+        key = (tuple(params["blocks"]), params["kl_budget"])
+        if key not in cache:
+            cache.clear()
+            cache[key] = _edit(d, basis, grads, params)
+        return cache[key].apply(d.handle)
+
+    choice = choose(d, families, apply)
+    headline = evaluate(d, apply, choice, "The aimed K-FAC edit", sec)
+    if choice.params is not None:
+        edited = sum(1 for n in basis if block_of(n, block_path(d.handle.model))
+                     in choice.params["blocks"])
+        headline |= {"layers": edited, "blocks": choice.params["blocks"],
+                     "kl_budget": choice.params["kl_budget"]}
+    recited = [q.token_ids for q in d.recited("evaluation")]
     sec.figure(loading_figure({
-        "memorized (100x canaries)": component_loading(d.handle, basis, memorized,
-                                                       d.cfg.prefix),
-        "clean (non-members)": component_loading(d.handle, basis, d.splits.heldout,
-                                                 d.cfg.prefix)}))
-    return {**headline, "kl_budget": d.config.kfac_budget, "factor_tokens": factors.tokens,
-            "layers": len(factors.layers), "aimed_with_recited": len(targets)}
+        "recited (evaluation half)": component_loading(d.handle, basis, recited, d.cfg.prefix),
+        f"clean ({d.clean('evaluation')[1]})": component_loading(
+            d.handle, basis, d.clean_ids("evaluation")[:64], d.cfg.prefix)}))
+    return {**headline, "where_to_look": where, "where_to_look_by": "low-curvature gradient "
+            "loading of recited vs clean text (calibration half)",
+            "factor_tokens": factors.tokens, "n_layers": len(factors.layers)}

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from memlens.core.config import Config, nested, option
 from memlens.core.identity import corpus_hash
-from memlens.core.metrics import Extraction
+from memlens.core.metrics import Extraction, perplexity
 from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
 from memlens.data.labels import (
@@ -20,11 +20,13 @@ from memlens.data.labels import (
     manifest_roles,
     read_sequences,
 )
+from memlens.data.splits import HALVES
 from memlens.report.figures import extraction_figure
 from memlens.report.page import Section
-from memlens.steps.chain import Chain
+from memlens.steps.chain import Chain, skip
 
-__all__ = ["LabelCommand", "label_step", "main", "print_extraction_table"]
+__all__ = ["NAME", "SETTINGS", "TEXT", "TITLE", "LabelCommand", "label_step", "main",
+           "print_extraction_table", "report"]
 
 
 def label_step(handle: ModelHandle, data: str | Path, out: str | Path,
@@ -90,29 +92,53 @@ def print_extraction_table(summary: dict) -> None:
 # --------------------------------------------------------------------------- in the chain
 
 NAME = "labels"
-TITLE = "1. Labels: what the organism memorized"
-TEXT = ("Which canaries the organism reproduces verbatim from a 32-token prefix, by how "
-              "often they were in the training data, and how well simple membership scores "
-              "(loss, Min-K%, zlib) tell members from held-out records.")
+SETTINGS = ()
+TITLE = "1. Labels: what the model memorized"
+TEXT = ("Which records the model reproduces verbatim from their first tokens (greedy decoding "
+        "from the prefix reproduces the suffix), by how often they were in the training data "
+        "where that is known, and how well simple membership scores (loss, Min-K%, zlib) tell "
+        "members from held-out records. The records are split by record into a calibration "
+        "half (every later setting is chosen on it) and an evaluation half (every later "
+        "number is scored on it).")
 
 
 def report(d: Chain, sec: Section) -> dict:
     labels = label(d.handle, d.splits.labeled, d.cfg, progress=d.progress)
     labels.save(d.labels_dir)
     s = labels.summary
-    sec.figure(extraction_figure(
-        {"exact (greedy reproduces the suffix)": labels.extraction.exact,
-         "loose (75% similar)": labels.extraction.loose},
-        "Extraction by duplication count (32-token prefix, 32-token suffix)"))
-    sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
-               for k, v in s["membership_auroc"].items()])
-    exact = labels.extraction.exact
-    best = max(s["membership_auroc"], key=s["membership_auroc"].get)
-    sec.finding(f"The organism recites {exact['100']:.0%} of its 100x canaries and "
-                f"{exact.get('1', 0):.0%} of those seen once; the best membership score "
-                f"({best}) tells members from non-members at AUROC "
-                f"{s['membership_auroc'][best]:.2f}.")
-    return {**labels.extraction.to_json(),
-            "membership_auroc": s["membership_auroc"],
+    rates = labels.extraction
+    skipped = []
+    if d.counts:
+        sec.figure(extraction_figure(
+            {"exact (greedy reproduces the suffix)": rates.exact,
+             "loose (75% similar)": rates.loose},
+            f"Extraction by duplication count ({d.cfg.prefix}-token prefix, "
+            f"{d.cfg.suffix}-token suffix)"))
+    else:
+        skipped.append(skip(sec, "Extraction by duplication count", "add a 'duplication' "
+                            "count (times seen in training) to each record"))
+    if "membership_auroc" in s:
+        sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
+                   for k, v in s["membership_auroc"].items()])
+    else:
+        skipped.append(skip(sec, "Membership inference", "add held-out records the model "
+                            "was never trained on, marked 'duplication': 0"))
+    halves = {h: {"records": len(d.splits.half(h)), "recited": len(d.recited(h)),
+                  "clean text": d.clean(h)[1]} for h in HALVES}
+    sec.table([{"half": h, **v} for h, v in halves.items()])
+    perplexity_before = {h: perplexity(d.handle, d.clean_ids(h), d.cfg.batch_size)
+                         for h in HALVES}
+    mia = s.get("membership_auroc")
+    best = max(mia, key=mia.get) if mia else None
+    sec.finding(
+        f"The model recites {s['exact_extraction_rate']:.0%} of the {s['n_sequences']} "
+        f"records exactly ({halves['calibration']['recited']} in the calibration half, "
+        f"{halves['evaluation']['recited']} in the evaluation half)"
+        + (f"; the best membership score ({best}) tells members from non-members at AUROC "
+           f"{mia[best]:.2f}." if mia else "."))
+    return {**rates.to_json(), "exact_extraction_rate": s["exact_extraction_rate"],
+            "n_by_duplication": s["n_by_duplication"],
+            "membership_auroc": s.get("membership_auroc"),
             "token_label_counts": s["token_label_counts"],
-            "before": d.after().to_json()}
+            "halves": halves, "perplexity_before": perplexity_before,
+            "before": d.after().to_json(), "skipped": None, "skipped_parts": skipped}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import pandas as pd
+
 from memlens.core.config import FRACTION, Config, nested, option
+from memlens.core.identity import Identity
 from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.storage import prepare_output
 from memlens.data.labels import Labels
@@ -15,13 +18,16 @@ from memlens.methods.localize import (
     NeuronAblation,
     ablate_neurons,
     find_neurons,
+    localize,
     top_neurons,
 )
-from memlens.report.figures import budget_curve_figure, neuron_score_figure
+from memlens.report.figures import neuron_score_figure
 from memlens.report.page import Section
-from memlens.steps.chain import Chain, before_after, edit_finding
+from memlens.steps.calibrate import choose, evaluate, needs_recited
+from memlens.steps.chain import Chain
 
-__all__ = ["LocalizeCommand", "localize_step", "main"]
+__all__ = ["AFTER", "NAME", "SETTINGS", "TEXT", "TITLE", "LocalizeCommand", "localize_step", "main",
+           "needs", "removal", "report", "specific_scores"]
 
 
 def localize_step(handle: ModelHandle, labels: Labels, out: str | Path | None,
@@ -75,41 +81,80 @@ def main(cmd: LocalizeCommand) -> None:
 
 NAME = "interventions"
 TITLE = "4. Localization and ablation"
-TEXT = ("MLP neurons scored by how much ablating each one lowers the "
-                     "log-probability of recited canaries; the top ones are then ablated. "
-                     "The curve shows how much must go before heavily duplicated canaries "
-                     "stop being recited, for this one ranking method (other methods, and "
-                     "targets sampled across counts, are in experiments/interventions.py).")
+TEXT = ("Every MLP neuron is scored by how much it holds up the recitation of the calibration "
+        "half's recited sequences per token, less how much it holds up clean text per token: "
+        "neurons every prediction leans on score low. The top ones are then ablated. How "
+        "many, and whether they are taken per block or wherever the scores are highest, is "
+        "chosen on the calibration half and scored on the evaluation half.")
+AFTER = ("labels",)
+SETTINGS = ("max_ppl_increase", "target_removal", "localize_method", "localize_neurons",
+            "localize_per_block", "localize_targets")
+
+
+def needs(d: Chain) -> str | None:
+    return needs_recited(d)
+
+
+def _table(d: Chain, scores, params: dict) -> pd.DataFrame:
+    if "per_block" in params:
+        return top_neurons(d.handle, scores, params["per_block"] / scores.shape[1])
+    return top_neurons(d.handle, scores, 1.0).head(params["neurons"]).reset_index(drop=True)
+
+
+def specific_scores(d: Chain, targets: list[list[int]], clean: list[list[int]],
+                    cfg: LocalizeConfig):
+    """Each neuron's score for the recited targets per scored token, less its score for clean
+    text per token (``activations`` contrasts the two itself)."""
+    if cfg.method == "activations" or not clean:
+        return localize(d.handle, targets, clean or None, cfg)
+
+    def per_token(seqs):
+        n = sum(max(0, len(s) - cfg.start) for s in seqs)
+        return localize(d.handle, seqs, None, cfg) / max(n, 1)
+
+    return per_token(targets) - per_token(clean)
+
+
+def removal(d: Chain) -> NeuronAblation | None:
+    """The chosen ablation (for the audit)."""
+    chosen = d.step_result(NAME)["chosen"]["params"]
+    return None if chosen is None else NeuronAblation.load(d.neurons_dir)
 
 
 def report(d: Chain, sec: Section) -> dict:
-
-    s = d.splits
+    cal = {x.id for x in d.splits.half("calibration")}
+    labels = d.labels
+    targets = labels.recited_targets(cal, limit=d.config.localize_targets)
+    clean = [ids for ids in d.clean_ids("calibration") if len(ids) > 1][:len(targets)]
     # Neurons scored on the whole recited sequence (start 1), as the text says.
-    localize_step(d.handle, d.labels, d.neurons_dir,
-                  LocalizeConfig(method=d.config.localize_method, start=1),
-                  d.config.localize_budget, ids={x.id for x in s.aim + s.aim_nonmembers},
-                  max_targets=d.config.localize_targets)
-    ablation = NeuronAblation.load(d.neurons_dir)
-    table, scores = ablation.table, ablation.scores
-    with ablation.apply(d.handle):
-        after = d.after()
-    curve = []
-    for budget in sorted({d.config.localize_budget, 0.03, 0.1}):
-        with ablate_neurons(d.handle, top_neurons(d.handle, scores, budget)):
-            m = d.after(loose=False)
-        curve.append({"budget": budget, "perplexity": m.perplexity,
-                      **{f"{k}x": v for k, v in m.exact.items()
-                         if k in ("10", "25", "100")}})
-    fig, headline = before_after(d.before, after, f"Ablating the {len(table)} neurons "
-                                  f"{d.config.localize_method} finds")
-    heat = neuron_score_figure(scores.numpy(), f"{d.config.localize_method} score of every "
-                               f"MLP neuron for {ablation.config['n_targets']} recited canaries")
-    sweep = budget_curve_figure(curve, ("100x", "25x", "10x"))
-    sec.figure(heat).figure(fig).figure(sweep)
-    sec.table(table.head(12)[["rank", "layer", "neuron", "score"]])
-    edit_finding(sec, headline)
-    return {**headline, "method": d.config.localize_method, "n_neurons": len(table),
-            "budget_curve": curve,
-            "neurons_per_layer": {str(k): int(v) for k, v in
-                                  table.groupby("layer").size().items()}}
+    cfg = LocalizeConfig(method=d.config.localize_method, start=1)
+    scores = specific_scores(d, targets, clean, cfg)
+    families = {"top neurons wherever they are": [
+                    {"label": f"{n} neuron{'s' * (n > 1)}", "neurons": n}
+                    for n in sorted(d.config.localize_neurons)],
+                "top neurons of every block": [
+                    {"label": f"{k} per block", "per_block": k}
+                    for k in sorted(d.config.localize_per_block)]}
+
+    def apply(params):
+        return ablate_neurons(d.handle, _table(d, scores, params))
+
+    choice = choose(d, families, apply)
+    out: dict = {}
+    if choice.params is not None:
+        config = {**asdict(cfg), "n_targets": len(targets), "contrast": bool(clean),
+                  "chosen": choice.params}
+        identity = Identity.make("ablation", d.handle, targets, config,
+                                 {"labels": labels.identity})
+        table = _table(d, scores, choice.params)
+        NeuronAblation(table, identity, config, scores).save(d.neurons_dir)
+        out = {"n_neurons": len(table), "neurons_per_layer": {
+            str(k): int(v) for k, v in table.groupby("layer").size().items()}}
+    headline = evaluate(d, apply, choice, f"Ablating the neurons {cfg.method} ranks first",
+                        sec)
+    sec.figure(neuron_score_figure(scores.numpy(), f"{cfg.method} score of every MLP neuron "
+                                   f"for {len(targets)} recited sequences (calibration half)"
+                                   + (", less clean text's" if clean else "")))
+    if choice.params is not None:
+        sec.table(table.head(12)[["rank", "layer", "neuron", "score"]])
+    return {**headline, **out, "method": cfg.method, "n_targets": len(targets)}

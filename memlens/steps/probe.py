@@ -35,8 +35,9 @@ from memlens.steps.capture import capture_step
 from memlens.steps.chain import Chain
 from memlens.steps.label import label_step
 
-__all__ = ["CONFIGS", "ModelSource", "ProbeCommand", "ProbeRun", "expand_sites", "load_config",
-           "main", "run_config", "train_probes"]
+__all__ = ["AFTER", "CONFIGS", "NAME", "SETTINGS", "TEXT", "TITLE", "ModelSource", "ProbeCommand",
+           "ProbeRun", "expand_sites", "load_config", "main", "needs", "report", "run_config",
+           "train_probes"]
 
 
 def expand_sites(patterns: list[str], names: list[str]) -> list[str]:
@@ -270,8 +271,6 @@ TEXT = ("A linear probe per residual-stream site classifies memorized tokens fro
 
 
 def _token_rows(d: Chain, seqs: list[Sequence], probe, tokens) -> list[dict]:
-
-
     site = probe.sites[0]
     out = []
     for seq in seqs:
@@ -281,15 +280,26 @@ def _token_rows(d: Chain, seqs: list[Sequence], probe, tokens) -> list[dict]:
             acts = run_sites(d.handle, [site], x, mask, backend="torch")[site][0].float()
         # The state that predicts token t sits at t - 1.
         scores = np.concatenate([[np.nan], probe.score(acts.cpu().numpy())[:-1]])
-        kind = f"{seq.duplication}x canary" if seq.duplication else "non-member"
+        kind = ("non-member" if seq.duplication == 0 else "record" if seq.duplication is None
+                else f"{seq.duplication}x record")
         out.append(labeled_sequence(tokens, d.handle.tokenizer, seq.id, ids, scores,
                                     title=f"{kind} {seq.id}"))
     return out
 
 
+AFTER = ("labels",)
+SETTINGS = ("probe_sites",)
+
+
+def needs(d: Chain) -> str | None:
+    counts = d.labels.tokens.query("label == 'memorized'")["id"].astype(str)
+    if not set(counts) & {s.id for s in d.splits.calibration}:
+        return ("the model recites no record of the calibration half, so there are no "
+                "memorized tokens to train a probe on; add records it recites")
+    return None
+
+
 def report(d: Chain, sec: Section) -> dict:
-
-
     labels = d.labels
     store = capture_step(d.handle, labels, d.store_dir,
                          CaptureConfig(sites=[d.config.probe_sites]), progress=d.progress)
@@ -314,12 +324,17 @@ def report(d: Chain, sec: Section) -> dict:
             + ("so the residual stream knows more about memorization than the output "
                "distribution shows." if gain > 0.05 else
                "so the residual stream adds little beyond the output distribution here."))
-    # Token view: recited and non-recited canaries and non-members from the held-out half.
-    s = d.splits
-    shown = s.at(100)[:2] + s.at(10)[:1] + s.at(1)[:1] + s.aim_nonmembers[-2:]
+    # Token view: recited and other members and non-members of the evaluation half.
+    s, recited = d.splits, {q.id for q in d.recited("evaluation")}
+    shown = ([q for q in s.evaluation if q.id in recited][:2]
+             + [q for q in s.evaluation if q.id not in recited][:2]
+             + s.evaluation_nonmembers[:2])
     sec.html(token_view(_token_rows(d, shown, probe, labels.tokens), view_id="token-view"))
     others = res[~res["probe"].isin(store.sites)]
     return {"best_probe": best["probe"], "auroc": float(best["auroc"]),
+            "sites_by_validation_auroc": list(
+                res[res["probe"].isin(store.sites)].sort_values("val_auroc", ascending=False)
+                ["probe"]),
             "other_probes_auroc": dict(zip(others["probe"], others["auroc"].astype(float),
                                            strict=True)),
             "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],

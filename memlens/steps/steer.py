@@ -15,9 +15,11 @@ from memlens.data.labels import Labels
 from memlens.methods.probes import Probe
 from memlens.methods.steering import Steering, generate_side_by_side, recitation_side_by_side
 from memlens.report.page import Section
-from memlens.steps.chain import Chain, before_after, edit_finding
+from memlens.steps.calibrate import choose, evaluate, needs_recited
+from memlens.steps.chain import Chain
 
-__all__ = ["SteerCommand", "main", "write_table"]
+__all__ = ["AFTER", "NAME", "SETTINGS", "TEXT", "TITLE", "SteerCommand", "main", "needs", "removal",
+           "report", "write_table"]
 
 
 @dataclass(kw_only=True)
@@ -117,24 +119,45 @@ def write_table(df, out: Path) -> None:
 
 NAME = "steering"
 TITLE = "5. Steering during generation"
-TEXT = ("A probe at one site gates a steering vector per token: the vector is "
-                "subtracted only where the probe sees memorization.")
+TEXT = ("A probe's direction at one site is subtracted from the residual stream while the "
+        "model generates: everywhere (static), or per token where the probe sees "
+        "memorization (probe-gated). The site (among the probes best on the calibration "
+        "half's validation tokens), the gating and the strength are chosen on the "
+        "calibration half and scored on the evaluation half.")
+AFTER = ("labels", "probes")
+SETTINGS = ("max_ppl_increase", "target_removal", "steer_sites", "steer_alphas")
+
+
+def needs(d: Chain) -> str | None:
+    return needs_recited(d)
+
+
+def removal(d: Chain) -> Steering | None:
+    """The chosen steering (for the audit)."""
+    chosen = d.step_result(NAME)["chosen"]["params"]
+    return None if chosen is None else Steering.load(d.steering_dir)
 
 
 def report(d: Chain, sec: Section) -> dict:
+    sites = d.step_result("probes")["sites_by_validation_auroc"][:d.config.steer_sites]
+    probes = {site: Probe.load(d.probe_path(site)) for site in sites}
+    families = {f"{'probe-gated' if gated else 'static'} at {site}": [
+        {"label": f"alpha {a:g}", "site": site, "gated": gated, "alpha": a}
+        for a in sorted(d.config.steer_alphas)] for site in sites for gated in (True, False)}
 
-    site, alpha = d.config.steer_site, d.config.steer_alpha
-    # The probe the probes step saved, gating a vector along its own direction.
-    Steering.from_probe(Probe.load(d.probe_path(site)), d.handle, alpha,
-                        gated=True).save(d.steering_dir)
-    steering = Steering.load(d.steering_dir)
-    with steering.apply(d.handle):
-        after = d.after()
-    fig, headline = before_after(d.before, after, f"Probe-gated steering at {site}, "
-                                  f"alpha {alpha}")
-    sec.figure(fig)
-    prompts = [d.handle.tokenizer.decode(s.token_ids[1:d.cfg.prefix])
-               for s in d.splits.at(100)][:3]
-    sec.table(generate_side_by_side(d.handle, prompts, lambda: steering.apply(d.handle)))
-    edit_finding(sec, headline)
-    return {**headline, "site": site, "alpha": alpha}
+    def setup(params) -> Steering:
+        return Steering.from_probe(probes[params["site"]], d.handle, params["alpha"],
+                                   gated=params["gated"])
+
+    def apply(params):
+        return setup(params).apply(d.handle)
+
+    choice = choose(d, families, apply)
+    headline = evaluate(d, apply, choice, "Steering", sec)
+    if choice.params is not None:
+        steering = setup(choice.params)
+        steering.save(d.steering_dir)
+        prompts = [q.token_ids[:d.cfg.prefix] for q in d.recited("evaluation")][:3]
+        sec.table(generate_side_by_side(d.handle, prompts, lambda: steering.apply(d.handle)))
+        headline |= {k: choice.params[k] for k in ("site", "gated", "alpha")}
+    return {**headline, "sites_tried": sites}

@@ -47,7 +47,9 @@ class Probe:
             p = {k: torch.as_tensor(v, dtype=x.dtype, device=x.device) for k, v in
                  (("w", self.weight), ("m", self.mean), ("s", self.std))}
             return torch.sigmoid(((x - p["m"]) / p["s"]) @ p["w"] + self.bias)
-        return 1 / (1 + np.exp(-(((x - self.mean) / self.std) @ self.weight + self.bias)))
+        from scipy.special import expit  # no overflow for large logits
+
+        return expit(((x - self.mean) / self.std) @ self.weight + self.bias)
 
     def direction(self) -> np.ndarray:
         """Unit vector in activation space along which the memorization logit grows."""

@@ -1,0 +1,156 @@
+"""`memlens run` (and the demo, which is run on an organism): every step on the calibration
+/ evaluation protocol, the settings chosen and recorded, the report, the cache; and a JSONL
+of bare texts, where what needs ground truth is reported as skipped."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from memlens.cli import main
+from memlens.core.jsonio import plain
+from memlens.core.metrics import Extraction
+from memlens.steps.demo import run_demo
+from memlens.steps.run import REMOVAL_STEPS, STEPS, run
+
+
+def check_protocol(out, summary):
+    """The halves split the labeled records once; every chosen setting met the budget on
+    the calibration half, and its evaluation numbers are over the evaluation half's recited
+    records."""
+    cal = summary["calibration"]
+    labeled = set(pd.read_parquet(out / "labels" / "sequences.parquet")["id"].astype(str))
+    assert not set(cal["calibration_ids"]) & set(cal["evaluation_ids"])
+    assert set(cal["calibration_ids"]) | set(cal["evaluation_ids"]) == labeled
+    halves = summary["labels"]["halves"]
+    for step in REMOVAL_STEPS:
+        r, chosen = summary[step], cal["chosen"][step]
+        assert chosen["setting"] == r["chosen"]["params"] is not None
+        assert chosen["perplexity_change_on_calibration"] <= cal["max_ppl_increase"]
+        assert chosen["met_target"] == (chosen["removed_on_calibration"]
+                                        >= cal["target_removal"])
+        point = [c for c in r["chosen"]["curve"] if c["params"] == chosen["setting"]]
+        assert point and point[0]["removed"] == chosen["removed_on_calibration"]
+        assert r["aimed_at"]["n_recited"] == halves["calibration"]["recited"]
+        seen = r["never_seen"]
+        assert seen["n_recited"] == halves["evaluation"]["recited"] > 0
+        assert seen["removed_ci"][0] <= seen["removed"] <= seen["removed_ci"][1]
+
+
+def test_run_chooses_on_one_half_and_scores_on_the_other(tiny_run):
+    out, summary = tiny_run
+    written = json.loads((out / "summary.json").read_text())
+    assert set(STEPS) | {"seconds", "calibration"} <= set(written)
+    assert {k: written[k] for k in STEPS} == plain({k: summary[k] for k in STEPS})
+    assert summary["skipped"] == {} and summary["skipped_parts"] == []
+    check_protocol(out, summary)
+    recited = Extraction.from_json(summary["labels"]).exact
+    assert recited["100"] >= 0.9 and recited["0"] == 0.0
+    assert summary["probes"]["auroc"] > 0.8
+    # Measured on the tiny organism (seed 0): steering 64% of the 14 recited evaluation
+    # records, the K-FAC edit 43%; steering that added the vector, or an edit aimed the
+    # wrong way, removes none.
+    assert summary["steering"]["never_seen"]["removed"] >= 0.3
+    assert summary["steering"]["exact_after"]["100"] <= 0.6
+    assert summary["kfac"]["never_seen"]["removed"] >= 0.2
+    assert len(summary["layernorm"]["grad_ratio_by_module"]) == 4  # 2 blocks x 2 norms
+    audit = summary["audit"]
+    assert set(audit) == {"forget", "skipped_parts", "relearn_blocks", "unedited",
+                          "retrain without", "K-FAC edit", "neuron ablation", "steering",
+                          "norm removal"}
+    assert audit["relearn_blocks"] is None  # trained from scratch: every weight
+    assert audit["unedited"]["exact"] >= 0.8 and audit["retrain without"]["exact"] == 0
+    assert audit["retrain without"]["mia_auroc_loss"] < 0.8 < audit["unedited"]["mia_auroc_loss"]
+    assert audit["K-FAC edit"]["exact"] < audit["unedited"]["exact"]
+    assert set(audit["forget"]["ids"]) <= set(summary["calibration"]["evaluation_ids"])
+
+
+def test_text_only_jsonl_runs_every_step_and_says_what_it_skipped(tiny_organism, tmp_path):
+    rows = [json.loads(line) for line in (tiny_organism / "corpus.jsonl").open()]
+    texts = ([r for r in rows if r["role"] == "canary"]
+             + [r for r in rows if r["role"] == "general"][:60])
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in texts))
+    out = tmp_path / "run"
+    summary = run(tiny_organism, data, out, progress=False)
+    assert summary["skipped"] == {}  # every step ran
+    check_protocol(out, summary)
+    parts = summary["skipped_parts"]
+    assert len(parts) == 4 and all("skipped: " in p for p in parts)
+    assert any("by duplication" in p and "'duplication' count" in p for p in parts)
+    assert sum("Membership inference" in p and "'duplication': 0" in p for p in parts) == 2
+    assert any("retrain-without" in p and "--reference" in p for p in parts)
+    page = (out / "report.html").read_text()
+    assert page.count("<b>Skipped.</b>") == 4
+    assert "retrain without" not in summary["audit"]
+    assert summary["audit"]["unedited"]["mia_auroc_loss"] is None
+    assert "membership_auroc" not in json.loads((out / "labels" / "summary.json").read_text())
+
+
+def test_layernorm_command_runs_only_the_steps_it_reads(tiny_organism, tmp_path, capsys):
+    out = tmp_path / "ln"
+    assert main(["layernorm", "--model", str(tiny_organism), "--data", str(tiny_organism),
+                 "--out", str(out), "--norm-strengths", "0.5", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(STEPS) & set(summary) == {"labels", "layernorm"}
+    ln = summary["layernorm"]
+    assert ln["placement"] == "Pre-RMSNorm" and len(ln["grad_ratio_by_module"]) == 4
+    assert {c["params"]["strength"] for c in ln["chosen"]["curve"]} <= {0.5, 1.0}
+    assert "layernorm: Removing norm parameters" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--model", str(tiny_organism), "--data", str(tiny_organism),
+              "--steps", "layrnorm"])
+
+
+def strict_json(text: str):
+    """Parse as standard JSON does (JavaScript's JSON.parse, jq): NaN and Infinity refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_artifact_is_strict_json_and_no_lock_file_is_left(tiny_run):
+    out, summary = tiny_run
+    files = sorted(out.rglob("*.json"))
+    assert len(files) >= 15 and out / "summary.json" in files
+    for f in files:
+        strict_json(f.read_text())  # raises on NaN / -Infinity
+    # p_z = 0 (a suffix top-k sampling cannot produce) for some non-members: their median
+    # log p_z is finite or null, never -Infinity, and the share of such sequences is there.
+    labels = strict_json((out / "labels" / "summary.json").read_text())
+    assert set(labels["median_log_p_z_by_duplication"]) == set(labels["n_by_duplication"])
+    assert 0 < labels["p_z_zero_share_by_duplication"]["0"] <= 1
+    assert labels["p_z_zero_share_by_duplication"]["100"] == 0
+    assert labels["median_log_p_z_by_duplication"]["100"] > -5
+    assert Extraction.from_json(summary["labels"]).exact["100"] >= 0.9
+    litter = [p.name for p in out.rglob(".*")]
+    assert litter == [], litter
+
+
+def test_demo_second_run_reuses_every_step(tiny_run, capsys):
+    out, first = tiny_run
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()}
+    again = run_demo(out, preset="tiny", progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count(": cached") == len(STEPS)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "steps").iterdir()} == stamps
+    assert plain({k: again[k] for k in STEPS}) == plain({k: first[k] for k in STEPS})
+
+
+def test_report_renders_offline_in_headless_chromium(tiny_run, render):
+    out, _ = tiny_run
+    page = (out / "report.html").read_text()
+    # Offline: plotly.js is inline (megabytes of it) and nothing is fetched.
+    assert re.search(r"<(script|link)[^>]+(src|href)=", page) is None and len(page) > 3e6
+    dom, console = render(out / "report.html")
+    assert console == [], console
+    n_figures = page.count('class="plotly-graph-div"')
+    assert n_figures >= 8
+    # Each figure Plotly draws gets its own SVG root; none is left empty.
+    assert dom.count('class="main-svg"') >= n_figures
+    assert dom.count('class="plotly-graph-div') == n_figures
+    assert "token-view" in dom and dom.count("class=\"tok\"") > 100
+
+
