@@ -11,6 +11,7 @@ import pytest
 from memlens.cli import main
 from memlens.core.jsonio import plain
 from memlens.core.metrics import Extraction
+from memlens.data.organism import organism_path
 from memlens.steps.demo import run_demo
 from memlens.steps.run import REMOVAL_STEPS, STEPS, run
 
@@ -88,19 +89,22 @@ def test_text_only_jsonl_runs_every_step_and_says_what_it_skipped(tiny_organism,
     assert "membership_auroc" not in json.loads((out / "labels" / "summary.json").read_text())
 
 
-def test_layernorm_command_runs_only_the_steps_it_reads(tiny_organism, tmp_path, capsys):
+def test_layernorm_command_on_a_post_ln_model_runs_only_the_steps_it_reads(tmp_path,
+                                                                          capsys):
+    postln = organism_path("tiny-deep", "opt-postln", progress=False)  # notebook 05's
     out = tmp_path / "ln"
-    assert main(["layernorm", "--model", str(tiny_organism), "--data", str(tiny_organism),
+    assert main(["layernorm", "--model", str(postln), "--data", str(postln),
                  "--out", str(out), "--norm-strengths", "0.5", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(STEPS) & set(summary) == {"labels", "layernorm"}
     ln = summary["layernorm"]
-    assert ln["placement"] == "Pre-RMSNorm" and len(ln["grad_ratio_by_module"]) == 4
-    assert {c["params"]["strength"] for c in ln["chosen"]["curve"]} <= {0.5, 1.0}
-    assert "layernorm: Removing norm parameters" in capsys.readouterr().out
+    assert ln["placement"] == "Post-LN" and len(ln["grad_ratio_by_module"]) == 12  # 6 x 2
+    curve = ln["chosen"]["curve"]
+    assert {c["params"]["strength"] for c in curve} <= {0.5, 1.0}
+    assert {c["params"]["group"] for c in curve} == {"early", "middle", "late"}
+    assert "layernorm: Removing norm parameters (Post-LN)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["run", "--model", str(tiny_organism), "--data", str(tiny_organism),
-              "--steps", "layrnorm"])
+        main(["run", "--model", str(postln), "--data", str(postln), "--steps", "layrnorm"])
 
 
 def strict_json(text: str):

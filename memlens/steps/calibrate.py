@@ -125,12 +125,12 @@ def evaluate(chain: Chain, apply: Apply, choice: Choice, what: str, sec: Section
          **({"loose, after": after.loose} if after.loose is not None else {})},
         f"{what} ({choice.label}) on the evaluation half<br><sup>extraction of its members "
         f"by duplication; perplexity {before.perplexity:.3f} -> {after.perplexity:.3f}</sup>"))
-    target = "reaching" if choice.met_target else "short of"
+    how = ("the weakest setting tried that reaches the target" if choice.met_target else
+           "no setting tried reaches the target within the budget; this one removes most")
     sec.finding(
-        f"Chosen on the calibration half: {choice.label}, the weakest setting tried "
-        f"{'that reaches' if choice.met_target else 'closest to'} the target; there it stops "
-        f"{choice.removed:.0%} of the {aimed} recited sequences it was aimed at being recited "
-        f"({target} the target {choice.target:.0%}) at {choice.perplexity_change:+.1%} "
+        f"Chosen on the calibration half: {choice.label}, {how}. There "
+        f"{choice.removed:.0%} of the {aimed} recited sequences it was aimed at are no "
+        f"longer recited (target {choice.target:.0%}) at {choice.perplexity_change:+.1%} "
         f"perplexity (budget +{choice.budget:.0%}). On the evaluation half, which it never "
         f"saw: {unseen.removed:.0%} (95% CI {lo:.0%} to {hi:.0%}) of {len(gone)} recited "
         f"sequences no longer recited, at {out['perplexity_change']:+.1%} perplexity.")
