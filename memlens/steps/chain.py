@@ -38,6 +38,7 @@ from memlens.core.config import (
     option,
     to_json,
 )
+from memlens.core.errors import DataError
 from memlens.core.identity import Identity
 from memlens.core.metrics import Extraction, edit_metrics, exact_extraction, perplexity
 from memlens.core.model import ModelHandle, ModelOptions
@@ -158,8 +159,13 @@ class Chain:
 
     @cached_property
     def splits(self) -> Splits:
-        return Splits.from_data(self.data, self.handle.tokenizer,
-                                max_tokens=self.cfg.prefix + self.cfg.suffix)
+        splits = Splits.from_data(self.data, self.handle.tokenizer,
+                                  max_tokens=self.cfg.prefix + self.cfg.suffix)
+        if not splits.calibration or not splits.evaluation:
+            raise DataError(f"{self.data} holds {len(splits.canaries)} member record(s): "
+                            "memlens run splits them into a calibration and an evaluation "
+                            "half, so give at least 2 (dozens for rates worth reading)")
+        return splits
 
     @cached_property
     def data_hash(self) -> str:
@@ -195,8 +201,12 @@ class Chain:
         if seqs:
             return seqs, what
         recited = {s.id for s in self.recited(half)}
-        return ([s for s in getattr(self.splits, half) if s.id not in recited],
-                "records the model does not recite (the data has no held-out text)")
+        rest = [s for s in getattr(self.splits, half) if s.id not in recited]
+        if not rest:
+            raise DataError(f"the {half} half of {self.data} has no clean text for perplexity: "
+                            "the model recites every record of it and the data has no "
+                            "non-members; add held-out records marked 'duplication': 0")
+        return rest, "records the model does not recite (the data has no held-out text)"
 
     def clean_ids(self, half: str) -> list[list[int]]:
         """The token ids of :meth:`clean`."""
