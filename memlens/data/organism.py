@@ -29,7 +29,12 @@ from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import digest
 from memlens.core.metrics import heldout_metrics
 from memlens.core.model import ModelHandle
-from memlens.core.modules import freeze_norm_params
+from memlens.core.modules import (
+    PLAIN_EMBEDDING,
+    block_input,
+    freeze_norm_params,
+    only_top_blocks,
+)
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward, token_losses
 from memlens.core.sequences import Sequence
@@ -209,6 +214,37 @@ def _sequences(records: list[Record], tokenizer, max_len: int) -> list[Sequence]
     return out
 
 
+def _top_block_logits(handle: ModelHandle, preset: OrganismPreset, token_ids: list[list[int]],
+                      used: set[int], batch_size: int = 16):
+    """``logits(batch, ids, mask)`` for training: the whole model, or, when only the top
+    ``train_blocks`` blocks train (and the architecture allows it), those blocks run from the
+    frozen blocks' output, computed once per record rather than once per repetition."""
+    model = handle.model
+    k = preset.train_blocks
+    if k is None or model.config.model_type not in PLAIN_EMBEDDING:
+        return lambda batch, ids, mask: forward(handle, ids, mask)
+    first = model.config.num_hidden_layers - k
+    entering: dict[int, torch.Tensor] = {}
+    keys = sorted(used)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(keys), batch_size):
+        chunk = keys[i:i + batch_size]
+        ids, mask = handle.pad([token_ids[j] for j in chunk])
+        states = block_input(model, ids, mask, first)
+        for j, row in zip(chunk, states, strict=True):
+            entering[j] = row[:len(token_ids[j])].clone()
+    model.train(was_training)
+
+    def logits(batch, ids, mask):
+        states = torch.nn.utils.rnn.pad_sequence([entering[j] for j in batch],
+                                                 batch_first=True)
+        with only_top_blocks(model, k):
+            return forward(handle, None, mask, inputs_embeds=states)
+
+    return logits
+
+
 def _save_checkpoint(path: Path, model, opt, epoch: int):
     # The trained parameters only (the rest is the start model's, made again on resume);
     # named_parameters lists a tied embedding once.
@@ -308,6 +344,7 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     start_epoch = _load_checkpoint(work, model, opt)
+    logits_of = _top_block_logits(handle, preset, token_ids, set(stream))
     with progress_bar(total=total, initial=start_epoch * steps_per_epoch, disable=not progress,
                       desc=f"train {preset_name}/{arch}", unit="step") as bar:
         model.train()
@@ -316,10 +353,11 @@ def _train_organism(out, preset, arch, seed, progress, norm_free_layers, device,
             gen = torch.Generator().manual_seed(seed * 10_007 + epoch)
             order = [stream[i] for i in torch.randperm(len(stream), generator=gen).tolist()]
             for i in range(0, len(order), preset.batch_size):
-                ids, mask = handle.pad([token_ids[j] for j in order[i:i + preset.batch_size]])
+                batch = order[i:i + preset.batch_size]
+                ids, mask = handle.pad([token_ids[j] for j in batch])
                 for g in opt.param_groups:
                     g["lr"] = preset.lr * lr_at(step)
-                loss, _, valid = token_losses(forward(handle, ids, mask), ids, mask)
+                loss, _, valid = token_losses(logits_of(batch, ids, mask), ids, mask)
                 loss = loss[valid].mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
