@@ -18,8 +18,9 @@ import torch
 
 from memlens import load_model
 from memlens.core import jsonio
-from memlens.core.modules import block_input, block_parameters, only_top_blocks
+from memlens.core.modules import block_parameters, only_top_blocks
 from memlens.core.scoring import forward, token_losses
+from memlens.core.sites import block_input
 from memlens.data.corpus import build_corpus
 from memlens.data.organism import PRESETS
 

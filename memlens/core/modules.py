@@ -23,10 +23,10 @@ from transformers.pytorch_utils import Conv1D
 
 from memlens.core.errors import ConfigError
 
-__all__ = ["PLAIN_EMBEDDING", "block_input", "block_parameters", "block_path", "find_layers",
-           "flush_denormals", "freeze_norm_params", "identity_norm_params", "is_norm",
-           "linear_modules", "linear_weight", "mlp_output_layers", "neuron_sites", "neuron_width",
-           "norm_modules", "only_top_blocks", "tracking_gradients"]
+__all__ = ["PLAIN_EMBEDDING", "block_parameters", "block_path", "find_layers", "flush_denormals",
+           "freeze_norm_params", "identity_norm_params", "is_norm", "linear_modules",
+           "linear_weight", "mlp_output_layers", "neuron_sites", "neuron_width", "norm_modules",
+           "only_top_blocks", "tracking_gradients"]
 
 _MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
 _ATTN = re.compile(r"(attn|attention)")
@@ -127,37 +127,12 @@ def block_parameters(model: torch.nn.Module, blocks: list[int] | tuple[int, ...]
 PLAIN_EMBEDDING = ("llama", "olmo2", "mistral", "qwen2")
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def block_input(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int
-                ) -> torch.Tensor:
-    """The hidden state entering ``block`` [batch, pos, d]; the blocks from it up never
-    run."""
-    layer = model.get_submodule(block_path(model))[block]
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen["x"]
-
-
 @contextmanager
 def only_top_blocks(model: torch.nn.Module, k: int) -> Iterator[None]:
     """While the block runs the model has only its top ``k`` blocks: call it with
-    ``inputs_embeds`` = the hidden state entering block ``n - k`` (:func:`block_input`) and
-    it returns the full model's logits, at the cost of those blocks and the head."""
+    ``inputs_embeds`` = the hidden state entering block ``n - k``
+    (:func:`memlens.core.sites.block_input`) and it returns the full model's logits, at the
+    cost of those blocks and the head."""
     if model.config.model_type not in PLAIN_EMBEDDING:
         raise ConfigError(f"only_top_blocks needs blocks that take the token embedding as it "
                           f"is ({', '.join(PLAIN_EMBEDDING)}); {model.config.model_type} "

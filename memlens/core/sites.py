@@ -24,9 +24,10 @@ import torch
 
 from memlens.core.errors import ConfigError, UserError
 from memlens.core.model import ModelHandle
+from memlens.core.modules import block_path
 
-__all__ = ["BACKENDS", "UnknownSiteError", "available_sites", "execution_order", "is_hook_name",
-           "resolve_sites", "run_sites", "site_module", "site_to_module"]
+__all__ = ["BACKENDS", "UnknownSiteError", "available_sites", "block_input", "execution_order",
+           "is_hook_name", "resolve_sites", "run_sites", "site_module", "site_to_module"]
 
 BACKENDS = ("auto", "bridge", "nnsight", "torch")
 
@@ -252,3 +253,29 @@ def site_module(handle: ModelHandle, site: str) -> tuple[torch.nn.Module, str]:
     except AttributeError:
         raise UnknownSiteError(f"site {site!r}: the model has no module {path!r}; module paths "
                                "look like 'model.layers.2.mlp.down_proj:input'") from None
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_input(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int
+                ) -> torch.Tensor:
+    """The hidden state entering ``block`` [batch, pos, d]; the blocks from it up never
+    run."""
+    layer = model.get_submodule(block_path(model))[block]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["x"]

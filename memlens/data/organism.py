@@ -29,15 +29,11 @@ from memlens.core.errors import ConfigError, DataError
 from memlens.core.identity import digest
 from memlens.core.metrics import heldout_metrics
 from memlens.core.model import ModelHandle
-from memlens.core.modules import (
-    PLAIN_EMBEDDING,
-    block_input,
-    freeze_norm_params,
-    only_top_blocks,
-)
+from memlens.core.modules import PLAIN_EMBEDDING, freeze_norm_params, only_top_blocks
 from memlens.core.progress import progress as progress_bar
 from memlens.core.scoring import forward, token_losses
 from memlens.core.sequences import Sequence
+from memlens.core.sites import block_input
 from memlens.core.storage import cache_dir, exclusive, writing
 from memlens.core.version import VERSION
 from memlens.data.corpus import CorpusConfig, Record, build_corpus

@@ -6,8 +6,9 @@ import torch
 
 from memlens.core.errors import ConfigError
 from memlens.core.model import load_model
-from memlens.core.modules import block_input, block_parameters, only_top_blocks
+from memlens.core.modules import block_parameters, only_top_blocks
 from memlens.core.scoring import forward, token_losses
+from memlens.core.sites import block_input
 
 
 def test_top_blocks_from_their_input_give_the_whole_models_logits_and_gradients(
