@@ -20,6 +20,7 @@ SMALLEST = {
     "kfac.py": ["--preset", "tiny", "--arch", "llama", "--sequences", "16", "--batch-size",
                 "8", "--repeats", "1"],
     "labeling.py": ["--preset", "tiny", "--n", "12"],
+    "organism_training.py": ["--preset", "smollm2-tiny", "--steps", "1", "--repeats", "1"],
     "probes.py": ["--repeats", "1"],  # with a config on the tiny organism, below
     "steering.py": ["--preset", "tiny", "--prompts", "4", "--tokens", "4", "--batch-size", "4",
                     "--repeats", "1"],

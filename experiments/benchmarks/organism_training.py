@@ -107,6 +107,7 @@ def main():
           f"{result['epoch_speedup']:.2f}x (frozen outputs of {len(unique)} records: "
           f"{prefix_seconds:.1f} s)")
     jsonio.write(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
