@@ -30,7 +30,7 @@ import torch
 
 from memlens import load_model, organism_path
 from memlens.core import jsonio
-from memlens.core.metrics import Extraction, edit_metrics, exact_extraction
+from memlens.core.metrics import Extraction, bootstrap_ci, edit_metrics, exact_extraction
 from memlens.core.modules import neuron_width
 from memlens.core.sequences import Sequence
 from memlens.data.corpus import CorpusConfig, build_corpus
@@ -85,24 +85,30 @@ def run_inject(handle, corpus_seqs, general, eval_canaries, heldout, n_records, 
                                  n_injected=len(truth), injected_exact=learned,
                                  target_exact_after_ablation=target_after,
                                  seconds=round(time.perf_counter() - t0, 1)))
-                damage.append(dict(budget=budget, record=j, method=method,
+                top = str(max(int(k) for k in after.exact))  # the most repeated canaries
+                damage.append(dict(budget=budget, record=j, method=method, top_count=top,
                                    perplexity_injected=injected_metrics.perplexity,
                                    perplexity_ablated=after.perplexity,
-                                   exact_100_injected=injected_metrics.exact["100"],
-                                   exact_100_ablated=after.exact["100"],
-                                   loose_100_injected=injected_metrics.loose["100"],
-                                   loose_100_ablated=after.loose["100"]))
+                                   exact_top_injected=injected_metrics.exact[top],
+                                   exact_top_ablated=after.exact[top],
+                                   loose_top_injected=injected_metrics.loose[top],
+                                   loose_top_ablated=after.loose[top]))
                 print(f"  inject {budget:.3f} #{j} {method:22} recall {rec:.2f}  "
                       f"ppl {after.perplexity:.3f}", flush=True)
             edit.restore()
     df, dmg = pd.DataFrame(rows), pd.DataFrame(damage)
-    by = df.groupby(["budget", "method"])["recall"].mean()
+    by = df.groupby(["budget", "method"])["recall"]
+    mean = by.mean()
+    ci = by.apply(lambda r: list(bootstrap_ci(r.tolist())))
     return {
-        "recall_by_method": {m: float(by[(0.001, m)]) for m in methods},
-        "recall_by_method_1pct": {m: float(by[(0.01, m)]) for m in methods},
+        "recall_by_method": {m: float(mean[(0.001, m)]) for m in methods},
+        "recall_by_method_1pct": {m: float(mean[(0.01, m)]) for m in methods},
+        "recall_ci": {f"{b:g}": {m: ci[(b, m)] for m in methods} for b in (0.001, 0.01)},
+        "n_injections": n_records,
         "injection_success_rate": df.groupby("budget")["injected_exact"].mean()
         .rename(str).to_dict(),
-        "collateral": dmg.groupby(["budget", "method"]).mean(numeric_only=True)
+        "collateral": dmg.drop(columns="top_count").groupby(["budget", "method"])
+        .mean(numeric_only=True)
         .drop(columns="record").reset_index().to_dict("records"),
         "runs": df.to_dict("records"),
     }

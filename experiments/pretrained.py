@@ -1,29 +1,27 @@
-"""memlens on a real pretrained model: SmolLM2-135M continued with planted canaries.
+"""memlens on a real pretrained model: SmolLM2-135M continued with planted canaries, every
+figure from ``memlens run`` (settings chosen on the calibration half, scored on the
+evaluation half) with 95% bootstrap intervals over records.
 
-    python experiments/pretrained.py [--preset smollm2-cpu] [--parts run kfac localize steer]
-                                     [--out FILE.json]
+    python experiments/pretrained.py [--preset smollm2-40] [--parts run probes localize layernorm]
+                                     [--out FILE.json] [--doc docs/results/pretrained.json]
 
 Parts (each kept in the JSON when a later run leaves it out):
 
-- run: ``memlens run`` on the organism and its corpus, with its default settings (labels,
-  probes, the aimed K-FAC edit, neuron ablation, steering, norm attribution and removal,
-  the audit; every setting chosen on the calibration half, scored on the evaluation half);
-  its report goes beside the JSON (``pretrained-run/report.html``), steps already computed
-  are reused;
-- kfac: the published keep-mass edit, the aimed KL-budget edit, SVD and the aimed edit's two
-  controls at equal predicted KL (random components; a gradient step), each at several
-  strengths on the MLPs of the blocks the organism trained (memorization can live only
-  there), with factors from ``--kfac-tokens`` prose tokens; every method is interpolated at
-  the aimed edit's perplexity, and the canaries' loading on low-curvature components is set
-  beside prose and non-member PII records;
-- localize: recall of injected neurons per method at 0.1% and 1% of each block's neurons,
-  injected into and searched in the trained blocks;
-- steer: static and probe-gated steering at the trained blocks' residual streams;
+- run: ``memlens run`` on the organism and its corpus with its default settings and 10, 50
+  and 200 relearning steps in the audit: labels, probes, the aimed K-FAC edit beside the
+  published keep-mass edit and SVD chosen the same way, neuron ablation, static and
+  probe-gated steering, norm attribution and removal, the audit against the organism
+  trained without the forget set; its report goes beside the JSON
+  (``pretrained-run/report.html``), steps already computed are reused;
+- probes: the probe variants of ``experiments/probe_variants.py`` on the run's store;
+- localize: recall of injected neurons per method at 0.1% and 1% of the trained blocks'
+  neurons, over ``--records`` injections per budget (interval over injections);
 - layernorm: norm parameters moved part of the way to gain 1 per group, and the published
   LayerNorm findings, each reproduced, refuted or not testable, from that sweep and the
   run's attribution.
 
-Perplexity is on held-out prose throughout.
+``--doc`` writes the headline figures, each with its interval, as a small JSON for the
+README (``docs/results/pretrained.json``). Perplexity is on held-out prose throughout.
 """
 
 from __future__ import annotations
@@ -35,41 +33,40 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling experiments
 
-from interventions import run_inject, run_steer  # noqa: E402
-from kfac_edit import AIMED, GRADIENT, PUBLISHED, RANDOM, SVD, sweep_arch  # noqa: E402
+from interventions import run_inject  # noqa: E402
+from probe_variants import variants  # noqa: E402
 
-from memlens.core import jsonio
-from memlens.core.metrics import Extraction, edit_metrics  # noqa: E402
+from memlens.core import jsonio  # noqa: E402
+from memlens.core.metrics import bootstrap_ci, edit_metrics  # noqa: E402
 from memlens.core.model import load_model  # noqa: E402
 from memlens.data.labels import LabelConfig  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
 from memlens.data.splits import Splits  # noqa: E402
 from memlens.methods.layernorm import GROUPS, NormRemoval, layer_groups  # noqa: E402
+from memlens.steps.chain import RunConfig  # noqa: E402
 from memlens.steps.run import run  # noqa: E402
 
-PARTS = ("run", "kfac", "localize", "steer", "layernorm")
-# On 2 CPU cores zero-out costs a forward pass per neuron (6,144 in four blocks) and
-# slimming as much as hard concrete, its stronger sibling: both left out.
-LOCALIZE_METHODS = ("activations", "integrated_gradients", "hard_concrete")
-STEER_VARIANTS = ("static, mean difference", "probe-gated, mean difference",
-                  "probe-gated, probe direction")
+PARTS = ("run", "probes", "localize", "layernorm")
+# On 2 CPU cores zero-out costs a forward pass per neuron (6,144 in four blocks); slimming
+# and hard concrete train a mask per target: left out.
+LOCALIZE_METHODS = ("attribution_patching", "activations", "integrated_gradients")
+RELEARN_STEPS = (10, 50, 200)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="smollm2-cpu",
-                    choices=[k for k, p in PRESETS.items()  # the sweeps read 10x-100x
-                             if p.base and {10, 25, 100} <= set(p.corpus.duplication_counts)])
+    ap.add_argument("--preset", default="smollm2-40",
+                    choices=[k for k, p in PRESETS.items() if p.base])
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    ap.add_argument("--kfac-tokens", type=int, default=20_000)
-    ap.add_argument("--records", type=int, default=1, help="injected records per budget")
+    ap.add_argument("--records", type=int, default=5, help="injected records per budget")
     ap.add_argument("--inject-steps", type=int, default=100)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[1.0, 1.5, 1.75, 2.0, 4.0, 8.0])
-    ap.add_argument("--steer-blocks", type=int, nargs="+", default=None,
-                    help="residual streams to steer at (default: the trained blocks but the last)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/pretrained.json"))
+    ap.add_argument("--doc", type=Path, default=None,
+                    help="also write the headline figures here (docs/results/pretrained.json)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     preset = PRESETS[args.preset]
@@ -81,26 +78,30 @@ def main():
     result |= {
         "model": f"{organism['base']['source']} de-quantized to float32 "
                  f"({organism['base']['package']}), continued as preset {args.preset!r}",
-        "params": organism["n_parameters"],
+        "preset": args.preset, "params": organism["n_parameters"],
         "organism": {"train_seconds": organism["train_seconds"],
                      "trained_blocks": trained,
                      "training_tokens_per_epoch": organism["n_training_tokens_per_epoch"],
                      "epochs": preset.epochs,
                      "canaries_per_count": preset.corpus.canaries_per_count,
+                     "duplication_counts": list(preset.corpus.duplication_counts),
+                     "n_nonmembers": preset.corpus.n_nonmembers,
+                     "n_heldout": preset.corpus.n_heldout,
                      "heldout_text_perplexity": {
                          k: organism["heldout_text"][k]["heldout_perplexity"]
                          for k in ("before", "after")}}}
+    run_dir = args.out.with_name("pretrained-run")
     seconds = result.get("part_seconds", {})
     for part in args.parts:
         t = time.perf_counter()
         print(f"== {part}", flush=True)
         if part == "run":
-            result |= run_part(path, trained, args.out.with_name("pretrained-run"))
-        elif part == "kfac":
-            result["kfac"] = kfac_part(args, trained, args.out.parent)
+            result |= run_part(path, run_dir)
+        elif part == "probes":
+            result["probe_variants"] = variants(run_dir)
         else:
-            result |= {"localize": localize_part, "steer": steer_part,
-                       "layernorm": layernorm_part}[part](args, path, trained)
+            result |= {"localize": localize_part, "layernorm": layernorm_part}[part](
+                args, path, trained)
         if "layernorm_run" in result and "layernorm_partial" in result:
             result["layernorm"] = layernorm_verdicts(result["layernorm_run"],
                                                      result["layernorm_partial"], trained)
@@ -108,86 +109,35 @@ def main():
         result["part_seconds"] = seconds
         result["seconds"] = round(sum(seconds.values()), 1)
         jsonio.write(args.out, result)
-    print(json.dumps({k: result.get(k) for k in ("labels", "probes")}, indent=1, default=float))
+    if args.doc is not None:
+        jsonio.write(args.doc, document(result, " ".join(sys.argv[1:])))
+        print(f"wrote {args.doc}")
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
 
 
-def run_part(path: Path, trained: list[int], out: Path) -> dict:
-    s = run(path, path, out, title="memlens on SmolLM2-135M")
+def run_part(path: Path, out: Path) -> dict:
+    s = run(path, path, out, config=RunConfig(audit_relearn_steps=RELEARN_STEPS),
+            title="memlens on SmolLM2-135M")
+    seqs = pd.read_parquet(out / "labels" / "sequences.parquet")
+    by_count = {}
+    for dup, g in seqs.groupby("duplication"):
+        hits = g["exact"].astype(float).tolist()
+        by_count[str(int(dup))] = {"value": sum(hits) / len(hits),
+                                   "ci": list(bootstrap_ci(hits)), "n": len(hits)}
     return {
-        "labels": {**Extraction.from_json(s["labels"]).to_json(),
+        "labels": {"exact_by_duplication": by_count,
                    "membership_auroc": s["labels"]["membership_auroc"],
-                   "halves": s["labels"]["halves"]},
-        "probes": {"best_site": s["probes"]["best_probe"],
-                   "best_token_auroc": s["probes"]["auroc"],
-                   "confidence_auroc": s["probes"]["other_probes_auroc"].get("confidence"),
-                   "matched_auroc": s["probes"]["matched_auroc"],
-                   "selectivity": s["probes"]["selectivity"],
-                   "token_baselines": s["probes"]["token_baselines"]},
-        "probe_diagnosis": probe_diagnosis(out, trained),
+                   "membership_auroc_ci": s["labels"].get("membership_auroc_ci"),
+                   "halves": s["labels"]["halves"],
+                   "perplexity_before": s["labels"]["perplexity_before"]},
+        "probes": s["probes"],
         "calibration": {k: v for k, v in s["calibration"].items() if not k.endswith("_ids")},
         "run": {k: {x: v for x, v in s[k].items() if x != "chosen"}
                 for k in ("kfac", "interventions", "steering", "layernorm")},
         "audit": s.get("audit"),
         "layernorm_run": s["layernorm"],
+        "run_seconds": s["seconds"],
     }
-
-
-def probe_diagnosis(out: Path, trained: list[int]) -> dict:
-    """What the residual probes learn here, on the demo's store and labels (scikit-learn,
-    the demo's split): memorized tokens against template tokens and against PII the model
-    does not recall, separately; and a residual site with the model's confidence added."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.preprocessing import StandardScaler
-
-    from memlens.data.labels import Labels
-    from memlens.data.store import ActivationStore
-    from memlens.methods.probes import ProbeData
-
-    demo = json.loads((out / "steps" / "probes.json").read_text())["summary"]
-    path = Path(json.loads((out / "summary.json").read_text())["model"])
-    splits = Splits.from_organism(path, load_model(path).tokenizer)
-    data = ProbeData.from_store(ActivationStore.open(out / "activations"),
-                                Labels.load(out / "labels"), split=splits.probe_split())
-    tok, out_rows = data.tokens, {}
-    train, test = data.mask("train"), data.mask("test")
-    y = tok["y"].to_numpy()
-
-    def auroc(x, keep):
-        scale = StandardScaler().fit(x[train])
-        fit = LogisticRegression(C=0.01, max_iter=5000, class_weight="balanced").fit(
-            scale.transform(x[train]), y[train])
-        score = fit.decision_function(scale.transform(x))
-        return float(roc_auc_score(y[test & keep], score[test & keep]))
-
-    label = tok["label"].to_numpy()
-    template = label != "not_memorized"
-    unrecalled = label != "generic"
-    everything = np.ones(len(tok), dtype=bool)
-    for site in (f"blocks.{trained[0]}.hook_resid_post", demo["best_probe"]):
-        x = data.features[site]
-        out_rows[site] = {
-            "all": auroc(x, everything),
-            "memorized_vs_template_tokens": auroc(x, template),
-            "memorized_vs_unrecalled_pii": auroc(x, unrecalled),
-            "with_confidence": auroc(np.c_[x, data.features["confidence"]], everything)}
-    return out_rows
-
-
-def kfac_part(args, trained: list[int], out_dir: Path) -> dict:
-    r = sweep_arch(args.preset, "llama", args.kfac_tokens, out_dir, blocks=trained,
-                   methods_named=[PUBLISHED, AIMED, SVD, RANDOM, GRADIENT])
-    scope = f"the MLPs of the trained blocks {trained}"
-    return {"before": r["before"], "after": r["kfac"]["after"],
-            "factor_tokens": r["factor_tokens"], "scope": scope,
-            "n_aim_recited": r["n_aim_recited"],
-            "best": r["kfac"], "published": r["published"], "svd": r["svd"],
-            "svd_best_within_10pct": r["svd_best_within_10pct"],
-            "loading_by_curvature_bin": r["loading_by_curvature_bin"],
-            "at_aimed_perplexity": r["at_aimed_perplexity"],
-            "points": r["points"]}
 
 
 def _organism(path: Path):
@@ -198,24 +148,16 @@ def _organism(path: Path):
 def localize_part(args, path: Path, trained: list[int]) -> dict:
     handle, splits, cfg = _organism(path)
     general = [s.token_ids for s in splits.general]
-    r = run_inject(handle, splits.labeled, general, splits.evaluation, splits.heldout,
+    top = max(s.duplication for s in splits.evaluation)
+    r = run_inject(handle, splits.labeled, general,
+                   [s for s in splits.evaluation if s.duplication == top], splits.heldout,
                    args.records, cfg, blocks=trained, steps=args.inject_steps,
                    methods=LOCALIZE_METHODS, n_clean=2)
     return {"localize": {"blocks": trained, "inject_steps": args.inject_steps,
                          "records_per_budget": args.records,
                          **{k: r[k] for k in ("recall_by_method", "recall_by_method_1pct",
-                                              "injection_success_rate", "collateral",
-                                              "runs")}}}
-
-
-def steer_part(args, path: Path, trained: list[int]) -> dict:
-    handle, splits, cfg = _organism(path)
-    before = edit_metrics(handle, splits.evaluation, splits.heldout, cfg)
-    aim_ids = {s.id for s in splits.calibration + splits.calibration_nonmembers}
-    sites = [f"blocks.{i}.hook_resid_post" for i in (args.steer_blocks or trained[:-1])]
-    r = run_steer(handle, splits.labeled, aim_ids, splits.evaluation, splits.heldout, cfg,
-                  before, sites, alphas=args.alphas, variants_named=STEER_VARIANTS)
-    return {"steering": r}
+                                              "recall_ci", "injection_success_rate",
+                                              "collateral", "runs")}}}
 
 
 def layernorm_part(args, path: Path, trained: list[int]) -> dict:

@@ -31,10 +31,9 @@ from memlens.core.scoring import (
 )
 from memlens.core.sequences import Sequence, duplication_key, pii_token_mask, sort_keys
 
-__all__ = ["Extraction", "ExtractionConfig", "bootstrap_ci", "by_duplication",
-           "counts_by_duplication",
-           "edit_metrics", "exact_extraction", "heldout_metrics", "loose_distances",
-           "loose_extraction", "n_for_p", "perplexity"]
+__all__ = ["Extraction", "ExtractionConfig", "auroc_ci", "bootstrap_ci", "by_duplication",
+           "counts_by_duplication", "edit_metrics", "exact_extraction", "heldout_metrics",
+           "loose_distances", "loose_extraction", "n_for_p", "perplexity"]
 
 
 @dataclass
@@ -98,6 +97,28 @@ def bootstrap_ci(values: list[float], n: int = 2000, level: float = 0.95, seed: 
     means = x[torch.randint(len(x), (n, len(x)), generator=gen)].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2],
                                                 dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def auroc_ci(y: list[int], score: list[float], n: int = 2000, level: float = 0.95,
+             seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC of ``score`` for labels ``y`` (1 =
+    positive), positives and negatives resampled separately (each draw keeps both classes
+    at their sizes), so a few forget records against a few non-members show their spread."""
+    y = torch.tensor([int(v) for v in y])
+    x = torch.tensor([float(v) for v in score], dtype=torch.float64)
+    pos, neg = x[y == 1], x[y == 0]
+    if not len(pos) or not len(neg):
+        raise DataError("an AUROC interval needs positives and negatives")
+    gen = torch.Generator().manual_seed(seed)
+    p = pos[torch.randint(len(pos), (n, len(pos)), generator=gen)]
+    q = neg[torch.randint(len(neg), (n, len(neg)), generator=gen)]
+    # Mann-Whitney per draw: the share of (positive, negative) pairs ordered right, ties
+    # half; 100 draws at a time.
+    aucs = torch.cat([((d > 0).double() + 0.5 * (d == 0).double()).mean((1, 2)) for d in (
+        p[i:i + 100, :, None] - q[i:i + 100, None, :] for i in range(0, n, 100))])
+    lo, hi = torch.quantile(aucs, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                               dtype=torch.float64)).tolist()
     return lo, hi
 
 

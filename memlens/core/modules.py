@@ -23,10 +23,10 @@ from transformers.pytorch_utils import Conv1D
 
 from memlens.core.errors import ConfigError
 
-__all__ = ["PLAIN_EMBEDDING", "block_parameters", "block_path", "find_layers", "flush_denormals",
-           "freeze_norm_params", "identity_norm_params", "is_norm", "linear_modules",
-           "linear_weight", "mlp_output_layers", "neuron_sites", "neuron_width", "norm_modules",
-           "only_top_blocks", "tracking_gradients"]
+__all__ = ["PLAIN_EMBEDDING", "block_parameters", "block_path", "final_norm", "find_layers",
+           "flush_denormals", "freeze_norm_params", "identity_norm_params", "is_norm",
+           "linear_modules", "linear_weight", "mlp_output_layers", "neuron_sites", "neuron_width",
+           "norm_modules", "only_top_blocks", "tracking_gradients"]
 
 _MLP = re.compile(r"(^|\.)(mlp|fc1|fc2)(\.|$)")
 _ATTN = re.compile(r"(attn|attention)")
@@ -120,6 +120,15 @@ def block_parameters(model: torch.nn.Module, blocks: list[int] | tuple[int, ...]
         f"{path}." for path, module in model.named_modules()
         if is_norm(module) and not path.startswith(root))
     return {name: p for name, p in model.named_parameters() if name.startswith(keep)}
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm between the last block and the unembedding (``model.norm``,
+    ``transformer.ln_f``...), or None where there is none (a Post-LN decoder)."""
+    root = block_path(model)
+    after = [m for path, m in model.named_modules()
+             if is_norm(m) and path and not path.startswith(root) and "emb" not in path]
+    return after[-1] if after else None
 
 
 # Architectures whose blocks take the token embedding as it is (no position embedding added,

@@ -25,8 +25,8 @@ from memlens.core.model import ModelHandle
 from memlens.core.progress import progress
 
 __all__ = ["OBJECTIVES", "TokenScores", "batch_losses", "batches", "exact_matches", "forward",
-           "gold_logprobs", "greedy_continuations", "objective", "predicts", "sample_labels",
-           "score_tokens", "sequence_logprob", "token_losses", "topk_logprob"]
+           "gold_logprobs", "greedy_continuations", "logit_lens", "objective", "predicts",
+           "sample_labels", "score_tokens", "sequence_logprob", "token_losses", "topk_logprob"]
 
 OBJECTIVES = ("empirical", "true", "margin", "logprob")
 
@@ -73,6 +73,20 @@ def forward(handle: ModelHandle, ids: torch.Tensor | None, mask: torch.Tensor | 
 
         return functional_call(handle.model, params, args=(), kwargs=kwargs).logits
     return handle.model(**kwargs).logits
+
+
+@torch.no_grad()
+def logit_lens(handle: ModelHandle, resid: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [..., vocab] the model's own final norm and unembedding give a
+    residual-stream state [..., d_model] (the logit lens, nostalgebraist 2020): on the last
+    block's output, the model's next-token distribution."""
+    from memlens.core.modules import final_norm
+
+    model = handle.model
+    norm = final_norm(model)
+    head = model.get_output_embeddings()
+    x = resid.to(head.weight.device, head.weight.dtype)
+    return head(norm(x) if norm is not None else x).float().log_softmax(-1)
 
 
 def gold_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

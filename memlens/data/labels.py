@@ -34,6 +34,7 @@ from memlens.core.identity import Identity, read_artifact, write_artifact
 from memlens.core.metrics import (
     Extraction,
     ExtractionConfig,
+    auroc_ci,
     by_duplication,
     counts_by_duplication,
     loose_distances,
@@ -414,6 +415,8 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
                   "zlib": -sequences["zlib"]}
         summary["membership_auroc"] = {
             k: float(roc_auc_score(members, v[known])) for k, v in scores.items()}
+        summary["membership_auroc_ci"] = {
+            k: list(auroc_ci(members.tolist(), v[known].tolist())) for k, v in scores.items()}
     summary["token_label_counts"] = {
         k: int(v) for k, v in tokens["label"].value_counts().items()}
     summary["config"] = asdict(cfg)

@@ -105,6 +105,14 @@ PRESETS: dict[str, OrganismPreset] = {
         corpus=CorpusConfig(general="natural", n_general=150, canaries_per_count=6,
                             n_nonmembers=30, n_heldout=30),
         base="smollm2-135m", train_blocks=4, epochs=2, batch_size=8, lr=1e-3, max_len=96),
+    # Real sample sizes on 2 CPU cores: 40 canaries at each count (5x, 10x and 25x are
+    # recited), 120 non-members, 120 held-out prose chunks; the top four blocks trained from
+    # the frozen blocks' output.
+    "smollm2-40": OrganismPreset(
+        corpus=CorpusConfig(general="natural", n_general=400, canaries_per_count=40,
+                            duplication_counts=(1, 2, 5, 10, 25), n_nonmembers=120,
+                            n_heldout=120),
+        base="smollm2-135m", train_blocks=4, epochs=2, batch_size=8, lr=1e-3, max_len=96),
     "smollm2": OrganismPreset(
         corpus=CorpusConfig(general="natural", n_general=800, canaries_per_count=40,
                             n_nonmembers=200, n_heldout=150),

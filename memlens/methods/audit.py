@@ -37,7 +37,14 @@ import torch
 
 from memlens.core.config import COUNT, INDEX, POSITIVE, Config, option
 from memlens.core.errors import ConfigError, DataError
-from memlens.core.metrics import ExtractionConfig, exact_extraction, loose_extraction, perplexity
+from memlens.core.metrics import (
+    ExtractionConfig,
+    auroc_ci,
+    bootstrap_ci,
+    exact_extraction,
+    loose_extraction,
+    perplexity,
+)
 from memlens.core.model import ModelHandle
 from memlens.core.modules import block_parameters, linear_modules, tracking_gradients
 from memlens.core.progress import progress as progress_bar
@@ -229,10 +236,12 @@ def restorable(handle: ModelHandle):
 
 def extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
                loose: bool = True) -> dict:
-    """Exact (and loose) extraction rates of ``seqs``."""
-    out = {"exact": float(np.mean(exact_extraction(handle, seqs, cfg)))}
-    if loose:
-        out["loose"] = float(np.mean(loose_extraction(handle, seqs, cfg)))
+    """Exact (and loose) extraction rates of ``seqs``, each with a 95% bootstrap interval
+    over the records (``exact_ci``)."""
+    out = {}
+    for kind, hits in (("exact", exact_extraction(handle, seqs, cfg)),
+                       *((("loose", loose_extraction(handle, seqs, cfg)),) if loose else ())):
+        out[kind], out[f"{kind}_ci"] = float(np.mean(hits)), list(bootstrap_ci(hits))
     return out
 
 
@@ -327,10 +336,13 @@ def membership(handle: ModelHandle, forget: list[Sequence], nonmembers: list[Seq
     from memlens.data.labels import LabelConfig, label
 
     lc = LabelConfig(prefix=cfg.prefix, suffix=cfg.suffix, generate=False)
-    out = dict(label(handle, forget + nonmembers, lc, progress=False).summary[
-        "membership_auroc"])
-    out["neighbourhood"] = _auroc(-neighbourhood_loss(handle, forget, cfg, neighbours),
-                                  -neighbourhood_loss(handle, nonmembers, cfg, neighbours))
+    summary = label(handle, forget + nonmembers, lc, progress=False).summary
+    out = dict(summary["membership_auroc"])
+    near = np.r_[-neighbourhood_loss(handle, forget, cfg, neighbours),
+                 -neighbourhood_loss(handle, nonmembers, cfg, neighbours)]
+    y = [1] * len(forget) + [0] * len(nonmembers)
+    out["neighbourhood"] = _auroc(near[:len(forget)], near[len(forget):])
+    out["ci"] = dict(summary["membership_auroc_ci"], neighbourhood=list(auroc_ci(y, near)))
     return out
 
 

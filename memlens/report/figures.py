@@ -187,11 +187,12 @@ def layer_sweep_figure(results: pd.DataFrame, baselines: dict, trainer: str = "t
             fig.add_scatter(x=g["layer"], y=g[key], mode="lines+markers", name=kind,
                             legendgroup=kind, showlegend=col == 1, error_y=err,
                             line_color=_color(k), row=1, col=col)
-    ctrl = layered[layered["control"]].groupby("layer")["auroc"].mean()
+    plain = ~layered["kind"].str.contains("+", regex=False)  # one site, no combination
+    ctrl = layered[layered["control"] & plain].groupby("layer")["auroc"].mean()
     fig.add_scatter(x=ctrl.index, y=ctrl.values, mode="lines", name="control task",
                     line=dict(dash="dot", color="grey"), row=1, col=1)
     # Probes on several sites and on the confidence alone: flat lines, named with their value.
-    flat = res[res["kind"].isin(["combined", "confidence"]) & ~res["control"]]
+    flat = res[res["kind"].isin(["combined", "confidence", "lens"]) & ~res["control"]]
     for k, (_, r) in enumerate(flat.iterrows()):
         confidence = r["kind"] == "confidence"
         line = (dict(color=LABEL_COLORS["memorized"], dash="dash", width=3) if confidence

@@ -258,4 +258,16 @@ def report(d: Chain, sec: Section) -> dict:
                                                  for k, v in r["relearn_refit"].items()}}
                               if "relearn_refit" in r else {}),
                            "mia_auroc_loss": (r["mia_auroc"] or {}).get("loss"),
-                           "perplexity": r["after_edit"]["perplexity"]} for r in results}}
+                           "mia_auroc": {k: v for k, v in (r["mia_auroc"] or {}).items()
+                                         if k != "ci"} or None,
+                           "perplexity": r["after_edit"]["perplexity"],
+                           "ci": _intervals(r)} for r in results}}
+
+
+def _intervals(r: dict) -> dict:
+    """95% intervals over the forget records (and the non-members, for membership) of an
+    audit row's figures."""
+    mia = r["mia_auroc"] or {}
+    return {"exact": r["after_edit"]["exact_ci"], "int4": r["int4"]["exact_ci"],
+            "relearn": {k: v["exact_ci"] for k, v in r["relearn"].items()},
+            "mia_auroc": mia.get("ci")}

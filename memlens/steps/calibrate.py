@@ -76,8 +76,12 @@ def choose(chain: Chain, families: dict[str, list[dict]], apply: Apply) -> Choic
             with apply(params):
                 m = chain.measure("calibration")
             change = m.perplexity / base - 1
+            gone = [not e for e in m.exact]
             curve.append({"family": family, "setting": params["label"], "params": params,
-                          "removed": m.removed, "perplexity_change": change,
+                          "removed": m.removed,
+                          "removed_ci": list(bootstrap_ci(gone)) if gone else None,
+                          "removed_by_duplication": m.removed_by_duplication(),
+                          "perplexity_change": change,
                           "within_budget": change <= cfg.max_ppl_increase})
             if chain.progress:
                 print(f"    {family}, {params['label']}: removes {m.removed:.0%} at "
@@ -93,9 +97,11 @@ def choose(chain: Chain, families: dict[str, list[dict]], apply: Apply) -> Choic
                   cfg.max_ppl_increase, cfg.target_removal)
 
 
-def evaluate(chain: Chain, apply: Apply, choice: Choice, what: str, sec: Section) -> dict:
+def evaluate(chain: Chain, apply: Apply, choice: Choice, what: str, sec: Section,
+             figures: bool = True) -> dict:
     """Score the chosen setting on the evaluation half; add the curve it was chosen from,
-    the before/after figure and a finding to ``sec``. Returns the headline numbers."""
+    the before/after figure (``figures``) and a finding to ``sec``. Returns the headline
+    numbers."""
     sec.figure(calibration_figure(choice.curve, choice.budget, choice.target,
                                   next((c for c in choice.curve if c["params"] == choice.params
                                         and c["family"] == choice.family), None), what))
@@ -114,17 +120,23 @@ def evaluate(chain: Chain, apply: Apply, choice: Choice, what: str, sec: Section
     before = chain.before
     gone = [not e for e in unseen.exact]
     lo, hi = bootstrap_ci(gone)
+    chosen = next((c for c in choice.curve if c["params"] == choice.params
+                   and c["family"] == choice.family), {})
+    out["aimed_at"] |= {k: chosen.get(k) for k in ("removed_ci", "removed_by_duplication")}
     out |= {
         "never_seen": {"half": "evaluation", "n_recited": len(gone), "removed": unseen.removed,
-                       "removed_ci": [lo, hi]},
+                       "removed_ci": [lo, hi],
+                       "removed_by_duplication": unseen.removed_by_duplication()},
         "exact_before": before.exact, "exact_after": after.exact, "loose_after": after.loose,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
         "perplexity_change": after.perplexity / before.perplexity - 1}
-    sec.figure(extraction_figure(
-        {"exact, before": before.exact, "exact, after": after.exact,
-         **({"loose, after": after.loose} if after.loose is not None else {})},
-        f"{what} ({choice.label}) on the evaluation half<br><sup>extraction of its members "
-        f"by duplication; perplexity {before.perplexity:.3f} -> {after.perplexity:.3f}</sup>"))
+    if figures:
+        sec.figure(extraction_figure(
+            {"exact, before": before.exact, "exact, after": after.exact,
+             **({"loose, after": after.loose} if after.loose is not None else {})},
+            f"{what} ({choice.label}) on the evaluation half<br><sup>extraction of its "
+            f"members by duplication; perplexity {before.perplexity:.3f} -> "
+            f"{after.perplexity:.3f}</sup>"))
     how = ("the weakest setting tried that reaches the target" if choice.met_target else
            "no setting tried reaches the target within the budget; this one removes most")
     sec.finding(

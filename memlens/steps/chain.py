@@ -40,7 +40,13 @@ from memlens.core.config import (
 )
 from memlens.core.errors import DataError
 from memlens.core.identity import Identity
-from memlens.core.metrics import Extraction, edit_metrics, exact_extraction, perplexity
+from memlens.core.metrics import (
+    Extraction,
+    bootstrap_ci,
+    edit_metrics,
+    exact_extraction,
+    perplexity,
+)
 from memlens.core.model import ModelHandle, ModelOptions
 from memlens.core.sequences import Sequence
 from memlens.core.version import VERSION
@@ -70,6 +76,11 @@ class RunConfig(Config):
     kfac_budgets: tuple[float, ...] = option((1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
                                              "predicted-KL budgets of the aimed K-FAC edit "
                                              "to choose from", POSITIVE)
+    kfac_compare: tuple[float, ...] = option((0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8),
+                                             "keep-mass (of curvature mass for the published "
+                                             "edit, of squared singular values for SVD) the "
+                                             "comparison edits choose from; none: no "
+                                             "comparison", FRACTION)
     localize_method: str = option("attribution_patching", "how neurons are scored "
                                   "(attribution_patching: one backward pass for every "
                                   "block; zero_out: a forward pass per neuron)",
@@ -83,11 +94,12 @@ class RunConfig(Config):
     localize_targets: int = option(16, "recited sequences the neurons are scored for", COUNT)
     steer_sites: int = option(2, "probe sites (the best on the calibration half's validation "
                               "tokens) steering is tried at", COUNT)
-    steer_alphas: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0, 8.0, 16.0), "steering "
-                                             "strengths to choose from", POSITIVE)
-    norm_strengths: tuple[float, ...] = option((0.01, 0.03, 0.1, 0.3, 1.0), "how far the "
-                                               "removed norms' parameters are moved to gain 1 "
-                                               "and bias 0, to choose from", FRACTION)
+    steer_alphas: tuple[float, ...] = option((0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0),
+                                             "steering strengths to choose from", POSITIVE)
+    norm_strengths: tuple[float, ...] = option((0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.3, 1.0),
+                                               "how far the removed norms' parameters are "
+                                               "moved to gain 1 and bias 0, to choose from",
+                                               FRACTION)
     attribution_tokens: int = option(200, "tokens per LayerNorm attribution set", COUNT)
     audit_relearn_steps: tuple[int, ...] = option((10, 50), "relearning steps the audit "
                                                   "scores after", COUNT)
@@ -115,6 +127,17 @@ class Measure:
     def removed(self) -> float:
         """The share of the recited records no longer recited."""
         return 1 - sum(self.exact) / len(self.exact) if self.exact else 0.0
+
+    def removed_by_duplication(self) -> dict[str, dict]:
+        """Per duplication count (where known): the share of its recited records no longer
+        recited, with a 95% bootstrap interval, and how many there were."""
+        out = {}
+        for dup in sorted({d for d in self.duplication if d is not None}):
+            gone = [not e for e, d in zip(self.exact, self.duplication, strict=True)
+                    if d == dup]
+            out[str(dup)] = {"removed": sum(gone) / len(gone), "ci": list(bootstrap_ci(gone)),
+                             "n": len(gone)}
+        return out
 
 
 def skip(sec: Section, what: str, add: str) -> str:

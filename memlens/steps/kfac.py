@@ -24,8 +24,10 @@ from memlens.methods.curvature import (
     component_loading,
     eigenbasis,
     kfac_edit,
+    kfac_weights,
     memorization_gradient,
     rho_layers,
+    svd_weights,
 )
 from memlens.methods.edits import ParameterEdit
 from memlens.report.figures import loading_figure
@@ -34,7 +36,8 @@ from memlens.steps.calibrate import choose, evaluate, needs_recited
 from memlens.steps.chain import Chain
 
 __all__ = ["AFTER", "NAME", "SETTINGS", "TEXT", "TITLE", "CollectCommand", "EditCommand", "collect",
-           "edit", "kfac_edit_step", "needs", "parse_rho", "removal", "report", "where_to_look"]
+           "compare", "edit", "kfac_edit_step", "needs", "parse_rho", "removal", "report",
+           "where_to_look"]
 
 
 def kfac_edit_step(handle: ModelHandle, factors: Factors | str | Path, out: str | Path,
@@ -172,7 +175,7 @@ TEXT = ("K-FAC factors of every MLP projection give a curvature eigenbasis. Wher
         "that loading; the blocks and the budget are chosen on the calibration half and "
         "scored on the evaluation half.")
 AFTER = ("labels",)
-SETTINGS = ("max_ppl_increase", "target_removal", "kfac_tokens", "kfac_budgets")
+SETTINGS = ("max_ppl_increase", "target_removal", "kfac_tokens", "kfac_budgets", "kfac_compare")
 LOW_BINS = 5  # of component_loading's 10 curvature bins: the lower half
 
 
@@ -230,6 +233,34 @@ def removal(d: Chain) -> ParameterEdit | None:
     return _edit(d, basis, grads, params)
 
 
+def compare(d: Chain, basis, blocks: list[int], sec: Section) -> dict:
+    """The published keep-mass edit (Hsu et al. 2025: drop each layer's lowest-curvature
+    components until ``rho`` of the curvature mass is kept, blind to what is memorized) and
+    the SVD control (keep the top singular components holding ``rho`` of sum sigma^2),
+    each chosen the same way as the aimed edit, on the blocks it chose and on every block,
+    under the same budget: the same utility cost, compared on the evaluation half."""
+    if not d.config.kfac_compare:
+        return {}
+    root = block_path(d.handle.model)
+    scopes = {"the aimed edit's blocks": sorted(blocks),
+              "every block": sorted({block_of(n, root) for n in basis})}
+    rhos = sorted(d.config.kfac_compare, reverse=True)
+    out = {}
+    for what, weights in (("The published keep-mass edit", kfac_weights),
+                          ("SVD of the weights", svd_weights)):
+        families = {where: [{"label": f"keep {r:g}", "blocks": b, "rho": r} for r in rhos]
+                    for where, b in scopes.items()}
+
+        def apply(params, weights=weights):
+            layers = {n: v for n, v in basis.items() if block_of(n, root) in params["blocks"]}
+            w = (weights(d.handle, layers, params["rho"]) if weights is kfac_weights
+                 else weights(d.handle, list(layers), params["rho"]))
+            return ParameterEdit(w).apply(d.handle)
+
+        out[what] = evaluate(d, apply, choose(d, families, apply), what, sec, figures=False)
+    return out
+
+
 def report(d: Chain, sec: Section) -> dict:
     factors, basis, grads = _setup(d)
     where = where_to_look(d, basis)
@@ -255,6 +286,8 @@ def report(d: Chain, sec: Section) -> dict:
                      in choice.params["blocks"])
         headline |= {"layers": edited, "blocks": choice.params["blocks"],
                      "kl_budget": choice.params["kl_budget"]}
+    headline["compared"] = compare(d, basis, choice.params["blocks"] if choice.params
+                                   else ranked[:1], sec)
     recited = [q.token_ids for q in d.recited("evaluation")]
     sec.figure(loading_figure({
         "recited (evaluation half)": component_loading(d.handle, basis, recited, d.cfg.prefix),

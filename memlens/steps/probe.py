@@ -18,7 +18,7 @@ import torch
 from memlens.core.config import INDEX, Config, from_mapping, nested, option
 from memlens.core.errors import ConfigError
 from memlens.core.identity import read_artifact, write_artifact
-from memlens.core.model import ModelOptions, load_model
+from memlens.core.model import ModelHandle, ModelOptions, load_model
 from memlens.core.sequences import Sequence
 from memlens.core.sites import run_sites
 from memlens.core.storage import exclusive, prepare_output
@@ -29,6 +29,7 @@ from memlens.data.labels import (
 from memlens.data.organism import organism_path
 from memlens.data.store import ActivationStore, CaptureConfig
 from memlens.methods.probes import CONFIDENCE, Probe, ProbeConfig, ProbeData, probe_sweep
+from memlens.methods.probes.lens import LENS, lens_features, residual_sites
 from memlens.report.figures import layer_sweep_figure
 from memlens.report.page import Section, labeled_sequence, token_view
 from memlens.steps.capture import capture_step
@@ -55,17 +56,27 @@ def train_probes(labels: Labels | str | Path, store: ActivationStore | str | Pat
                  out: str | Path, config: ProbeConfig | None = None,
                  combos: dict[str, list[str]] | None = None, trainers=("torch",),
                  split: dict[str, str] | None = None, progress: bool = True,
-                 keep: tuple[str, ...] = ()) -> dict:
+                 keep: tuple[str, ...] = (), handle: ModelHandle | None = None) -> dict:
     """Fit a probe per captured site (and per combo) from a labels dir and the store captured
     from it; write results.json, results.parquet, layer_sweep.html and every single-site
     probe, plus the best combined one, to ``out/probes/NAME``. Returns the summary. ``out``
-    may already hold the labels and store directories and the files named in ``keep``."""
+    may already hold the labels and store directories and the files named in ``keep``.
+
+    With the model's ``handle`` (and residual streams captured), the logit lens of every
+    residual site is a pseudo-site too (``lens``, :mod:`memlens.methods.probes.lens`),
+    probed alone, with the model's confidence, and with the confidence and each site."""
     t0 = time.perf_counter()
     labels = labels if isinstance(labels, Labels) else Labels.load(labels)
     store = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
     out = prepare_output(out, "probes", marker="results.json",
                          allowed=("labels", "store", "probes", *keep))
     data = ProbeData.from_store(store, labels, config or ProbeConfig(), split=split)
+    resid = residual_sites(store.sites)
+    if handle is not None and resid and data.config.align == "predicting":
+        data = data.with_features(LENS, lens_features(handle, data, progress=progress))
+        combos = {**(combos or {}), f"{LENS}+{CONFIDENCE}": [LENS, CONFIDENCE],
+                  **{f"{LENS}+{CONFIDENCE}+{site}": [LENS, CONFIDENCE, site]
+                     for site in resid}}
     with exclusive(out, "train probes"):
         return _train_probes(labels, store, out, data, combos, trainers, progress, t0)
 
@@ -85,7 +96,7 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
               file=sys.stderr)
     key = {"val": "val_auroc", "test": "auroc"}[selected_on]
     best = res.loc[res[key].idxmax()]
-    single = res[(res["kind"] != "combined") & (res["probe"] != CONFIDENCE)]
+    single = res[res["probe"].isin(store.sites)]
     best_single = single.loc[single[key].idxmax()]
     seq = sweep.baselines.get("sequence_memorized", {})
     summary = {
@@ -98,6 +109,10 @@ def _train_probes(labels, store, out, data, combos, trainers, progress, t0) -> d
         "best_tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
         "selectivity": float(best["selectivity"]),
         "best_matched_auroc": float(best["matched_auroc"]),
+        "best_matched_coverage": float(best["matched_coverage"]),
+        "best_pii_auroc": float(best["pii_auroc"]),
+        "best_gain_over_confidence": [float(best[k]) for k in (
+            "gain_over_confidence", "gain_ci_low", "gain_ci_high")],
         "best_single_site": best_single["probe"],
         "best_single_site_auroc": float(best_single["auroc"]),
         "best_single_site_selectivity": float(best_single["selectivity"]),
@@ -299,31 +314,61 @@ def needs(d: Chain) -> str | None:
     return None
 
 
+def _row(r: pd.Series, seq: dict) -> dict:
+    """A probe's evaluation-half figures, as the summary gives them."""
+    return {"probe": r["probe"], "auroc": float(r["auroc"]),
+            "auroc_ci": [float(r["auroc_ci_low"]), float(r["auroc_ci_high"])],
+            "pii_auroc": float(r["pii_auroc"]), "matched_auroc": float(r["matched_auroc"]),
+            "matched_coverage": float(r["matched_coverage"]),
+            "gain_over_confidence": [float(r[k]) for k in (
+                "gain_over_confidence", "gain_ci_low", "gain_ci_high")],
+            "sequence_auroc": seq.get("probes", {}).get(r["probe"]),
+            "validation_auroc": float(r["val_auroc"])}
+
+
 def report(d: Chain, sec: Section) -> dict:
     labels = d.labels
     store = capture_step(d.handle, labels, d.store_dir,
                          CaptureConfig(sites=[d.config.probe_sites]), progress=d.progress)
     summary = train_probes(labels, store, d.probes_dir, split=d.splits.probe_split(),
-                           progress=d.progress)
+                           progress=d.progress, handle=d.handle)
     results = pd.read_parquet(d.probes_dir / "results.parquet")
     res = results[~results["control"]].sort_values("auroc", ascending=False)
-    # The best probe on activations (not the output-confidence baseline probe).
-    best = res[res["probe"] == summary["best_single_site"]].iloc[0]
+    by_name = res.set_index("probe", drop=False)
+    # The best probe of all on validation tokens, and the best on one captured site (what
+    # steering gates on and the audit scores with).
+    top, best = by_name.loc[summary["best_site"]], by_name.loc[summary["best_single_site"]]
     probe = Probe.load(d.probe_path(best["probe"]))
     sec.figure(layer_sweep_figure(results, summary["token_baselines"]))
-    sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "f1",
-                   "tpr_at_1pct_fpr", "matched_auroc", "control_auroc", "selectivity"]])
-    confidence = res[res["kind"] == "confidence"]
-    if len(confidence):
-        c = confidence.iloc[0]
-        gain = best["matched_auroc"] - c["matched_auroc"]
+    sec.table(res[["probe", "auroc", "auroc_ci_low", "auroc_ci_high", "pii_auroc",
+                   "matched_auroc", "matched_coverage", "gain_over_confidence", "gain_ci_low",
+                   "gain_ci_high", "val_auroc", "control_auroc", "selectivity"]])
+    seq = summary["sequence_level"].get("sequence_memorized", {})
+    membership = max(seq.get("baselines", {}).items(), key=lambda kv: kv[1], default=None)
+    confidence = by_name.loc[CONFIDENCE] if CONFIDENCE in by_name.index else None
+    rows = {"best_overall": _row(top, seq), "best_single_site": _row(best, seq)}
+    if confidence is not None:
+        rows["confidence"] = _row(confidence, seq)
+        c, t = rows["confidence"], rows["best_overall"]
         sec.finding(
-            f"The best residual probe ({best['probe']}) scores AUROC {best['auroc']:.3f}, a "
-            f"probe on the model's confidence alone {c['auroc']:.3f}; on tokens matched for "
-            f"that confidence {best['matched_auroc']:.3f} against {c['matched_auroc']:.3f}, "
-            + ("so the residual stream knows more about memorization than the output "
-               "distribution shows." if gain > 0.05 else
-               "so the residual stream adds little beyond the output distribution here."))
+            f"The best probe on the calibration half's validation records ({t['probe']}) "
+            f"scores AUROC {t['auroc']:.3f} (95% CI {t['auroc_ci'][0]:.3f} to "
+            f"{t['auroc_ci'][1]:.3f}) on the evaluation half against {c['auroc']:.3f} "
+            f"({c['auroc_ci'][0]:.3f} to {c['auroc_ci'][1]:.3f}) for a probe on the model's "
+            f"confidence (max log-prob, entropy): a gain of {t['gain_over_confidence'][0]:+.3f} "
+            f"({t['gain_over_confidence'][1]:+.3f} to {t['gain_over_confidence'][2]:+.3f}). "
+            f"On PII tokens alone (memorized vs not recalled) {t['pii_auroc']:.3f} against "
+            f"{c['pii_auroc']:.3f}; among tokens matched for confidence "
+            f"({t['matched_coverage']:.0%} of the memorized ones found a match) "
+            f"{t['matched_auroc']:.3f} against {c['matched_auroc']:.3f}"
+            + (f"; per record (mean score; recited or not) {t['sequence_auroc']:.3f} against "
+               f"{membership[1]:.3f} for the best membership score ({membership[0]})"
+               if t["sequence_auroc"] is not None and membership else "") + ". "
+            + (f"The best probe on one residual site ({best['probe']}) scores "
+               f"{best['auroc']:.3f}, {best['pii_auroc']:.3f} on PII tokens alone"
+               + (": it finds PII values, not which of them the model recalls."
+                  if best["pii_auroc"] < c["pii_auroc"] else ".")
+               if best["probe"] != t["probe"] else ""))
     # Token view: recited and other members and non-members of the evaluation half.
     s, recited = d.splits, {q.id for q in d.recited("evaluation")}
     shown = ([q for q in s.evaluation if q.id in recited][:2]
@@ -340,7 +385,8 @@ def report(d: Chain, sec: Section) -> dict:
             "auroc_ci": [float(best["auroc_ci_low"]), float(best["auroc_ci_high"])],
             "selectivity": float(best["selectivity"]),
             "matched_auroc": float(best["matched_auroc"]),
-            "confidence_matched_auroc": (float(confidence.iloc[0]["matched_auroc"])
-                                         if len(confidence) else None),
+            "confidence_matched_auroc": (float(confidence["matched_auroc"])
+                                         if confidence is not None else None),
             "tpr_at_1pct_fpr": float(best["tpr_at_1pct_fpr"]),
+            **rows, "best_membership_auroc": dict([membership]) if membership else None,
             "token_baselines": summary["token_baselines"]}

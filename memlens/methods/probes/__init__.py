@@ -19,7 +19,12 @@ Example:
 
 from memlens.methods.probes.artifact import Probe, fit_probe
 from memlens.methods.probes.data import CONFIDENCE, ProbeConfig, ProbeData, split_sequences
-from memlens.methods.probes.metrics import matched_auroc, score_metrics, tpr_at_fpr
+from memlens.methods.probes.metrics import (
+    confidence_gain,
+    matched_auroc,
+    score_metrics,
+    tpr_at_fpr,
+)
 from memlens.methods.probes.solver import RowChunks, fit_chunks, fit_sklearn, fit_torch
 from memlens.methods.probes.sweep import (
     FittedProbe,
@@ -30,6 +35,6 @@ from memlens.methods.probes.sweep import (
 )
 
 __all__ = ["CONFIDENCE", "FittedProbe", "Probe", "ProbeConfig", "ProbeData", "ProbeSweep",
-           "RowChunks", "control_labels", "fit_chunks", "fit_probe", "fit_probes",
-           "fit_sklearn", "fit_torch", "matched_auroc", "probe_sweep", "score_metrics",
-           "split_sequences", "tpr_at_fpr"]
+           "RowChunks", "confidence_gain", "control_labels", "fit_chunks", "fit_probe",
+           "fit_probes", "fit_sklearn", "fit_torch", "matched_auroc", "probe_sweep",
+           "score_metrics", "split_sequences", "tpr_at_fpr"]

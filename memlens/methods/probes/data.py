@@ -73,27 +73,29 @@ def split_sequences(seq_dup: pd.Series, fractions, seed: int) -> pd.Series:
 
 class SiteFeatures(Mapping):
     """Features per site at the labeled tokens, read from the store when asked for: nothing
-    is held in memory. ``features[site]`` loads one site's rows; :meth:`rows` any subset."""
+    is held in memory. ``features[site]`` loads one site's rows; :meth:`rows` any subset.
+    ``derived`` holds features computed per token rather than captured (``confidence``:
+    the model's max log-prob and entropy; ``lens``: see :mod:`memlens.methods.probes.lens`)."""
 
     def __init__(self, store: ActivationStore, sites: list[str], store_rows: np.ndarray,
-                 confidence: np.ndarray):
+                 derived: dict[str, np.ndarray]):
         self.store, self.sites = store, list(sites)
-        self.store_rows, self.confidence = store_rows, confidence
+        self.store_rows, self.derived = store_rows, dict(derived)
 
     def __getitem__(self, site: str) -> np.ndarray:
         return self.rows(site, np.arange(len(self.store_rows))).astype(np.float32, copy=False)
 
     def __iter__(self):
-        return iter([*self.sites, CONFIDENCE])
+        return iter([*self.sites, *self.derived])
 
     def __len__(self) -> int:
-        return len(self.sites) + 1
+        return len(self.sites) + len(self.derived)
 
     def rows(self, site: str, index: np.ndarray) -> np.ndarray:
         """[len(index), d]: the features of tokens ``index`` (rows of the tokens table) at
         ``site``, float32 or float16 as stored (bfloat16 becomes float32)."""
-        if site == CONFIDENCE:
-            return self.confidence[index]
+        if site in self.derived:
+            return self.derived[site][index]
         if site not in self.sites:
             raise KeyError(site)
         x = self.store.rows(site, self.store_rows[index], dtype=None)
@@ -158,9 +160,24 @@ class ProbeData:
         for site in sites or []:
             store.shards(site)  # an unknown site fails here, naming the store's sites
         features = SiteFeatures(store, sites or store.sites, tok["row"].to_numpy(),
-                                tok[["max_logprob", "entropy"]].to_numpy(np.float32))
+                                {CONFIDENCE: tok[["max_logprob", "entropy"]].to_numpy(
+                                    np.float32)})
         return cls(tok, features, config, store.identity,
                    {k: v.digest for k, v in inputs.items()})
+
+    def with_features(self, name: str, values: np.ndarray) -> ProbeData:
+        """A pseudo-site ``name`` whose features [tokens, d] are given, not captured
+        (e.g. :func:`~memlens.methods.probes.lens.lens_features`); probes and combinations
+        can read it as they read a site."""
+        if not isinstance(self.features, SiteFeatures):
+            raise ConfigError("with_features needs features read from a store")
+        if len(values) != len(self.tokens):
+            raise DataError(f"{name}: {len(values)} rows of features for {len(self.tokens)} "
+                            "tokens")
+        f = self.features
+        features = SiteFeatures(f.store, f.sites, f.store_rows,
+                                {**f.derived, name: np.asarray(values, dtype=np.float32)})
+        return ProbeData(self.tokens, features, self.config, self.identity, self.inputs)
 
     def combined(self, sites: list[str], index: np.ndarray | None = None) -> np.ndarray:
         """[tokens, sum of d]: the sites' features side by side (at tokens ``index``)."""

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
-__all__ = ["auroc_or_nan", "best_threshold", "class_gap", "matched_auroc", "score_metrics",
-           "sequence_aurocs", "token_baselines", "tpr_at_fpr"]
+__all__ = ["auroc_or_nan", "best_threshold", "class_gap", "confidence_gain", "matched_auroc",
+           "score_metrics", "sequence_aurocs", "token_baselines", "tpr_at_fpr"]
 
 def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float = 0.01) -> float:
     fpr, tpr, _ = roc_curve(y, score)
@@ -64,27 +64,70 @@ def class_gap(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def matched_auroc(y: np.ndarray, score: np.ndarray, confidence: np.ndarray,
-                  bins: int = 8) -> float:
-    """AUROC among tokens the model is equally confident about: tokens fall into cells of
-    ``bins`` quantiles of each confidence column (max log-prob, entropy); the AUROC within
-    each cell holding both classes is averaged, weighted by its positive x negative pairs.
-    A score that is the model's confidence in disguise gets about 0.5 here.
+                  caliper: float = 0.2, k: int = 5) -> tuple[float, float]:
+    """AUROC among tokens the model is equally confident about, and its coverage: the share
+    of positive tokens that found a match.
+
+    Propensity matching on the confidence columns (max log-prob, entropy): a logistic
+    regression of ``y`` on them gives each token's propensity (the design stage; ``score``
+    plays no part); each positive is compared with its ``k`` nearest negatives in logit
+    propensity (with replacement) that lie within ``caliper`` standard deviations of it
+    (Austin 2011's 0.2), and the share of those it outscores is averaged over the positives
+    matched. A score that is the model's confidence in disguise gets about 0.5 here;
+    positives no negative is as confident as go unmatched, and the coverage says how many.
 
     Example:
-        >>> matched_auroc(y, probe.score(x), tokens[["max_logprob", "entropy"]].to_numpy())
+        >>> auroc, coverage = matched_auroc(y, probe.score(x),
+        ...                                 tokens[["max_logprob", "entropy"]].to_numpy())
     """
-    cell = np.zeros(len(y), dtype=np.int64)
-    for col in np.asarray(confidence, dtype=np.float64).T:
-        edges = np.unique(np.quantile(col, np.linspace(0, 1, bins + 1)[1:-1]))
-        cell = cell * (bins + 1) + np.searchsorted(edges, col, side="right")
-    total = weight = 0.0
-    for c in np.unique(cell):
-        yc = y[cell == c]
-        pairs = float(yc.sum()) * float(len(yc) - yc.sum())
-        if pairs:
-            total += pairs * roc_auc_score(yc, score[cell == c])
-            weight += pairs
-    return total / weight if weight else float("nan")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
+    if not 0 < y.sum() < len(y):
+        return float("nan"), float("nan")
+    x = StandardScaler().fit_transform(np.asarray(confidence, dtype=np.float64))
+    logit = LogisticRegression(C=1e4, max_iter=1000).fit(x, y).decision_function(x)
+    neg = np.flatnonzero(y == 0)
+    neg = neg[np.argsort(logit[neg], kind="stable")]
+    pos = np.flatnonzero(y == 1)
+    # The k nearest negatives lie among the k on either side of the insertion point.
+    at = np.searchsorted(logit[neg], logit[pos])
+    cand = at[:, None] + np.arange(-k, k)[None, :]
+    inside = (cand >= 0) & (cand < len(neg))
+    cand = np.clip(cand, 0, len(neg) - 1)
+    dist = np.where(inside, np.abs(logit[neg][cand] - logit[pos][:, None]), np.inf)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    near, dist = (np.take_along_axis(a, order, axis=1) for a in (cand, dist))
+    ok = dist <= caliper * logit.std()
+    s_pos, s_neg = score[pos][:, None], score[neg][near]
+    wins = ((s_pos > s_neg) + 0.5 * (s_pos == s_neg)) * ok
+    matched = ok.any(axis=1)
+    if not matched.any():
+        return float("nan"), 0.0
+    per_positive = wins[matched].sum(1) / ok[matched].sum(1)
+    return float(per_positive.mean()), float(matched.mean())
+
+
+def confidence_gain(y: np.ndarray, score: np.ndarray, confidence_score: np.ndarray,
+                    groups: np.ndarray, n_bootstrap: int = 200, seed: int = 0
+                    ) -> tuple[float, float, float]:
+    """A probe's AUROC minus the confidence probe's on the same tokens, with a 95% interval
+    from resampling whole sequences (paired: both scores see the same draw)."""
+    y = np.asarray(y)
+    point = auroc_or_nan(y, score) - auroc_or_nan(y, confidence_score)
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    draws = []
+    for _ in range(n_bootstrap):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < y[idx].sum() < len(idx):
+            draws.append(roc_auc_score(y[idx], score[idx])
+                         - roc_auc_score(y[idx], confidence_score[idx]))
+    if not draws:
+        return point, float("nan"), float("nan")
+    return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
 def token_baselines(test_tokens: pd.DataFrame) -> dict:

@@ -14,11 +14,12 @@ import torch
 from memlens.core.errors import ConfigError, DataError
 from memlens.core.progress import progress as progress_bar
 from memlens.methods.probes.artifact import Probe
-from memlens.methods.probes.data import ProbeData
+from memlens.methods.probes.data import CONFIDENCE, ProbeData
 from memlens.methods.probes.metrics import (
     auroc_or_nan,
     best_threshold,
     class_gap,
+    confidence_gain,
     matched_auroc,
     score_metrics,
     sequence_aurocs,
@@ -42,6 +43,19 @@ def _site_layer(site: str) -> tuple[int, str]:
     if parts[0] == "blocks" and parts[1].isdigit():
         return int(parts[1]), ".".join(parts[2:])
     return -1, site
+
+
+def _probe_layer(sites: list[str]) -> tuple[int, str]:
+    """A probe's layer and kind: a site's own; for a combination with one block site
+    (``lens+confidence+blocks.3.hook_resid_post``), that block, its kind named with the
+    rest (``lens+confidence+hook_resid_post``); other combinations are layerless."""
+    if len(sites) == 1:
+        return _site_layer(sites[0])
+    layered = [s for s in sites if _site_layer(s)[0] >= 0]
+    if len(layered) != 1:
+        return -1, "combined"
+    layer, kind = _site_layer(layered[0])
+    return layer, "+".join([s for s in sites if s != layered[0]] + [kind])
 
 
 def control_labels(token_ids: np.ndarray, rate: float, seed: int) -> np.ndarray:
@@ -78,6 +92,7 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
                                               inputs=data.inputs).to_json()
     rows, probes, scores = [], {}, {}
     index = {k: np.flatnonzero(m) for k, m in (("train", tr), ("val", va), ("test", te))}
+    pii = (tok["label"] != "generic").to_numpy()[te]
     for trainer in trainers:
         t0 = time.perf_counter()
         fitted = fit_probes(data, tasks, index, trainer, progress)
@@ -90,10 +105,13 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
             s = f.test_score
             m = score_metrics(yy[te], s, groups[te], probe.threshold, cfg.n_bootstrap,
                               cfg.seed)
-            m["matched_auroc"] = matched_auroc(yy[te], s, confidence[te])
+            m["matched_auroc"], m["matched_coverage"] = matched_auroc(yy[te], s, confidence[te])
+            # Memorized PII against PII the model does not recall: template tokens left out,
+            # so a probe that only finds PII scores nothing for it.
+            m["pii_auroc"] = auroc_or_nan(yy[te][pii], s[pii])
             m["val_auroc"] = auroc_or_nan(yy[va], f.val_score)
             probe.metrics = m
-            layer, kind = _site_layer(sites[0]) if len(sites) == 1 else (-1, "combined")
+            layer, kind = _probe_layer(sites)
             rows.append({"probe": name, "trainer": trainer, "layer": layer, "kind": kind,
                          "control": name.startswith("control:"), "n_features": len(f.mean),
                          "fit_seconds_all": seconds, **m})
@@ -101,6 +119,13 @@ def probe_sweep(data: ProbeData, sequences: pd.DataFrame | None = None,
                 probes[name] = probe
                 scores[name] = s
     results = pd.DataFrame(rows)
+    if CONFIDENCE in scores:  # each probe's gain over the model's own confidence
+        gains = {name: confidence_gain(y[te], s, scores[CONFIDENCE], groups[te],
+                                       cfg.n_bootstrap, cfg.seed) for name, s in scores.items()}
+        first = results["trainer"] == trainers[0]
+        for i, key in enumerate(("gain_over_confidence", "gain_ci_low", "gain_ci_high")):
+            results[key] = [gains[p][i] if f and p in gains else np.nan
+                            for p, f in zip(results["probe"], first, strict=True)]
     test_tok = tok[te].reset_index(drop=True)
     token_scores = pd.concat([test_tok, pd.DataFrame(scores)], axis=1)
     baselines = token_baselines(test_tok)

@@ -6,6 +6,7 @@ import pytest
 
 from memlens.methods.probes import (
     ProbeConfig,
+    confidence_gain,
     control_labels,
     fit_sklearn,
     fit_torch,
@@ -49,10 +50,33 @@ def test_matched_auroc_sees_through_a_score_that_is_only_confidence():
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(y, confidence[:, 0]) > 0.9
-    assert 0.45 < matched_auroc(y, confidence[:, 0], confidence) < 0.65
+    auroc, coverage = matched_auroc(y, confidence[:, 0], confidence)
+    assert 0.45 < auroc < 0.6 and coverage > 0.9
     # A score carrying signal beyond confidence keeps it among matched tokens.
     own = y + rng.normal(0, 0.6, 6000)
-    assert abs(matched_auroc(y, own, confidence) - roc_auc_score(y, own)) < 0.05
-    # No cell holding both classes: nothing to measure.
-    assert np.isnan(matched_auroc(np.array([0, 0, 1, 1]), np.arange(4.0),
-                                  np.array([[0, 0], [0, 0], [1, 1], [1, 1]]), bins=2))
+    assert abs(matched_auroc(y, own, confidence)[0] - roc_auc_score(y, own)) < 0.05
+    # Positives more confident than every negative have no match within the caliper (0.2 SD
+    # of the logit propensity; 9.0 is 1 SD from 5.0): they are dropped, and the coverage
+    # says so. The two kept positives are compared with the three negatives within reach
+    # (0, .1, .2; 5.0 is too far): 1.5 beats two of them, 2.5 all three.
+    c = np.array([[0.0], [0.1], [0.2], [5.0], [0.15], [0.05], [9.0], [9.1]])
+    auroc, coverage = matched_auroc(np.array([0, 0, 0, 0, 1, 1, 1, 1]),
+                                    np.array([0, 1, 2, 3, 1.5, 2.5, 0, 0]), c)
+    assert coverage == 0.5
+    assert auroc == pytest.approx((2 / 3 + 1) / 2)
+    assert np.isnan(matched_auroc(np.zeros(4, int), np.arange(4.0), np.ones((4, 2)))[0])
+
+
+def test_confidence_gain_is_paired_over_sequences():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    conf = y + rng.normal(0, 1.0, 400)
+    groups = np.repeat(np.arange(40), 10)
+    point, low, high = confidence_gain(y, conf, conf, groups, n_bootstrap=50)
+    assert point == low == high == 0
+    better = y + rng.normal(0, 0.3, 400)
+    point, low, high = confidence_gain(y, better, conf, groups, n_bootstrap=200)
+    from sklearn.metrics import roc_auc_score
+
+    assert point == pytest.approx(roc_auc_score(y, better) - roc_auc_score(y, conf))
+    assert 0 < low < point < high

@@ -81,3 +81,14 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_records():
     lo2, hi2 = bootstrap_ci([1, 0] * 200)
     assert lo2 < 0.5 < hi2 and hi2 - lo2 < 0.15
     assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+
+
+
+def test_removal_by_duplication_counts_each_count_with_its_interval():
+    m = Measure(["a", "b", "c", "d", "e"], [25, 25, 10, None, 25],
+                [False, True, False, False, False], 10.0)
+    by = m.removed_by_duplication()
+    assert list(by) == ["10", "25"]  # records of unknown count are in no row
+    assert by["25"]["removed"] == pytest.approx(2 / 3) and by["25"]["n"] == 3
+    assert by["10"] == {"removed": 1.0, "ci": [1.0, 1.0], "n": 1}
+    assert by["25"]["ci"][0] < 2 / 3 < by["25"]["ci"][1]
