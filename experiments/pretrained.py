@@ -41,7 +41,7 @@ from interventions import run_inject  # noqa: E402
 from probe_variants import variants  # noqa: E402
 
 from memlens.core import jsonio  # noqa: E402
-from memlens.core.metrics import bootstrap_ci, edit_metrics  # noqa: E402
+from memlens.core.metrics import auroc_ci, bootstrap_ci, edit_metrics  # noqa: E402
 from memlens.core.model import load_model  # noqa: E402
 from memlens.data.labels import LabelConfig  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
@@ -124,20 +124,130 @@ def run_part(path: Path, out: Path) -> dict:
         hits = g["exact"].astype(float).tolist()
         by_count[str(int(dup))] = {"value": sum(hits) / len(hits),
                                    "ci": list(bootstrap_ci(hits)), "n": len(hits)}
+    known = seqs[seqs["member"].notna()]
+    member = known["member"].astype(int).tolist()
+    scores = {"loss": -known["loss"], "min_k": known["min_k"], "zlib": -known["zlib"]}
     return {
         "labels": {"exact_by_duplication": by_count,
                    "membership_auroc": s["labels"]["membership_auroc"],
-                   "membership_auroc_ci": s["labels"].get("membership_auroc_ci"),
+                   "membership_auroc_ci": {k: list(auroc_ci(member, v.tolist()))
+                                           for k, v in scores.items()},
                    "halves": s["labels"]["halves"],
                    "perplexity_before": s["labels"]["perplexity_before"]},
         "probes": s["probes"],
         "calibration": {k: v for k, v in s["calibration"].items() if not k.endswith("_ids")},
-        "run": {k: {x: v for x, v in s[k].items() if x != "chosen"}
+        "run": {k: _without_curves(s[k])
                 for k in ("kfac", "interventions", "steering", "layernorm")},
         "audit": s.get("audit"),
         "layernorm_run": s["layernorm"],
         "run_seconds": s["seconds"],
     }
+
+
+def _without_curves(x):
+    """A step summary without the calibration curves (they stay in the run's summary)."""
+    if isinstance(x, dict):
+        return {k: _without_curves(v) for k, v in x.items() if k != "curve"}
+    return x
+
+
+def _vc(value, ci) -> dict:
+    return {"value": value, "ci": list(ci) if ci is not None else None}
+
+
+def _removal(x: dict | None) -> dict | None:
+    """A removal chosen on the calibration half, as scored on both halves."""
+    if x is None or x.get("skipped"):
+        return None
+    chosen = x["chosen"]
+    out = {"setting": (f"{chosen['params']['label']} ({chosen['family']})"
+                       if chosen.get("params") else None),
+           "met_target_on_calibration": chosen.get("met_target")}
+    if x.get("never_seen") is None:
+        return out
+    aimed, unseen = x["aimed_at"], x["never_seen"]
+    by_count = unseen.get("removed_by_duplication") or {}
+    top = max(by_count, key=int) if by_count else None
+    return out | {
+        "removed_aimed_at": _vc(aimed["removed"], aimed.get("removed_ci")),
+        "n_aimed_at": aimed["n_recited"],
+        "removed_never_seen": _vc(unseen["removed"], unseen["removed_ci"]),
+        "n_never_seen": unseen["n_recited"],
+        "top_count": top,
+        # The most repeated canaries of the evaluation half (every one recited before).
+        "top_count_exact_after": (_vc(1 - by_count[top]["removed"],
+                                      [1 - by_count[top]["ci"][1], 1 - by_count[top]["ci"][0]])
+                                  if top else None),
+        "top_count_exact_before": x["exact_before"].get(top) if top else None,
+        "perplexity_change": x["perplexity_change"]}
+
+
+def document(r: dict, command: str) -> dict:
+    """The headline figures, each with its 95% interval, for the README."""
+    doc = {"command": f"python experiments/pretrained.py {command}".strip(),
+           "model": r["model"], "preset": r["preset"],
+           "n_canaries_per_count": r["organism"]["canaries_per_count"],
+           "organism": r["organism"]}
+    if "labels" in r:
+        lab = r["labels"]
+        doc["labels"] = {
+            "exact_by_duplication": lab["exact_by_duplication"],
+            "membership_auroc": {k: _vc(v, (lab.get("membership_auroc_ci") or {}).get(k))
+                                 for k, v in lab["membership_auroc"].items()},
+            "halves": lab["halves"]}
+        doc["calibration"] = r["calibration"]
+        p = r["probes"]
+        top, conf = p["best_overall"], p["confidence"]
+        doc["probes"] = {
+            "best_probe": top["probe"],
+            "best_token_auroc": _vc(top["auroc"], top["auroc_ci"]),
+            "pii_auroc": top["pii_auroc"],
+            "matched_auroc": {"value": top["matched_auroc"],
+                              "coverage": top["matched_coverage"]},
+            "gain_over_confidence": _vc(top["gain_over_confidence"][0],
+                                        top["gain_over_confidence"][1:]),
+            "sequence_auroc": top["sequence_auroc"],
+            "best_membership_auroc": p["best_membership_auroc"],
+            "confidence_auroc": _vc(conf["auroc"], conf["auroc_ci"]),
+            "confidence_pii_auroc": conf["pii_auroc"],
+            "confidence_matched_auroc": conf["matched_auroc"],
+            "best_single_site": {k: p["best_single_site"][k] for k in (
+                "probe", "auroc", "auroc_ci", "pii_auroc", "matched_auroc")}}
+        run = r["run"]
+        doc["kfac"] = {"aimed": _removal(run["kfac"]),
+                       "where_to_look": [w["block"] for w in run["kfac"]["where_to_look"][:4]],
+                       **{k: _removal(v) for k, v in run["kfac"].get("compared", {}).items()}}
+        doc["ablation"] = _removal(run["interventions"])
+        doc["steering"] = _removal(run["steering"])
+        doc["norm_removal"] = _removal(run["layernorm"])
+        audit = r.get("audit") or {}
+        doc["audit"] = {
+            "forget_set": audit.get("forget", {}).get("n"),
+            "rows": {name: {"exact": _vc(a["exact"], a["ci"]["exact"]),
+                            "int4": _vc(a["int4"], a["ci"]["int4"]),
+                            "relearn": {k: _vc(v, a["ci"]["relearn"][k])
+                                        for k, v in a["relearn"].items()},
+                            "membership_auroc": {k: _vc(v, (a["ci"]["mia_auroc"] or {}).get(k))
+                                                 for k, v in (a["mia_auroc"] or {}).items()},
+                            "perplexity": a["perplexity"]}
+                     for name, a in audit.items() if isinstance(a, dict) and "ci" in a}}
+    if "probe_variants" in r:
+        doc["probe_variants"] = {
+            k: {x: v[x] for x in ("site", "auroc", "ci", "pii_auroc", "matched_auroc",
+                                  "matched_coverage", "gain_over_confidence", "gain_ci",
+                                  "sequence_auroc") if x in v}
+            for k, v in r["probe_variants"]["variants"].items() if k != "per field"}
+    if "localize" in r:
+        loc = r["localize"]
+        doc["localization"] = {
+            "n_injections_per_budget": loc["records_per_budget"],
+            "recall": {m: {"0.1%": _vc(loc["recall_by_method"][m], loc["recall_ci"]["0.001"][m]),
+                           "1%": _vc(loc["recall_by_method_1pct"][m],
+                                     loc["recall_ci"]["0.01"][m])}
+                       for m in loc["recall_by_method"]}}
+    if "layernorm" in r:
+        doc["layernorm"] = {k: v["verdict"] for k, v in r["layernorm"]["findings"].items()}
+    return doc
 
 
 def _organism(path: Path):

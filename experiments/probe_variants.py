@@ -16,6 +16,9 @@ validation records), scored on the evaluation half's tokens:
 - ``layers``: several residual streams at once (the best four by validation AUROC);
 - ``site + confidence``: the best site with the model's max log-prob and entropy;
 - ``mlp``: a two-layer perceptron on the best site: a ceiling for what is readable there;
+- ``lens``: the logit lens of every residual site (how each layer, read through the model's
+  final norm and unembedding, already predicts the model's prediction), alone, with the
+  confidence, and with the confidence and the best site (and a perceptron on those);
 - ``per field``: a probe per PII field (name, phone, ...) on the best site.
 
 Every row gives the AUROC on all evaluation tokens and on PII tokens alone (memorized vs
@@ -39,10 +42,12 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
 from memlens.core import jsonio
+from memlens.core.model import load_model
 from memlens.data.labels import Labels
 from memlens.data.splits import Splits
 from memlens.data.store import ActivationStore
 from memlens.methods.probes import CONFIDENCE, ProbeConfig, ProbeData, score_metrics
+from memlens.methods.probes.lens import LENS, lens_features
 from memlens.methods.probes.metrics import confidence_gain, matched_auroc, sequence_aurocs
 
 L2 = (1e-3, 1e-2, 1e-1, 1.0)  # inverse strengths (sklearn's C) tried on validation records
@@ -162,9 +167,17 @@ def variants(run: Path) -> dict:
     by_site(Variant(store, labels, split, negative=("not_memorized",)), "contrastive")
     by_site(Variant(store, labels, split, align="token"), "token")
     top4 = sorted(curves["site"]["val_auroc"], key=curves["site"]["val_auroc"].get)[-4:]
+    # The logit lens of every residual site (the model's own final norm and unembedding).
+    base.data = base.data.with_features(LENS, lens_features(
+        load_model(labels.identity.model), base.data))
     for name, feats, model in (("layers", top4, "linear"),
                                ("site + confidence", [best, CONFIDENCE], "linear"),
-                               ("mlp", [best], "mlp")):
+                               ("mlp", [best], "mlp"),
+                               ("lens", [LENS], "linear"),
+                               ("lens + confidence", [LENS, CONFIDENCE], "linear"),
+                               ("lens + confidence + site", [LENS, CONFIDENCE, best], "linear"),
+                               ("mlp on lens + confidence + site", [LENS, CONFIDENCE, best],
+                                "mlp")):
         val, score = fit(base, base.x(feats), model)
         rows[name] = {"site": "+".join(feats), "val_auroc": val,
                       **scored(base, score, conf, labels)}

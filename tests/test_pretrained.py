@@ -126,7 +126,17 @@ def test_probes_are_chosen_on_validation_and_scored_on_the_odd_half(chain, split
     # (.41-.52 when written; the confidence probe .82), so this preset tests the protocol,
     # and experiments/pretrained.py measures probes on a preset with enough canaries.
     assert results["selected_on"] == "val"
-    assert results["best_single_site"] == sweep.drop("confidence")["val_auroc"].idxmax()
+    sites = ActivationStore.open(chain / "activations").sites
+    assert results["best_single_site"] == sweep.loc[sites, "val_auroc"].idxmax()
+    # The logit lens of the residual sites is probed too (alone, with the confidence, and
+    # with the confidence and each site); the best of all is chosen on validation tokens.
+    assert {"lens", "lens+confidence", f"lens+confidence+{sites[-1]}"} <= set(sweep.index)
+    assert results["best_site"] == sweep["val_auroc"].idxmax()
+    # Every probe is scored against the confidence probe on the same tokens, with an interval.
+    gain = sweep["gain_over_confidence"]
+    assert gain["confidence"] == 0 and (sweep["gain_ci_low"] <= gain).all()
+    assert (gain <= sweep["gain_ci_high"]).all()
+    assert ((sweep["matched_coverage"] > 0) & (sweep["matched_coverage"] <= 1)).all()
     tested = ProbeData.from_store(ActivationStore.open(chain / "activations"),
                                   Labels.load(chain / "labels"), ProbeConfig(),
                                   split=splits.probe_split()).tokens

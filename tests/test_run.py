@@ -37,6 +37,17 @@ def check_protocol(out, summary):
         seen = r["never_seen"]
         assert seen["n_recited"] == halves["evaluation"]["recited"] > 0
         assert seen["removed_ci"][0] <= seen["removed"] <= seen["removed_ci"][1]
+        # Per count, the same records: their shares add up to the whole.
+        by = seen["removed_by_duplication"]
+        if by:
+            assert sum(v["n"] for v in by.values()) == seen["n_recited"]
+            assert sum(v["removed"] * v["n"] for v in by.values()) == pytest.approx(
+                seen["removed"] * seen["n_recited"])
+    # The published keep-mass edit and SVD are chosen the same way, under the same budget.
+    for name, c in summary["kfac"]["compared"].items():
+        if c["chosen"]["params"] is not None:
+            assert c["chosen"]["perplexity_change"] <= cal["max_ppl_increase"], name
+            assert c["never_seen"]["n_recited"] == halves["evaluation"]["recited"]
 
 
 def test_run_chooses_on_one_half_and_scores_on_the_other(tiny_run):
@@ -65,6 +76,17 @@ def test_run_chooses_on_one_half_and_scores_on_the_other(tiny_run):
     assert audit["retrain without"]["mia_auroc_loss"] < 0.8 < audit["unedited"]["mia_auroc_loss"]
     assert audit["K-FAC edit"]["exact"] < audit["unedited"]["exact"]
     assert set(audit["forget"]["ids"]) <= set(summary["calibration"]["evaluation_ids"])
+    for name in ("unedited", "retrain without", "K-FAC edit"):
+        ci = audit[name]["ci"]  # over the forget records (and non-members, for membership)
+        assert ci["exact"][0] <= audit[name]["exact"] <= ci["exact"][1], name
+        assert ci["mia_auroc"]["loss"][0] <= audit[name]["mia_auroc_loss"] <= ci[
+            "mia_auroc"]["loss"][1], name
+    # The probes are scored against the model's own confidence on the same tokens.
+    probes = summary["probes"]
+    assert probes["confidence"]["probe"] == "confidence"
+    top = probes["best_overall"]
+    assert top["gain_over_confidence"][0] == pytest.approx(
+        top["auroc"] - probes["confidence"]["auroc"])
 
 
 def test_text_only_jsonl_runs_every_step_and_says_what_it_skipped(tiny_organism, tmp_path):
@@ -158,3 +180,26 @@ def test_report_renders_offline_in_headless_chromium(tiny_run, render):
     assert "token-view" in dom and dom.count("class=\"tok\"") > 100
 
 
+
+
+def test_the_lens_of_the_last_block_is_the_models_own_confidence(tiny_run, tiny_organism):
+    """The logit-lens probe features are read at the state that predicts each token: at the
+    last block they are the model's own prediction, max log-prob and entropy, as the labels
+    recorded them for that token; earlier blocks predict it less often."""
+    from memlens.core.model import load_model
+    from memlens.data.labels import Labels
+    from memlens.data.store import ActivationStore
+    from memlens.methods.probes import ProbeData
+    from memlens.methods.probes.lens import LENS_COLUMNS, lens_features
+
+    out, _ = tiny_run
+    data = ProbeData.from_store(ActivationStore.open(out / "activations"),
+                                Labels.load(out / "labels"))
+    lens = lens_features(load_model(tiny_organism), data, progress=False)
+    per_site = lens.reshape(len(data.tokens), -1, len(LENS_COLUMNS))
+    last = dict(zip(LENS_COLUMNS, per_site[:, -1].T, strict=True))
+    assert (last["agrees"] == 1).all()
+    assert last["logprob_of_prediction"] == pytest.approx(last["max_logprob"], abs=1e-5)
+    assert last["max_logprob"] == pytest.approx(data.tokens["max_logprob"].to_numpy(), abs=1e-4)
+    assert last["entropy"] == pytest.approx(data.tokens["entropy"].to_numpy(), abs=1e-4)
+    assert per_site[:, 0, 3].mean() < 0.9

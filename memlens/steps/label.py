@@ -118,7 +118,9 @@ def report(d: Chain, sec: Section) -> dict:
         skipped.append(skip(sec, "Extraction by duplication count", "add a 'duplication' "
                             "count (times seen in training) to each record"))
     if "membership_auroc" in s:
-        sec.table([{"membership score": k, "AUROC (members vs non-members)": v}
+        ci = s.get("membership_auroc_ci", {})
+        sec.table([{"membership score": k, "AUROC (members vs non-members)": v,
+                    "95% CI": "{:.3f} to {:.3f}".format(*ci[k]) if k in ci else ""}
                    for k, v in s["membership_auroc"].items()])
     else:
         skipped.append(skip(sec, "Membership inference", "add held-out records the model "
@@ -139,6 +141,7 @@ def report(d: Chain, sec: Section) -> dict:
     return {**rates.to_json(), "exact_extraction_rate": s["exact_extraction_rate"],
             "n_by_duplication": s["n_by_duplication"],
             "membership_auroc": s.get("membership_auroc"),
+            "membership_auroc_ci": s.get("membership_auroc_ci"),
             "token_label_counts": s["token_label_counts"],
             "halves": halves, "perplexity_before": perplexity_before,
             "before": d.after().to_json(), "skipped": None, "skipped_parts": skipped}

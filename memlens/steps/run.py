@@ -213,13 +213,16 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
     rows.append(("labels", recited))
     p = s.get("probes")
     if p and not p.get("skipped"):
-        confidence = p["other_probes_auroc"].get("confidence")
-        rows.append(("probes", f"best memorized-token probe ({p['best_probe']}): AUROC "
-                     f"{p['auroc']:.3f} on the evaluation half, {p['matched_auroc']:.3f} on "
-                     "confidence-matched tokens"
-                     + (f"; the confidence probe: {confidence:.3f} / "
-                        f"{p['confidence_matched_auroc']:.3f}" if confidence is not None
-                        and p.get("confidence_matched_auroc") is not None else "")))
+        t, c = p["best_overall"], p.get("confidence")
+        line = (f"best probe on validation tokens ({t['probe']}): AUROC {t['auroc']:.3f} "
+                f"({t['auroc_ci'][0]:.3f} to {t['auroc_ci'][1]:.3f}) on the evaluation half, "
+                f"{t['pii_auroc']:.3f} on PII tokens alone, {t['matched_auroc']:.3f} on "
+                f"confidence-matched tokens ({pct(t['matched_coverage'])} matched)")
+        if c is not None:
+            g = t["gain_over_confidence"]
+            line += (f"; the confidence probe {c['auroc']:.3f} / {c['pii_auroc']:.3f} / "
+                     f"{c['matched_auroc']:.3f}: gain {g[0]:+.3f} ({g[1]:+.3f} to {g[2]:+.3f})")
+        rows.append(("probes", line))
     for step in REMOVAL_STEPS:
         r = s.get(step)
         if r is None:
@@ -239,6 +242,13 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
                      f"evaluation half: {pct(n['removed'])} (95% CI {pct(lo)} to {pct(hi)}) of "
                      f"{n['n_recited']} recited no longer recited{hundred}, at "
                      f"{r['perplexity_change']:+.1%} perplexity"))
+        for what, other in r.get("compared", {}).items():  # chosen the same way
+            o = other["never_seen"]
+            rows.append((step, f"{what}, chosen: {other['chosen']['params']['label']} "
+                         f"({other['chosen']['family']}): {pct(o['removed'])} (95% CI "
+                         f"{pct(o['removed_ci'][0])} to {pct(o['removed_ci'][1])}) at "
+                         f"{other['perplexity_change']:+.1%}" if o is not None else
+                         f"{what}: no setting within the utility budget"))
     a = s.get("audit")
     if a and not a.get("skipped"):
         steps = list(a["unedited"]["relearn"])
