@@ -110,7 +110,7 @@ def main():
         result["seconds"] = round(sum(seconds.values()), 1)
         jsonio.write(args.out, result)
     if args.doc is not None:
-        jsonio.write(args.doc, document(result, " ".join(sys.argv[1:])))
+        jsonio.write(args.doc, document(result, f"--preset {args.preset} --doc {args.doc}"))
         print(f"wrote {args.doc}")
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s")
 
