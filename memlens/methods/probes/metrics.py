@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
-__all__ = ["auroc_or_nan", "best_threshold", "class_gap", "confidence_gain", "matched_auroc",
-           "score_metrics", "sequence_aurocs", "token_baselines", "tpr_at_fpr"]
+__all__ = ["auroc_or_nan", "best_threshold", "class_gap", "confidence_gain", "group_draws",
+           "matched_auroc", "score_metrics", "sequence_aurocs", "token_baselines", "tpr_at_fpr"]
 
 def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float = 0.01) -> float:
     fpr, tpr, _ = roc_curve(y, score)
@@ -24,20 +24,26 @@ def point_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict:
             "f1": float(f1), "tpr_at_1pct_fpr": tpr_at_fpr(y, score)}
 
 
+def group_draws(y: np.ndarray, groups: np.ndarray, n: int, seed: int):
+    """Bootstrap resamples of whole sequences: ``n`` draws of token indices (sequences
+    drawn with replacement), those holding both classes."""
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    for _ in range(n):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < y[idx].sum() < len(idx):
+            yield idx
+
+
 def score_metrics(y, score, groups, threshold: float, n_bootstrap: int, seed: int) -> dict:
     """AUROC, accuracy, F1 and TPR at 1% FPR, each with a 95% interval from resampling
     whole sequences (``n_bootstrap`` times)."""
     point = point_metrics(y, score, threshold)
     if n_bootstrap <= 0:
         return point | {f"{k}_ci_{e}": float("nan") for k in point for e in ("low", "high")}
-    rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    draws = []
-    for _ in range(n_bootstrap):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        if 0 < y[idx].sum() < len(idx):
-            draws.append(point_metrics(y[idx], score[idx], threshold))
+    draws = [point_metrics(y[idx], score[idx], threshold)
+             for idx in group_draws(y, groups, n_bootstrap, seed)]
     out = dict(point)
     for k in point:
         vals = [d[k] for d in draws]
@@ -116,15 +122,8 @@ def confidence_gain(y: np.ndarray, score: np.ndarray, confidence_score: np.ndarr
     from resampling whole sequences (paired: both scores see the same draw)."""
     y = np.asarray(y)
     point = auroc_or_nan(y, score) - auroc_or_nan(y, confidence_score)
-    rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    draws = []
-    for _ in range(n_bootstrap):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        if 0 < y[idx].sum() < len(idx):
-            draws.append(roc_auc_score(y[idx], score[idx])
-                         - roc_auc_score(y[idx], confidence_score[idx]))
+    draws = [roc_auc_score(y[idx], score[idx]) - roc_auc_score(y[idx], confidence_score[idx])
+             for idx in group_draws(y, groups, n_bootstrap, seed)]
     if not draws:
         return point, float("nan"), float("nan")
     return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
