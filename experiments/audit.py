@@ -43,7 +43,7 @@ from memlens.core.metrics import edit_metrics
 from memlens.data.labels import LabelConfig, label
 from memlens.data.organism import get_preset
 from memlens.data.splits import Splits
-from memlens.methods.audit import AuditConfig, AuditData, audit, fine_tune, restorable
+from memlens.methods.audit import AuditConfig, AuditData, audit, fine_tune
 from memlens.methods.curvature import (
     KFACConfig,
     aimed_edit,
@@ -58,6 +58,7 @@ from memlens.methods.layernorm import NormRemoval, layer_groups
 from memlens.methods.localize import LocalizeConfig, ablate_neurons, localize, top_neurons
 from memlens.methods.steering import memorization_states, steer
 from memlens.methods.subnet import SubnetConfig, balanced_subnet
+from memlens.methods.unlearn import restorable
 from memlens.report.figures import audit_heatmap
 
 FORGET_DUPLICATION = 100

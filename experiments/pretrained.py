@@ -10,8 +10,10 @@ Parts (each kept in the JSON when a later run leaves it out):
 - run: ``memlens run`` on the organism and its corpus with its default settings and 10, 50
   and 200 relearning steps in the audit: labels, probes, the aimed K-FAC edit beside the
   published keep-mass edit and SVD chosen the same way, neuron ablation, static and
-  probe-gated steering, norm attribution and removal, the audit against the organism
-  trained without the forget set; its report goes beside the JSON
+  probe-gated steering, norm attribution and removal, the unlearning baselines (gradient
+  ascent and difference, NPO, SimNPO, RMU, loss-matched forgetting) chosen the same way,
+  the audit of every removal against the organism trained without the forget set (with
+  VerbMem and PrivLeak per membership attack); its report goes beside the JSON
   (``pretrained-run/report.html``), steps already computed are reused;
 - probes: the probe variants of ``experiments/probe_variants.py`` on the run's store;
 - localize: recall of injected neurons per method at 0.1% and 1% of the trained blocks'
@@ -43,10 +45,11 @@ from probe_variants import variants  # noqa: E402
 from memlens.core import jsonio  # noqa: E402
 from memlens.core.metrics import auroc_ci, bootstrap_ci, edit_metrics  # noqa: E402
 from memlens.core.model import load_model  # noqa: E402
-from memlens.data.labels import LabelConfig  # noqa: E402
+from memlens.data.labels import LabelConfig, membership_scores  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
 from memlens.data.splits import Splits  # noqa: E402
 from memlens.methods.layernorm import GROUPS, NormRemoval, layer_groups  # noqa: E402
+from memlens.steps.audit import markdown_audit_table  # noqa: E402
 from memlens.steps.chain import RunConfig  # noqa: E402
 from memlens.steps.run import run  # noqa: E402
 
@@ -61,7 +64,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="smollm2-40",
                     choices=[k for k, p in PRESETS.items() if p.base])
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS,
+                    help="parts to compute (none: rewrite --doc from --out)")
     ap.add_argument("--records", type=int, default=5, help="injected records per budget")
     ap.add_argument("--inject-steps", type=int, default=100)
     ap.add_argument("--out", type=Path, default=Path("experiments/results/pretrained.json"))
@@ -126,7 +130,7 @@ def run_part(path: Path, out: Path) -> dict:
                                    "ci": list(bootstrap_ci(hits)), "n": len(hits)}
     known = seqs[seqs["member"].notna()]
     member = known["member"].astype(int).tolist()
-    scores = {"loss": -known["loss"], "min_k": known["min_k"], "zlib": -known["zlib"]}
+    scores = membership_scores(known)
     return {
         "labels": {"exact_by_duplication": by_count,
                    "membership_auroc": s["labels"]["membership_auroc"],
@@ -138,7 +142,9 @@ def run_part(path: Path, out: Path) -> dict:
         "calibration": {k: v for k, v in s["calibration"].items() if not k.endswith("_ids")},
         "run": {k: _without_curves(s[k])
                 for k in ("kfac", "interventions", "steering", "layernorm")},
+        "unlearn": _without_curves(s.get("unlearn")),
         "audit": s.get("audit"),
+        "audit_table": markdown_audit_table(s["audit"]) if s.get("audit") else None,
         "layernorm_run": s["layernorm"],
         "run_seconds": s["seconds"],
     }
@@ -229,8 +235,23 @@ def document(r: dict, command: str) -> dict:
                                         for k, v in a["relearn"].items()},
                             "membership_auroc": {k: _vc(v, (a["ci"]["mia_auroc"] or {}).get(k))
                                                  for k, v in (a["mia_auroc"] or {}).items()},
-                            "perplexity": a["perplexity"]}
-                     for name, a in audit.items() if isinstance(a, dict) and "ci" in a}}
+                            "verbmem": _vc(a["verbmem"], a["ci"]["verbmem"]),
+                            "privleak": {k: _vc(v["value"], v["ci"])
+                                         for k, v in (a["privleak"] or {}).items()} or None,
+                            "perplexity": a["perplexity"],
+                            "perplexity_change": _vc(a["perplexity_change"],
+                                                     a["ci"]["perplexity_change"]),
+                            "told_forget_set": a["told_forget_set"]}
+                     for name, a in audit.items() if isinstance(a, dict) and "ci" in a},
+            "best": audit.get("best"), "table": r.get("audit_table")}
+        doc["unlearn"] = {m: {"chosen": (u["chosen"]["params"] or {}).get("label"),
+                              "family": u["chosen"]["family"],
+                              "forget_set": u["forget_set"] and {
+                                  "removed": _vc(u["forget_set"]["removed"],
+                                                 u["forget_set"]["removed_ci"]),
+                                  "n_recited": u["forget_set"]["n_recited"],
+                                  "perplexity_change": u["forget_set"]["perplexity_change"]}}
+                          for m, u in ((r.get("unlearn") or {}).get("methods") or {}).items()}
     if "probe_variants" in r:
         doc["probe_variants"] = {
             k: {x: v[x] for x in ("site", "auroc", "ci", "pii_auroc", "matched_auroc",

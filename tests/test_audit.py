@@ -23,9 +23,8 @@ from memlens.methods.audit import (
     perturbed_prompts,
     quantized,
     quantized_weights,
-    restorable,
-    token_loss_values,
 )
+from memlens.methods.unlearn import restorable, token_loss_values
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_config_run_writes_results_and_beats_single_sites(run):
     assert (wide["torch"] - wide["sklearn"]).abs().median() < 0.01
     seq = summary["sequence_level"]["sequence_memorized"]
     assert summary["best_sequence_auroc"] >= summary["baseline_sequence_auroc"] - 0.02
-    assert set(seq["baselines"]) == {"loss", "min_k", "zlib"}
+    assert set(seq["baselines"]) == {"loss", "min_k", "min_k_pp", "zlib"}
 
 
 def test_splits_are_grouped_by_sequence(run):

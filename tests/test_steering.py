@@ -101,7 +101,8 @@ def test_the_audits_probe_score_under_steering_is_the_models_own_state(fitted):
     from memlens.core.metrics import ExtractionConfig
     from memlens.core.scoring import batches
     from memlens.core.sites import run_sites
-    from memlens.methods.audit import probe_fits, probe_score, restorable
+    from memlens.methods.audit import probe_fits, probe_score
+    from memlens.methods.unlearn import restorable
 
     handle, states, _, canaries, _ = fitted
     probe, d = states.fit_probe(), states.mean_difference()

@@ -1,4 +1,7 @@
-"""What every result is judged by: extraction by duplication, perplexity, held-out loss.
+"""What every result is judged by: extraction by duplication, perplexity, held-out loss,
+and the unlearning literature's terms: VerbMem (ROUGE-L of the greedy continuation) and
+PrivLeak (membership AUROC against a model never trained on the forget set), as MUSE
+defines them.
 
 By-duplication tables follow the one rule of :mod:`memlens.core.sequences`: keys are the
 counts (``"0"`` for non-members) and ``"unknown"``.
@@ -11,12 +14,13 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from rapidfuzz.distance import Levenshtein
+from rapidfuzz.distance import LCSseq, Levenshtein
 
 from memlens.core.config import COUNT, FRACTION, Config, option
 from memlens.core.errors import DataError
@@ -32,8 +36,10 @@ from memlens.core.scoring import (
 from memlens.core.sequences import Sequence, duplication_key, pii_token_mask, sort_keys
 
 __all__ = ["Extraction", "ExtractionConfig", "auroc_ci", "bootstrap_ci", "by_duplication",
-           "counts_by_duplication", "edit_metrics", "exact_extraction", "heldout_metrics",
-           "loose_distances", "loose_extraction", "n_for_p", "perplexity"]
+           "continuations", "counts_by_duplication", "edit_metrics", "exact_extraction",
+           "heldout_metrics", "loose_distances", "loose_extraction", "n_for_p", "perplexity",
+           "perplexity_change_ci", "privleak", "privleak_ci", "rouge_l", "rouge_words",
+           "sequence_losses", "verbmem"]
 
 
 @dataclass
@@ -100,6 +106,29 @@ def bootstrap_ci(values: list[float], n: int = 2000, level: float = 0.95, seed: 
     return lo, hi
 
 
+def _pair_aucs(pos: torch.Tensor, neg: torch.Tensor, ip: torch.Tensor, iq: torch.Tensor
+               ) -> torch.Tensor:
+    """Mann-Whitney AUROC per bootstrap draw (rows of the index tensors ``ip`` into ``pos``,
+    ``iq`` into ``neg``): the share of (positive, negative) pairs ordered right, ties half;
+    100 draws at a time."""
+    p, q = pos[ip], neg[iq]
+    return torch.cat([((d > 0).double() + 0.5 * (d == 0).double()).mean((1, 2)) for d in (
+        p[i:i + 100, :, None] - q[i:i + 100, None, :] for i in range(0, len(ip), 100))])
+
+
+def _quantiles(x: torch.Tensor, level: float) -> tuple[float, float]:
+    lo, hi = torch.quantile(x, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                            dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def _draws(n_pos: int, n_neg: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bootstrap draws of positives and negatives, each class resampled at its own size."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(n_pos, (n, n_pos), generator=gen),
+            torch.randint(n_neg, (n, n_neg), generator=gen))
+
+
 def auroc_ci(y: list[int], score: list[float], n: int = 2000, level: float = 0.95,
              seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUROC of ``score`` for labels ``y`` (1 =
@@ -110,16 +139,42 @@ def auroc_ci(y: list[int], score: list[float], n: int = 2000, level: float = 0.9
     pos, neg = x[y == 1], x[y == 0]
     if not len(pos) or not len(neg):
         raise DataError("an AUROC interval needs positives and negatives")
-    gen = torch.Generator().manual_seed(seed)
-    p = pos[torch.randint(len(pos), (n, len(pos)), generator=gen)]
-    q = neg[torch.randint(len(neg), (n, len(neg)), generator=gen)]
-    # Mann-Whitney per draw: the share of (positive, negative) pairs ordered right, ties
-    # half; 100 draws at a time.
-    aucs = torch.cat([((d > 0).double() + 0.5 * (d == 0).double()).mean((1, 2)) for d in (
-        p[i:i + 100, :, None] - q[i:i + 100, None, :] for i in range(0, n, 100))])
-    lo, hi = torch.quantile(aucs, torch.tensor([(1 - level) / 2, (1 + level) / 2],
-                                               dtype=torch.float64)).tolist()
-    return lo, hi
+    return _quantiles(_pair_aucs(pos, neg, *_draws(len(pos), len(neg), n, seed)), level)
+
+
+def privleak(auroc: float, auroc_retrain: float) -> float | None:
+    """MUSE's PrivLeak (Shi et al. 2024), in percent: how far a membership attack's AUROC on
+    the forget set against held-out non-members sits from that of the model retrained
+    without the forget set. Both arguments are membership AUROCs with the forget set as the
+    positives (1.0: every forget record looks trained on); MUSE's AUC is their complement
+    (the held-out records as positives), and PrivLeak = (AUC - AUC_retrain) / AUC_retrain x
+    100. 0 is ideal; a model that still holds the forget set sits near -100 (AUROC 1.0
+    against the retrained model's 0.5); above 0 it forgot too much, itself a tell. None
+    where the retrained model's AUC is 0."""
+    muse, muse_retrain = 1 - auroc, 1 - auroc_retrain
+    return None if muse_retrain <= 0 else (muse - muse_retrain) / muse_retrain * 100
+
+
+def privleak_ci(forget: list[float], nonmembers: list[float], forget_retrain: list[float],
+                nonmembers_retrain: list[float], n: int = 2000, level: float = 0.95,
+                seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of :func:`privleak` from one attack's scores (higher:
+    more likely a member) under the model and under the retrained one, on the same records
+    in the same order: each draw resamples the forget records and the non-members and
+    scores both models on that one draw (paired). None where a draw leaves the retrained
+    model's AUC at 0."""
+    if len(forget) != len(forget_retrain) or len(nonmembers) != len(nonmembers_retrain):
+        raise DataError("PrivLeak pairs the two models' scores record by record: give both "
+                        "models' scores on the same forget records and non-members")
+    if not forget or not nonmembers:
+        raise DataError("a PrivLeak interval needs forget records and non-members")
+    t = [torch.tensor([float(v) for v in x], dtype=torch.float64)
+         for x in (forget, nonmembers, forget_retrain, nonmembers_retrain)]
+    ip, iq = _draws(len(forget), len(nonmembers), n, seed)
+    muse, muse_retrain = 1 - _pair_aucs(t[0], t[1], ip, iq), 1 - _pair_aucs(t[2], t[3], ip, iq)
+    if (muse_retrain <= 0).any():
+        return None
+    return _quantiles((muse - muse_retrain) / muse_retrain * 100, level)
 
 
 def counts_by_duplication(duplications: list[int | None]) -> dict[str, int]:
@@ -139,17 +194,53 @@ def exact_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionC
                          cfg.batch_size)
 
 
-def loose_distances(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
-                    desc: str | None = None) -> list[float]:
-    """Per sequence: normalized token Levenshtein distance of the greedy continuation from
-    the true suffix."""
+def continuations(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+                  desc: str | None = None) -> list[list[int]]:
+    """Per sequence: the greedy continuation of its ``cfg.prefix``-token prompt, as long as
+    its true suffix (at most ``cfg.suffix`` tokens)."""
     gens = greedy_continuations(handle, [s.token_ids[:cfg.prefix] for s in seqs], cfg.suffix,
                                 cfg.batch_size, desc=desc)
-    out = []
-    for seq, gen in zip(seqs, gens, strict=True):
-        true = seq.token_ids[cfg.prefix:cfg.prefix + cfg.suffix]
-        out.append(Levenshtein.normalized_distance(gen[:len(true)], true))
-    return out
+    return [gen[:len(s.token_ids[cfg.prefix:cfg.prefix + cfg.suffix])]
+            for s, gen in zip(seqs, gens, strict=True)]
+
+
+def loose_distances(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+                    desc: str | None = None, gens: list[list[int]] | None = None
+                    ) -> list[float]:
+    """Per sequence: normalized token Levenshtein distance of the greedy continuation
+    (``gens``, from :func:`continuations` when None) from the true suffix."""
+    gens = continuations(handle, seqs, cfg, desc) if gens is None else gens
+    return [Levenshtein.normalized_distance(gen, s.token_ids[cfg.prefix:cfg.prefix + cfg.suffix])
+            for s, gen in zip(seqs, gens, strict=True)]
+
+
+def rouge_words(text: str) -> list[str]:
+    """Words as the ROUGE reference scorer (``rouge_score``, which MUSE uses) splits them
+    with its default tokenizer: lowercased runs of letters and digits."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_l(candidate: list, reference: list) -> float:
+    """ROUGE-L F1 (Lin 2004) of two word lists: from the longest common subsequence,
+    precision over the candidate's length, recall over the reference's, their harmonic
+    mean (0 when either is empty)."""
+    lcs = LCSseq.similarity(candidate, reference) if candidate and reference else 0
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def verbmem(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
+            gens: list[list[int]] | None = None) -> list[float]:
+    """MUSE's VerbMem per sequence: ROUGE-L F1 of the greedy continuation of the prefix
+    (``gens``, from :func:`continuations` when None) against the true suffix, as text."""
+    gens = continuations(handle, seqs, cfg) if gens is None else gens
+    decode = handle.tokenizer.decode
+    return [rouge_l(rouge_words(decode(gen, skip_special_tokens=True)),
+                    rouge_words(decode(s.token_ids[cfg.prefix:cfg.prefix + cfg.suffix],
+                                       skip_special_tokens=True)))
+            for s, gen in zip(seqs, gens, strict=True)]
 
 
 def loose_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig
@@ -159,15 +250,44 @@ def loose_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionC
 
 
 @torch.no_grad()
-def perplexity(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32) -> float:
-    """exp(mean next-token loss) over every predicted token of the sequences."""
-    total, n = 0.0, 0
+def sequence_losses(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32
+                    ) -> list[tuple[float, int]]:
+    """Per sequence: the sum of its next-token losses and how many tokens it predicts."""
+    out = []
     for loss, keep in batch_losses(handle, token_ids, batch_size):
-        total += loss[keep].sum().item()
-        n += int(keep.sum())
+        out.extend(zip((loss * keep).sum(1).tolist(), keep.sum(1).tolist(), strict=True))
+    return out
+
+
+def perplexity(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32,
+               losses: list[tuple[float, int]] | None = None) -> float:
+    """exp(mean next-token loss) over every predicted token of the sequences (from their
+    :func:`sequence_losses` when given)."""
+    losses = sequence_losses(handle, token_ids, batch_size) if losses is None else losses
+    n = sum(k for _, k in losses)
     if n == 0:
         raise DataError("perplexity needs at least one sequence of two or more tokens")
-    return math.exp(total / n)
+    return math.exp(sum(t for t, _ in losses) / n)
+
+
+def perplexity_change_ci(losses: list[tuple[float, int]], base: list[tuple[float, int]],
+                         n: int = 2000, level: float = 0.95, seed: int = 0
+                         ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the relative change in perplexity from ``base`` to
+    ``losses`` (each :func:`sequence_losses` of the same sequences under two models): each
+    draw resamples the sequences once and scores both models on it (paired)."""
+    if len(losses) != len(base) or not losses:
+        raise DataError("a perplexity-change interval pairs two models' losses on the same "
+                        "sequences")
+    t = torch.tensor(losses, dtype=torch.float64)
+    b = torch.tensor(base, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(t), (n, len(t)), generator=gen)
+
+    def ppl(x):
+        return torch.exp(x[idx, 0].sum(1) / x[idx, 1].sum(1))
+
+    return _quantiles(ppl(t) / ppl(b) - 1, level)
 
 
 def edit_metrics(handle: ModelHandle, members: list[Sequence], heldout: list[list[int]],

@@ -151,7 +151,9 @@ def token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
 class TokenScores:
     """Per predicted token of one sequence (index ``t - 1`` is the prediction of token t):
     gold log-prob, argmax hit, argmax id, the model's confidence before it sees the token
-    (max log-prob, entropy), and the gold token's log-prob under top-k sampling."""
+    (max log-prob, entropy), the gold token's log-prob under top-k sampling, and the
+    standard deviation of log p(z) over the model's own distribution z (with the entropy,
+    the calibration Min-K%++ divides by)."""
 
     logprob: np.ndarray
     hit: np.ndarray
@@ -159,6 +161,7 @@ class TokenScores:
     max_logprob: np.ndarray
     entropy: np.ndarray
     sampling_logprob: np.ndarray
+    logprob_std: np.ndarray
 
 
 def topk_logprob(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float
@@ -189,10 +192,14 @@ def score_tokens(handle: ModelHandle, seqs: list[list[int]], batch_size: int = 3
         logits = forward(handle, ids, mask)[:, :-1].float()
         targets = ids[:, 1:]
         logprobs = logits.log_softmax(-1)
+        probs = logprobs.exp()
+        mean = (probs * logprobs).sum(-1)  # E_z log p(z): minus the entropy
+        var = (probs * logprobs.square()).sum(-1) - mean.square()
         columns = (logprobs.gather(-1, targets[..., None])[..., 0],
                    logits.argmax(-1) == targets, logits.argmax(-1),
-                   logprobs.max(-1).values, -(logprobs.exp() * logprobs).sum(-1),
-                   topk_logprob(logits, targets, top_k, temperature))
+                   logprobs.max(-1).values, -mean,
+                   topk_logprob(logits, targets, top_k, temperature),
+                   var.clamp(min=1e-12).sqrt())
         columns = [c.cpu().numpy() for c in columns]
         for b, toks in enumerate(chunk):
             n = len(toks) - 1

@@ -26,8 +26,9 @@ from memlens.core.errors import ConfigError, UserError
 from memlens.core.model import ModelHandle
 from memlens.core.modules import block_path
 
-__all__ = ["BACKENDS", "UnknownSiteError", "available_sites", "block_input", "execution_order",
-           "is_hook_name", "resolve_sites", "run_sites", "site_module", "site_to_module"]
+__all__ = ["BACKENDS", "UnknownSiteError", "available_sites", "block_input", "block_output",
+           "execution_order", "is_hook_name", "resolve_sites", "run_sites", "site_module",
+           "site_to_module"]
 
 BACKENDS = ("auto", "bridge", "nnsight", "torch")
 
@@ -272,6 +273,27 @@ def block_input(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, b
         raise _Stop
 
     handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def block_output(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int
+                 ) -> torch.Tensor:
+    """The hidden state leaving ``block`` [batch, pos, d], with gradients where the
+    parameters below it track them; the blocks above it never run."""
+    layer = model.get_submodule(block_path(model))[block]
+    seen = {}
+
+    def grab(module, args, output):
+        seen["x"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    handle = layer.register_forward_hook(grab)
     try:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:

@@ -45,8 +45,8 @@ from memlens.core.scoring import score_tokens
 from memlens.core.sequences import PiiSpan, Sequence
 from memlens.core.storage import atomic_dir, exclusive, prepare_output
 
-__all__ = ["TOKEN_LABELS", "LabelConfig", "Labels", "label", "labelable", "manifest_roles",
-           "read_sequences", "summarize"]
+__all__ = ["MEMBERSHIP_SCORES", "TOKEN_LABELS", "LabelConfig", "Labels", "label", "labelable",
+           "manifest_roles", "membership_scores", "read_sequences", "summarize"]
 
 TOKEN_LABELS = ("memorized", "partial", "generic", "not_memorized", "excluded")
 PARTIAL_CHOICES = ("partial", "memorized", "not_memorized", "excluded")
@@ -67,8 +67,8 @@ class LabelConfig(ExtractionConfig):
     unknown duplication count as members (see :mod:`memlens.core.sequences`).
     """
 
-    min_k: float = option(0.2, "Min-K% fraction: the lowest-probability share of tokens "
-                          "the Min-K% score averages", FRACTION)
+    min_k: float = option(0.2, "Min-K% and Min-K%++ fraction: the lowest-scoring share of "
+                          "tokens the score averages", FRACTION)
     sample_top_k: int = option(40, "top-k of the sampler that estimates probabilistic "
                                "extraction", COUNT)
     sample_temperature: float = option(1.0, "temperature of that sampler", POSITIVE)
@@ -86,8 +86,8 @@ class Labels:
     """Labels of a set of sequences: the artifact of ``memlens label``.
 
     ``sequences``: one row per sequence (id, duplication, member, exact, loose, loss, min_k,
-    zlib, log_p_z, token_ids...); ``tokens``: one row per predicted token; ``summary``: the
-    headline numbers; ``identity``: the model and sequences they describe.
+    min_k_pp, zlib, log_p_z, token_ids...); ``tokens``: one row per predicted token;
+    ``summary``: the headline numbers; ``identity``: the model and sequences they describe.
     """
 
     sequences: pd.DataFrame
@@ -301,9 +301,13 @@ def _sequence_row(seq: Sequence, ts, cfg: LabelConfig, tokenizer) -> dict:
     log_pz = float(ts.sampling_logprob[suf].sum())
     loss = float(-ts.logprob.mean())
     text = tokenizer.decode(seq.token_ids[:n + 1], skip_special_tokens=True)
+    # Min-K%++ (Zhang et al. 2024): each gold log-prob standardized by the mean and spread
+    # of log p(z) over the model's distribution at that position (the mean is -entropy).
+    calibrated = (ts.logprob + ts.entropy) / ts.logprob_std
     return dict(exact=bool(ts.hit[suf].all()), suffix_token_accuracy=float(ts.hit[suf].mean()),
                 suffix_len=n - cfg.prefix + 1, loss=loss,
                 min_k=float(np.sort(ts.logprob)[:k].mean()),
+                min_k_pp=float(np.sort(calibrated)[:k].mean()),
                 zlib=loss / max(1, len(zlib.compress(text.encode()))),
                 log_p_z=log_pz, n_for_p=n_for_p(log_pz, cfg.target_p))
 
@@ -410,9 +414,8 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
                 (sequences["greedy_exact"] == sequences["exact"]).all()))
     known = sequences["duplication"].notna()
     members = sequences.loc[known, "member"]
-    if members.nunique() == 2:  # higher score = more likely a member
-        scores = {"loss": -sequences["loss"], "min_k": sequences["min_k"],
-                  "zlib": -sequences["zlib"]}
+    if members.nunique() == 2:
+        scores = membership_scores(sequences)
         summary["membership_auroc"] = {
             k: float(roc_auc_score(members, v[known])) for k, v in scores.items()}
         summary["membership_auroc_ci"] = {
@@ -421,6 +424,18 @@ def summarize(sequences: pd.DataFrame, tokens: pd.DataFrame, cfg: LabelConfig,
         k: int(v) for k, v in tokens["label"].value_counts().items()}
     summary["config"] = asdict(cfg)
     return summary
+
+
+# The membership attacks, each oriented so that a higher score means "more likely a member":
+# mean loss (Yeom et al. 2018), Min-K% (Shi et al. 2024), Min-K%++ (Zhang et al. 2024) and
+# zlib (Carlini et al. 2021: loss over zlib-compressed length).
+MEMBERSHIP_SCORES = {"loss": ("loss", -1), "min_k": ("min_k", 1), "min_k_pp": ("min_k_pp", 1),
+                     "zlib": ("zlib", -1)}
+
+
+def membership_scores(sequences: pd.DataFrame) -> dict[str, pd.Series]:
+    """Each membership attack's score per sequence row (higher: more likely a member)."""
+    return {name: sign * sequences[col] for name, (col, sign) in MEMBERSHIP_SCORES.items()}
 
 
 def manifest_roles(path: str | Path) -> tuple[str, ...] | None:

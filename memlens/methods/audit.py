@@ -14,8 +14,11 @@ that undo hiding in the literature:
 - perturbed prompts: corrupted prefix tokens at the start and near the end of the prefix,
   shorter and longer prefixes, and the loss over a neighbourhood of prefix-perturbed
   copies in the spirit of REMIND;
-- membership inference (loss, Min-K%, zlib AUROC) of the forget set vs held-out
+- membership inference (loss, Min-K%, Min-K%++, zlib AUROC) of the forget set vs held-out
   non-members, and the memorization probe's mean score on the forget set's suffixes.
+
+Each extraction is scored exactly, loosely and by VerbMem (MUSE's ROUGE-L of the greedy
+continuation).
 
 Compare the result with the same audit of a model never trained on the forget set
 (``organism_path(..., withheld=ids)``): a removal that forgets looks like it.
@@ -41,21 +44,24 @@ from memlens.core.metrics import (
     ExtractionConfig,
     auroc_ci,
     bootstrap_ci,
+    continuations,
     exact_extraction,
-    loose_extraction,
+    loose_distances,
     perplexity,
+    sequence_losses,
+    verbmem,
 )
 from memlens.core.model import ModelHandle
-from memlens.core.modules import block_parameters, linear_modules, tracking_gradients
+from memlens.core.modules import linear_modules
 from memlens.core.progress import progress as progress_bar
-from memlens.core.scoring import batch_losses, batches, exact_matches, forward, token_losses
+from memlens.core.scoring import batch_losses, batches, exact_matches
 from memlens.core.sequences import Sequence
 from memlens.methods.edits import Removal, WeightEdit
+from memlens.methods.unlearn import UnlearnConfig, restorable, unlearn
 
 __all__ = ["AuditConfig", "AuditData", "audit", "extraction", "fine_tune", "mean_losses",
            "membership", "neighbourhood_loss", "perturbed_extraction", "perturbed_prompts",
-           "probe_fits", "probe_score", "quantized", "quantized_weights", "restorable",
-           "token_loss_values"]
+           "probe_fits", "probe_score", "quantized", "quantized_weights"]
 
 
 
@@ -157,20 +163,12 @@ def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: f
               match: list[list[int]] | None = None, refresh: int = 10,
               anchor: list[list[int]] | None = None,
               blocks: list[int] | None = None) -> None:
-    """``steps`` AdamW steps on ``token_ids`` (cycled), in place; with ``ascent`` the loss is
-    maximized (gradient ascent, the classic unlearning baseline). ``every(step)`` runs after
-    each step. Wrap in :func:`restorable` to undo.
-
-    ``match`` (loss-matched forgetting): sequences the model never saw, e.g. held-out
-    non-members; instead of the loss, each batch's token losses are pulled onto the
-    distribution of the model's own current losses on them (sorted losses against their
-    quantiles, re-measured every ``refresh`` steps, as fine-tuning moves them too):
-    forgotten text should look like text never seen, not like text avoided, which
-    membership inference (loss, Min-K%, zlib) detects as surely as text recited. ``anchor``
-    holds the token losses of a batch of those sequences per step at their values before
-    fine-tuning (squared difference), so that the rest of the model stays where it was
-    (training on them instead would lower their loss, and move the model too). ``blocks``
-    trains only those blocks (and the final norm); None trains every weight.
+    """``steps`` AdamW steps on ``token_ids`` (cycled), in place: learning them (the
+    relearning attack), or with ``ascent`` unlearning them by gradient ascent, or with
+    ``match`` (held-out text the model never saw) and ``anchor`` (text to hold) by
+    loss-matched forgetting (see :mod:`memlens.methods.unlearn`). ``every(step)`` runs
+    after each step; ``blocks`` trains only those blocks (and the final norm). Wrap in
+    :func:`restorable` to undo.
 
     Example (forget ``forget_ids`` as if never trained on them):
         >>> with restorable(handle):
@@ -181,67 +179,27 @@ def fine_tune(handle: ModelHandle, token_ids: list[list[int]], steps: int, lr: f
         raise DataError("fine_tune needs at least one sequence")
     if ascent and match is not None:
         raise ConfigError("fine_tune: give ascent=True or match=..., not both")
-    gen = torch.Generator().manual_seed(seed)
-    params = list(handle.model.parameters() if blocks is None
-                  else block_parameters(handle.model, blocks).values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    anchor_losses = _row_losses(handle, anchor) if anchor else []
-    order: list[int] = []
-
-    def losses_of(seqs: list[list[int]]) -> torch.Tensor:
-        ids, mask = handle.pad(seqs, side="right")
-        loss, _, keep = token_losses(forward(handle, ids, mask), ids, mask)
-        return loss[keep]
-
-    try:
-        with tracking_gradients(handle.model, params):  # eval mode: no dropout noise
-            for step in progress_bar(range(1, steps + 1), desc="fine-tune", disable=not progress):
-                if match is not None and (step - 1) % refresh == 0:
-                    target = token_loss_values(handle, match)
-                if len(order) < batch_size:
-                    order += torch.randperm(len(token_ids), generator=gen).tolist()
-                chosen, order = order[:batch_size], order[batch_size:]
-                loss = losses_of([token_ids[i] for i in chosen])
-                if match is not None:  # 1-D optimal transport onto the reference
-                    got = loss.sort().values
-                    ref = torch.quantile(target.float(), torch.linspace(0, 1, len(got)))
-                    loss = ((got - ref.to(got.device)) ** 2).mean()
-                else:
-                    loss = loss.mean() * (-1 if ascent else 1)
-                if anchor:
-                    pick = torch.randint(len(anchor), (batch_size,), generator=gen).tolist()
-                    now = losses_of([anchor[i] for i in pick])
-                    before = torch.cat([anchor_losses[i] for i in pick]).to(now.device)
-                    loss = loss + ((now - before) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                handle.reset_views()
-                if every is not None:
-                    every(step)
-    finally:
-        for p in params:
-            p.grad = None
-
-
-@contextlib.contextmanager
-def restorable(handle: ModelHandle):
-    """Every parameter comes back, bit for bit, when the block ends (for in-place training)."""
-    with WeightEdit(handle) as edit:
-        for name, p in handle.model.named_parameters():
-            edit.set(name, p.detach())
-        yield edit
+    method = "ga" if ascent else "matched" if match is not None else "finetune"
+    cfg = UnlearnConfig(method=method, lr=lr, batch_size=batch_size, refresh=refresh,
+                        blocks=None if blocks is None else tuple(blocks), seed=seed)
+    unlearn(handle, token_ids, anchor or [], cfg, steps, unseen=match, every=every,
+            progress=progress)
 
 
 def extraction(handle: ModelHandle, seqs: list[Sequence], cfg: ExtractionConfig,
                loose: bool = True) -> dict:
-    """Exact (and loose) extraction rates of ``seqs``, each with a 95% bootstrap interval
-    over the records (``exact_ci``)."""
+    """Exact extraction rate of ``seqs`` and, with ``loose`` (one greedy generation), the
+    loose rate and VerbMem (mean ROUGE-L F1 of the continuation, MUSE's verbatim
+    memorization); each with a 95% bootstrap interval over the records (``exact_ci``...)."""
+    values = {"exact": exact_extraction(handle, seqs, cfg)}
+    if loose:
+        gens = continuations(handle, seqs, cfg)
+        values["loose"] = [1 - d >= cfg.loose_threshold
+                           for d in loose_distances(handle, seqs, cfg, gens=gens)]
+        values["verbmem"] = verbmem(handle, seqs, cfg, gens)
     out = {}
-    for kind, hits in (("exact", exact_extraction(handle, seqs, cfg)),
-                       *((("loose", loose_extraction(handle, seqs, cfg)),) if loose else ())):
-        out[kind], out[f"{kind}_ci"] = float(np.mean(hits)), list(bootstrap_ci(hits))
+    for kind, v in values.items():
+        out[kind], out[f"{kind}_ci"] = float(np.mean(v)), list(bootstrap_ci(v))
     return out
 
 
@@ -284,19 +242,6 @@ def perturbed_extraction(handle: ModelHandle, seqs: list[Sequence], cfg: Extract
             for name, (ids, prefix) in variants.items()}
 
 
-def _row_losses(handle: ModelHandle, token_ids: list[list[int]], batch_size: int = 32
-                ) -> list[torch.Tensor]:
-    """Per sequence, its next-token losses (no gradients)."""
-    return [row[k].cpu() for loss, keep in batch_losses(handle, token_ids, batch_size)
-            for row, k in zip(loss, keep, strict=True)]
-
-
-def token_loss_values(handle: ModelHandle, token_ids: list[list[int]],
-                      batch_size: int = 32) -> torch.Tensor:
-    """Every next-token loss in ``token_ids``, as one flat tensor."""
-    return torch.cat(_row_losses(handle, token_ids, batch_size))
-
-
 def mean_losses(handle: ModelHandle, token_ids: list[list[int]], start: int = 1,
                 batch_size: int = 32) -> np.ndarray:
     """Per sequence: mean next-token loss from token ``start`` on (``start=1``: all of it)."""
@@ -331,18 +276,30 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def membership(handle: ModelHandle, forget: list[Sequence], nonmembers: list[Sequence],
                cfg: ExtractionConfig, neighbours: int = 8) -> dict:
-    """AUROC of forget set vs non-members by loss, Min-K%, zlib (as ``memlens label``) and
-    by the neighbourhood loss (:func:`neighbourhood_loss`)."""
-    from memlens.data.labels import LabelConfig, label
+    """AUROC of forget set vs non-members by each membership attack of ``memlens label``
+    (loss, Min-K%, Min-K%++, zlib) and by the neighbourhood loss
+    (:func:`neighbourhood_loss`); ``ci``: their 95% intervals; ``scores``: each attack's
+    score per forget record and per non-member, in order (higher: more likely a member), for
+    comparing two models on the same records (PrivLeak)."""
+    from memlens.data.labels import LabelConfig, label, membership_scores
 
     lc = LabelConfig(prefix=cfg.prefix, suffix=cfg.suffix, generate=False)
-    summary = label(handle, forget + nonmembers, lc, progress=False).summary
+    result = label(handle, forget + nonmembers, lc, progress=False)
+    if len(result.sequences) != len(forget) + len(nonmembers):
+        raise DataError(f"membership inference needs every forget record and non-member "
+                        f"longer than the {cfg.prefix}-token prefix; "
+                        f"{len(forget) + len(nonmembers) - len(result.sequences)} are not")
+    summary = result.summary
     out = dict(summary["membership_auroc"])
     near = np.r_[-neighbourhood_loss(handle, forget, cfg, neighbours),
                  -neighbourhood_loss(handle, nonmembers, cfg, neighbours)]
     y = [1] * len(forget) + [0] * len(nonmembers)
     out["neighbourhood"] = _auroc(near[:len(forget)], near[len(forget):])
     out["ci"] = dict(summary["membership_auroc_ci"], neighbourhood=list(auroc_ci(y, near)))
+    scores = {k: v.tolist() for k, v in membership_scores(result.sequences).items()}
+    scores["neighbourhood"] = near.tolist()
+    n = len(forget)
+    out["scores"] = {k: {"forget": v[:n], "nonmembers": v[n:]} for k, v in scores.items()}
     return out
 
 
@@ -381,9 +338,10 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     is) on ``data.forget`` right after it and under every attack of the config.
 
     Returns ``after_edit``, ``int8`` / ``int4``, ``relearn`` (by steps), each with ``exact``,
-    ``loose`` and ``perplexity``; ``perturbed`` (exact rate per perturbation); ``mia_auroc``;
-    ``probe_score`` (with a probe fitted on this model; None for another model's probe);
-    the model comes back unchanged.
+    ``loose``, ``verbmem``, ``perplexity`` and ``heldout_losses`` (per held-out sequence:
+    loss sum and tokens, for paired intervals); ``perturbed`` (exact rate per
+    perturbation); ``mia_auroc``; ``probe_score`` (with a probe fitted on this model; None
+    for another model's probe); the model comes back unchanged.
 
     ``refit``, for a removal fitted to the model's states (a steering gate), builds a new
     one on the model as it is then: after the last relearning step the stale removal is taken
@@ -394,8 +352,10 @@ def audit(handle: ModelHandle, removal: Removal | None, data: AuditData,
     ec = extraction_config or ExtractionConfig()
 
     def scored(loose: bool = True) -> dict:
+        losses = sequence_losses(handle, data.heldout, ec.batch_size)
         return {**extraction(handle, data.forget, ec, loose),
-                "perplexity": perplexity(handle, data.heldout, ec.batch_size)}
+                "perplexity": perplexity(handle, data.heldout, losses=losses),
+                "heldout_losses": [list(x) for x in losses]}
 
     stages = ["after_edit", *[f"int{b}" for b in cfg.bits], "relearn", "perturbed", "mia"]
     bar = progress_bar(total=len(stages), desc="audit", unit="attack", disable=not progress)

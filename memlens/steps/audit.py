@@ -12,6 +12,7 @@ from typing import ClassVar
 from memlens.core import jsonio
 from memlens.core.config import INDEX, Config, nested, option
 from memlens.core.errors import ConfigError, DataError
+from memlens.core.metrics import perplexity_change_ci, privleak, privleak_ci
 from memlens.core.model import ModelOptions, load_model
 from memlens.core.storage import writing
 from memlens.data.labels import read_sequences
@@ -22,12 +23,12 @@ from memlens.methods.probes import Probe
 from memlens.methods.steering import Steering
 from memlens.report.figures import audit_heatmap
 from memlens.report.page import Section
-from memlens.steps import kfac, layernorm, localize, steer
+from memlens.steps import kfac, layernorm, localize, steer, unlearn
 from memlens.steps.chain import Chain, skip
 
-__all__ = ["AFTER", "KINDS", "LOADERS", "MODULES", "NAME", "REMOVALS", "TEXT", "TITLE",
-           "AuditCommand", "forget_set", "main", "needs", "reference", "relearn_blocks",
-           "removal_kind", "report"]
+__all__ = ["AFTER", "ATTACKS", "KINDS", "LOADERS", "MODULES", "NAME", "REMOVALS", "TEXT",
+           "TITLE", "AuditCommand", "audit_table", "forget_set", "main", "markdown_audit_table",
+           "needs", "reference", "relearn_blocks", "removal_kind", "report"]
 
 # The removals an audit reads from disk, by the marker file each artifact holds.
 KINDS = {"memlens_edit.json": "edited model", "steering.json": "steering",
@@ -129,13 +130,19 @@ def main(cmd: AuditCommand) -> None:
 # --------------------------------------------------------------------------- in the chain
 
 NAME = "audit"
-TITLE = "7. Forgetting audit: forgotten or hidden?"
+TITLE = "8. Forgetting audit: forgotten or hidden?"
 TEXT = ("Does each removal chosen above forget the evaluation half's forget set, or only "
         "hide it? Each is attacked: weights quantized to INT8 and INT4, a few fine-tuning "
         "steps on other records (never the forget set), perturbed prompts, and membership "
         "inference against held-out non-members. The gold standard is a model never trained "
-        "on the forget set (--reference, or the organism trained again without it).")
-AFTER = ("labels", "probes", "kfac", "interventions", "steering", "layernorm")
+        "on the forget set (--reference, or the organism trained again without it). The "
+        "table reads each row in the unlearning literature's terms as well: VerbMem (MUSE's "
+        "ROUGE-L F1 of the greedy continuation against the true suffix) and PrivLeak "
+        "(MUSE's relative gap, in percent, between a membership attack's AUC on the model "
+        "and on the retrained one: 0 is ideal, near -100 is not unlearning at all).")
+AFTER = ("labels", "probes", "kfac", "interventions", "steering", "layernorm", "unlearn")
+# The membership attacks PrivLeak is read with (MUSE's own is Min-K%).
+ATTACKS = {"loss": "loss", "min_k": "Min-K%", "min_k_pp": "Min-K%++", "zlib": "zlib"}
 SETTINGS = ("audit_relearn_steps", "audit_relearn_blocks", "retrain")
 REMOVALS = {"kfac": "K-FAC edit", "interventions": "neuron ablation",
             "steering": "steering", "layernorm": "norm removal"}
@@ -153,9 +160,17 @@ def forget_set(d: Chain) -> list:
 
 
 def needs(d: Chain) -> str | None:
-    if not any(_chosen(d, step) for step in REMOVALS):
+    if not any(_chosen(d, step) for step in REMOVALS) and not _baselines(d):
         return "no removal was chosen above, so there is nothing to audit"
     return None
+
+
+def _baselines(d: Chain) -> dict:
+    """The unlearning baselines chosen above (by name), where the step ran."""
+    path = d.out / "steps" / f"{unlearn.NAME}.json"
+    if not path.is_file() or d.step_result(unlearn.NAME).get("skipped"):
+        return {}
+    return unlearn.removals(d)
 
 
 def _chosen(d: Chain, step: str) -> bool:
@@ -186,9 +201,7 @@ def relearn_blocks(d: Chain) -> tuple[int, ...] | None:
     from a pretrained model trained (its memory can live only there), else every weight."""
     if d.config.audit_relearn_blocks is not None:
         return d.config.audit_relearn_blocks
-    top = (d.organism or {}).get("preset_config", {}).get("train_blocks")
-    n = d.handle.n_layers
-    return tuple(range(n - top, n)) if top else None
+    return d.trained_blocks
 
 
 def report(d: Chain, sec: Section) -> dict:
@@ -212,6 +225,8 @@ def report(d: Chain, sec: Section) -> dict:
     for step, name in REMOVALS.items():
         if _chosen(d, step):
             models[name] = (d.handle, MODULES[step].removal(d))
+    told = set(_baselines(d))
+    models |= {name: (d.handle, edit) for name, edit in _baselines(d).items()}
     refits = {}
     if "steering" in models:
         # Steering's gate is refitted on the relearned model: hidden memory, or a stale gate?
@@ -250,18 +265,133 @@ def report(d: Chain, sec: Section) -> dict:
                         f"stale gate and {r['relearn_refit'][last]['exact']:.0%} with a gate "
                         f"refitted on the relearned model (the unedited model after the same "
                         f"steps: {results[0]['relearn'][last]['exact']:.0%}).")
+    rows = {r["name"]: _row(r, results[0], gold, r["name"] in told) for r in results}
+    table = audit_table(rows, last)
+    sec.table(table)
+    best = _best(rows, last)
+    if best:
+        sec.finding("Best removal per column (extraction and VerbMem lowest, PrivLeak nearest "
+                    "0, perplexity change smallest): " + "; ".join(
+                        f"{col}: {name}" for col, name in best.items()) + ".")
+    if gold is not None:
+        leak = {n: r["privleak"]["min_k"]["value"] for n, r in rows.items()
+                if n not in ("unedited", "retrain without") and r["privleak"]}
+        near = [n for n, v in leak.items() if v is not None and v < -80]
+        if near:
+            sec.finding(f"Read as MUSE reads it (PrivLeak by Min-K%), {', '.join(near)} "
+                        f"leave(s) the forget set as exposed to membership inference as not "
+                        f"unlearning at all: PrivLeak below -80 (the unedited model: "
+                        f"{rows['unedited']['privleak']['min_k']['value']:.0f}).")
     return {"forget": {"n": len(forget), "ids": sorted(forgotten)}, "skipped_parts": skipped,
-            "relearn_blocks": config.relearn_blocks,
-            **{r["name"]: {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
-                           "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
-                           **({"relearn_refit": {k: v["exact"]
-                                                 for k, v in r["relearn_refit"].items()}}
-                              if "relearn_refit" in r else {}),
-                           "mia_auroc_loss": (r["mia_auroc"] or {}).get("loss"),
-                           "mia_auroc": {k: v for k, v in (r["mia_auroc"] or {}).items()
-                                         if k != "ci"} or None,
-                           "perplexity": r["after_edit"]["perplexity"],
-                           "ci": _intervals(r)} for r in results}}
+            "relearn_blocks": config.relearn_blocks, "best": best, **rows}
+
+
+def _row(r: dict, base: dict, gold: dict | None, told: bool) -> dict:
+    """One audit row's headline figures, with 95% intervals over records."""
+    mia = r["mia_auroc"] or {}
+    change = r["after_edit"]["perplexity"] / base["after_edit"]["perplexity"] - 1
+    return {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
+            "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
+            **({"relearn_refit": {k: v["exact"] for k, v in r["relearn_refit"].items()}}
+               if "relearn_refit" in r else {}),
+            "verbmem": r["after_edit"]["verbmem"],
+            "mia_auroc_loss": mia.get("loss"),
+            "mia_auroc": {k: v for k, v in mia.items() if k not in ("ci", "scores")} or None,
+            "privleak": _privleak(r, gold),
+            "perplexity": r["after_edit"]["perplexity"],
+            "perplexity_change": change,
+            "told_forget_set": told,
+            "ci": _intervals(r) | {"verbmem": r["after_edit"]["verbmem_ci"],
+                                   "perplexity_change": list(perplexity_change_ci(
+                                       r["after_edit"]["heldout_losses"],
+                                       base["after_edit"]["heldout_losses"]))}}
+
+
+def _privleak(r: dict, gold: dict | None) -> dict | None:
+    """PrivLeak per attack against the retrained model, with a paired interval; None
+    without a retrained model or non-members."""
+    if gold is None or not r["mia_auroc"] or not gold["mia_auroc"]:
+        return None
+    out = {}
+    for attack in (*ATTACKS, "neighbourhood"):
+        mine, theirs = r["mia_auroc"]["scores"][attack], gold["mia_auroc"]["scores"][attack]
+        ci = privleak_ci(mine["forget"], mine["nonmembers"], theirs["forget"],
+                         theirs["nonmembers"])
+        out[attack] = {"value": privleak(r["mia_auroc"][attack], gold["mia_auroc"][attack]),
+                       "ci": None if ci is None else list(ci)}
+    return out
+
+
+def _columns(last: str) -> dict:
+    """The audit table's columns: (how a row gives its value and interval, lower is
+    better / nearest 0 is better)."""
+    cols = {"exact after the removal": (lambda r: (r["exact"], r["ci"]["exact"]), "low"),
+            "after INT4": (lambda r: (r["int4"], r["ci"]["int4"]), "low"),
+            f"after {last} relearning steps": (
+                lambda r: (r["relearn"][last], r["ci"]["relearn"][last]), "low"),
+            "VerbMem": (lambda r: (r["verbmem"], r["ci"]["verbmem"]), "low")}
+    for attack, name in ATTACKS.items():
+        cols[f"PrivLeak ({name})"] = (
+            lambda r, a=attack: ((r["privleak"][a]["value"], r["privleak"][a]["ci"])
+                                 if r["privleak"] else (None, None)), "zero")
+    cols["perplexity change"] = (lambda r: (r["perplexity_change"],
+                                            r["ci"]["perplexity_change"]), "low")
+    return cols
+
+
+def _cell(col: str, value, ci) -> str:
+    if value is None:
+        return "n/a"
+    if col.startswith("PrivLeak"):
+        return f"{value:+.0f} [{ci[0]:+.0f}, {ci[1]:+.0f}]" if ci else f"{value:+.0f}"
+    if col == "VerbMem":
+        return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if col == "perplexity change":
+        return f"{value:+.1%} [{ci[0]:+.1%}, {ci[1]:+.1%}]"
+    return f"{value:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
+
+
+def _best(rows: dict, last: str) -> dict:
+    """Per column, the removal (not a reference row) with the best value."""
+    removals = {n: r for n, r in rows.items() if n not in ("unedited", "retrain without")}
+    best = {}
+    for col, (get, rule) in _columns(last).items():
+        vals = {n: get(r)[0] for n, r in removals.items() if get(r)[0] is not None}
+        if vals:
+            best[col] = min(vals, key=lambda n: abs(vals[n]) if rule == "zero" else vals[n])
+    return best
+
+
+def audit_table(rows: dict, last: str) -> list[dict]:
+    """The audit table: one row per model (the unedited model, each removal, the model
+    retrained without the forget set), the value and 95% interval per column."""
+    order = ["unedited", *[n for n in rows if n not in ("unedited", "retrain without")],
+             "retrain without"]
+    out = []
+    for name in (n for n in order if n in rows):
+        r = rows[name]
+        row = {"removal": name, "told the forget set": (
+            "reference" if name in ("unedited", "retrain without") else
+            "yes" if r.get("told_forget_set") else "no")}
+        for col, (get, _) in _columns(last).items():
+            row[col] = _cell(col, *get(r))
+        out.append(row)
+    return out
+
+
+def markdown_audit_table(audit_summary: dict) -> str:
+    """A run's audit table (its summary's ``audit``) in Markdown, each column's best
+    removal in bold."""
+    rows = {k: v for k, v in audit_summary.items() if isinstance(v, dict) and "exact" in v}
+    last = str(max(int(k) for k in rows["unedited"]["relearn"]))
+    table = audit_table(rows, last)
+    best = audit_summary.get("best") or {}
+    cols = list(table[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in table:
+        lines.append("| " + " | ".join(f"**{v}**" if best.get(c) == row["removal"] else v
+                                       for c, v in row.items()) + " |")
+    return "\n".join(lines)
 
 
 def _intervals(r: dict) -> dict:

@@ -53,6 +53,7 @@ from memlens.core.version import VERSION
 from memlens.data.labels import LabelConfig, Labels
 from memlens.data.splits import Splits
 from memlens.methods.localize import METHODS
+from memlens.methods.unlearn import METHODS as UNLEARNING
 from memlens.report.page import Section
 
 __all__ = ["Chain", "Measure", "RunConfig", "run_steps", "skip"]
@@ -101,6 +102,14 @@ class RunConfig(Config):
                                                "moved to gain 1 and bias 0, to choose from",
                                                FRACTION)
     attribution_tokens: int = option(200, "tokens per LayerNorm attribution set", COUNT)
+    unlearn_methods: tuple[str, ...] = option(tuple(UNLEARNING), "unlearning baselines "
+                                              "(and loss-matched forgetting) the audit sets "
+                                              "beside memlens' removals; none: no baselines",
+                                              choices=tuple(UNLEARNING))
+    unlearn_steps: tuple[int, ...] = option((5, 10, 20, 40, 80), "unlearning steps to "
+                                            "choose from", COUNT)
+    unlearn_lrs: tuple[float, ...] = option((3e-4, 1e-3), "unlearning learning rates to "
+                                            "choose from", POSITIVE)
     audit_relearn_steps: tuple[int, ...] = option((10, 50), "relearning steps the audit "
                                                   "scores after", COUNT)
     audit_relearn_blocks: tuple[int, ...] | None = option(None, "the blocks the audit's "
@@ -165,6 +174,7 @@ class Chain:
         self.factors_path = self.out / "kfac" / "factors.safetensors"
         self.neurons_dir = self.out / "neurons"
         self.steering_dir = self.out / "steering"
+        self.unlearn_dir = self.out / "unlearn"
         self._recited: dict[str, list[Sequence]] = {}
 
     @cached_property
@@ -179,6 +189,14 @@ class Chain:
             return None
         org = json.loads(meta.read_text())
         return org if "preset" in org else None
+
+    @cached_property
+    def trained_blocks(self) -> tuple[int, ...] | None:
+        """The blocks an organism continued from a pretrained model trained (its memory can
+        live only there); None: every block."""
+        top = (self.organism or {}).get("preset_config", {}).get("train_blocks")
+        n = self.handle.n_layers
+        return tuple(range(n - top, n)) if top else None
 
     @cached_property
     def splits(self) -> Splits:

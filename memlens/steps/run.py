@@ -1,7 +1,7 @@
 """``memlens run``: the whole workbench on any model and its data, into one report.
 
 labels -> capture and probes -> K-FAC edit -> localization and ablation -> steering ->
-LayerNorm -> audit, each a module of :mod:`memlens.steps` run by
+LayerNorm -> unlearning baselines -> audit, each a module of :mod:`memlens.steps` run by
 :func:`memlens.steps.chain.run_steps` (cached by identity: a second run reuses every step
 whose inputs are unchanged). The records are split by record into a calibration half and
 an evaluation half; every removal's setting is chosen on the first under the utility budget
@@ -28,14 +28,14 @@ from memlens.core.metrics import Extraction
 from memlens.core.model import ModelOptions
 from memlens.core.storage import exclusive
 from memlens.report.page import Report, Section
-from memlens.steps import audit, kfac, label, layernorm, localize, probe, steer
+from memlens.steps import audit, kfac, label, layernorm, localize, probe, steer, unlearn
 from memlens.steps.chain import Chain, RunConfig, run_steps
 
 __all__ = ["SECTIONS", "STEPS", "LayernormCommand", "RunCommand", "headline_rows", "layernorm_main",
            "main", "markdown_table", "run", "with_dependencies"]
 
 # The chain, in order: each a step module (NAME, TITLE, TEXT, AFTER, report).
-SECTIONS = (label, probe, kfac, localize, steer, layernorm, audit)
+SECTIONS = (label, probe, kfac, localize, steer, layernorm, unlearn, audit)
 STEPS = tuple(s.NAME for s in SECTIONS)
 REMOVAL_STEPS = ("kfac", "interventions", "steering", "layernorm")
 
@@ -131,10 +131,11 @@ class RunCommand(Config):
     """run the whole workbench on a model and its data; write a report
 
     labels, activations and probes, the aimed K-FAC edit, neuron localization and ablation,
-    steering, LayerNorm attribution and removal, the forgetting audit. The records are
-    split into a calibration half and an evaluation half: every setting is chosen on the
-    first, as the weakest that removes --target-removal of the recited sequences within
-    --max-ppl-increase, and scored on the second. Steps the data cannot support are
+    steering, LayerNorm attribution and removal, the unlearning baselines (gradient ascent,
+    gradient difference, NPO, SimNPO, RMU, loss-matched forgetting), the forgetting audit.
+    The records are split into a calibration half and an evaluation half: every setting is
+    chosen on the first, as the weakest that removes --target-removal of the recited
+    sequences within --max-ppl-increase, and scored on the second. Steps the data cannot support are
     reported as skipped, with what to add. Out: OUT/report.html, OUT/summary.json and each
     step's artifact; steps are cached by their inputs' identities.
     """
@@ -249,6 +250,16 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
                          f"{pct(o['removed_ci'][0])} to {pct(o['removed_ci'][1])}) at "
                          f"{other['perplexity_change']:+.1%}" if o is not None else
                          f"{what}: no setting within the utility budget"))
+    u = s.get("unlearn")
+    if u and not u.get("skipped"):
+        cells = []
+        for r in u["methods"].values():
+            f = r["forget_set"]
+            cells.append(f"{r['what']} {r['chosen']['params']['label']}: {pct(f['removed'])} "
+                         f"at {f['perplexity_change']:+.1%}" if f is not None else
+                         f"{r['what']}: none within the budget")
+        rows.append(("unlearn", "baselines told the forget set, unlearning the evaluation "
+                     "half's recited records: " + "; ".join(cells)))
     a = s.get("audit")
     if a and not a.get("skipped"):
         steps = list(a["unedited"]["relearn"])
@@ -261,7 +272,7 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
                                *(pct(r["relearn"][n]) for n in steps)]) + mia + refit
 
         others = [k for k, v in a.items() if isinstance(v, dict) and "exact" in v
-                  and k not in ("unedited", "retrain without")]
+                  and k not in ("unedited", "retrain without") and not v.get("told_forget_set")]
         mia_head = " / loss membership AUROC" if a["unedited"]["mia_auroc_loss"] is not None \
             else ""
         rows.append(("audit", f"forget set ({a['forget']['n']}) exact after the removal / "

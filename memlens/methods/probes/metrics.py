@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
+from memlens.data.labels import membership_scores
+
 __all__ = ["auroc_or_nan", "best_threshold", "class_gap", "confidence_gain", "group_draws",
            "matched_auroc", "score_metrics", "sequence_aurocs", "token_baselines", "tpr_at_fpr"]
 
@@ -139,7 +141,8 @@ def token_baselines(test_tokens: pd.DataFrame) -> dict:
 
 def sequence_aurocs(token_scores: pd.DataFrame, sequences: pd.DataFrame,
                     probe_names: list[str]) -> dict:
-    """Per test sequence: mean probe score vs loss, Min-K% and zlib, by AUROC.
+    """Per test sequence: mean probe score vs the membership scores (loss, Min-K%, Min-K%++,
+    zlib), by AUROC.
 
     Targets: ``memorized`` (exactly extractable) and ``member``.
     """
@@ -154,8 +157,7 @@ def sequence_aurocs(token_scores: pd.DataFrame, sequences: pd.DataFrame,
         name = "memorized" if target == "exact" else "member"
         out[f"sequence_{name}"] = {
             "n_sequences": int(len(t)), "n_positive": int(t.sum()),
-            "baselines": {"loss": float(roc_auc_score(t, -seqs["loss"])),
-                          "min_k": float(roc_auc_score(t, seqs["min_k"])),
-                          "zlib": float(roc_auc_score(t, -seqs["zlib"]))},
+            "baselines": {k: float(roc_auc_score(t, v))
+                          for k, v in membership_scores(seqs).items()},
             "probes": {p: float(roc_auc_score(t, agg[p])) for p in probe_names}}
     return out
