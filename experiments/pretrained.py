@@ -49,7 +49,7 @@ from memlens.data.labels import LabelConfig, membership_scores  # noqa: E402
 from memlens.data.organism import PRESETS, organism_path  # noqa: E402
 from memlens.data.splits import Splits  # noqa: E402
 from memlens.methods.layernorm import GROUPS, NormRemoval, layer_groups  # noqa: E402
-from memlens.steps.audit import markdown_audit_table  # noqa: E402
+from memlens.steps.audit import best_removals, markdown_audit_table  # noqa: E402
 from memlens.steps.chain import RunConfig  # noqa: E402
 from memlens.steps.run import run  # noqa: E402
 
@@ -144,7 +144,6 @@ def run_part(path: Path, out: Path) -> dict:
                 for k in ("kfac", "interventions", "steering", "layernorm")},
         "unlearn": _without_curves(s.get("unlearn")),
         "audit": s.get("audit"),
-        "audit_table": markdown_audit_table(s["audit"]) if s.get("audit") else None,
         "layernorm_run": s["layernorm"],
         "run_seconds": s["seconds"],
     }
@@ -155,6 +154,13 @@ def _without_curves(x):
     if isinstance(x, dict):
         return {k: _without_curves(v) for k, v in x.items() if k != "curve"}
     return x
+
+
+def _best(audit: dict) -> dict | None:
+    rows = {k: v for k, v in audit.items() if isinstance(v, dict) and "verbmem" in v}
+    if not rows:
+        return None
+    return best_removals(rows, str(max(int(k) for k in rows["unedited"]["relearn"])))
 
 
 def _vc(value, ci) -> dict:
@@ -243,7 +249,8 @@ def document(r: dict, command: str) -> dict:
                                                      a["ci"]["perplexity_change"]),
                             "told_forget_set": a["told_forget_set"]}
                      for name, a in audit.items() if isinstance(a, dict) and "ci" in a},
-            "best": audit.get("best"), "table": r.get("audit_table")}
+            "best": _best(audit),
+            "table": markdown_audit_table(audit) if _best(audit) is not None else None}
         doc["unlearn"] = {m: {"chosen": (u["chosen"]["params"] or {}).get("label"),
                               "family": u["chosen"]["family"],
                               "forget_set": u["forget_set"] and {

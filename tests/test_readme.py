@@ -7,21 +7,27 @@ from pathlib import Path
 
 import pytest
 
+from memlens.steps.audit import markdown_audit_table
 from memlens.steps.demo import run_demo
 from memlens.steps.run import headline_rows, markdown_table
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
-from readme_table import readme_table  # noqa: E402
+from readme_table import readme_table, tables  # noqa: E402
+
+PRETRAINED = Path(__file__).parents[1] / "docs" / "results" / "pretrained.json"
 
 NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?%?")
 
 
 def tolerance(text: str) -> float:
     """Extraction rates (40 or 20 canaries) within 5 points, perplexity changes (signed)
-    within 0.5 points, AUROCs and losses within .01; counts and settings exactly."""
+    within 0.5 points, AUROCs, losses and VerbMem within .01, PrivLeak (signed, whole
+    percent) within 5; counts and settings exactly."""
     if text.endswith("%"):
         return 0.5 if text[0] in "+-" else 5.0
-    return 0.01 if "." in text else 0.0
+    if "." in text:
+        return 0.01
+    return 5.0 if text[0] in "+-" else 0.0
 
 
 def assert_same_table(readme: str, fresh: str) -> None:
@@ -46,7 +52,15 @@ def test_the_comparison_catches_a_moved_number():
         assert_same_table(table, table.replace("zlib", "zlib2", 1))
 
 
+def test_the_smollm2_audit_table_is_the_committed_results():
+    table = readme_table(name="pretrained audit table")
+    assert table == tables(None, PRETRAINED)["pretrained audit table"]
+    assert table.count("\n") >= 5 and "| retrain without | reference |" in table
+
+
 @pytest.mark.slow
-def test_a_fresh_demo_reproduces_the_readme_table(tmp_path):
+def test_a_fresh_demo_reproduces_the_readme_tables(tmp_path):
     summary = run_demo(tmp_path / "demo", progress=False)
     assert_same_table(readme_table(), markdown_table(headline_rows(summary)))
+    assert_same_table(readme_table(name="demo audit table"),
+                      markdown_audit_table(summary["audit"]))

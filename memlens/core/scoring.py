@@ -194,7 +194,7 @@ def score_tokens(handle: ModelHandle, seqs: list[list[int]], batch_size: int = 3
         logprobs = logits.log_softmax(-1)
         probs = logprobs.exp()
         mean = (probs * logprobs).sum(-1)  # E_z log p(z): minus the entropy
-        var = (probs * logprobs.square()).sum(-1) - mean.square()
+        var = (probs * (logprobs - mean[..., None]).square()).sum(-1)  # centred: exact
         columns = (logprobs.gather(-1, targets[..., None])[..., 0],
                    logits.argmax(-1) == targets, logits.argmax(-1),
                    logprobs.max(-1).values, -mean,

@@ -48,8 +48,8 @@ from memlens.core.scoring import batch_losses, forward, token_losses
 from memlens.core.sites import block_output
 from memlens.methods.edits import WeightEdit
 
-__all__ = ["METHODS", "OBJECTIVES", "Unlearner", "UnlearnConfig", "restorable", "token_loss_values",
-           "trainable", "unlearn"]
+__all__ = ["METHODS", "OBJECTIVES", "RETAINING", "UnlearnConfig", "Unlearner", "restorable",
+           "token_loss_values", "trainable", "unlearn"]
 
 METHODS = {"ga": "gradient ascent", "gd": "gradient difference", "npo": "NPO",
            "simnpo": "SimNPO", "rmu": "RMU", "matched": "loss-matched forgetting"}

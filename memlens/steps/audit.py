@@ -26,9 +26,9 @@ from memlens.report.page import Section
 from memlens.steps import kfac, layernorm, localize, steer, unlearn
 from memlens.steps.chain import Chain, skip
 
-__all__ = ["AFTER", "ATTACKS", "KINDS", "LOADERS", "MODULES", "NAME", "REMOVALS", "TEXT",
-           "TITLE", "AuditCommand", "audit_table", "forget_set", "main", "markdown_audit_table",
-           "needs", "reference", "relearn_blocks", "removal_kind", "report"]
+__all__ = ["AFTER", "ATTACKS", "KINDS", "LOADERS", "MODULES", "NAME", "REMOVALS", "TEXT", "TITLE",
+           "AuditCommand", "audit_table", "best_removals", "forget_set", "main",
+           "markdown_audit_table", "needs", "reference", "relearn_blocks", "removal_kind", "report"]
 
 # The removals an audit reads from disk, by the marker file each artifact holds.
 KINDS = {"memlens_edit.json": "edited model", "steering.json": "steering",
@@ -268,11 +268,11 @@ def report(d: Chain, sec: Section) -> dict:
     rows = {r["name"]: _row(r, results[0], gold, r["name"] in told) for r in results}
     table = audit_table(rows, last)
     sec.table(table)
-    best = _best(rows, last)
+    best = best_removals(rows, last)
     if best:
         sec.finding("Best removal per column (extraction and VerbMem lowest, PrivLeak nearest "
                     "0, perplexity change smallest): " + "; ".join(
-                        f"{col}: {name}" for col, name in best.items()) + ".")
+                        f"{col}: {', '.join(names)}" for col, names in best.items()) + ".")
     if gold is not None:
         leak = {n: r["privleak"]["min_k"]["value"] for n, r in rows.items()
                 if n not in ("unedited", "retrain without") and r["privleak"]}
@@ -351,14 +351,16 @@ def _cell(col: str, value, ci) -> str:
     return f"{value:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]"
 
 
-def _best(rows: dict, last: str) -> dict:
-    """Per column, the removal (not a reference row) with the best value."""
+def best_removals(rows: dict, last: str) -> dict[str, list[str]]:
+    """Per column, the removals (not a reference row) with the best value (all of them
+    where several tie)."""
     removals = {n: r for n, r in rows.items() if n not in ("unedited", "retrain without")}
     best = {}
     for col, (get, rule) in _columns(last).items():
         vals = {n: get(r)[0] for n, r in removals.items() if get(r)[0] is not None}
-        if vals:
-            best[col] = min(vals, key=lambda n: abs(vals[n]) if rule == "zero" else vals[n])
+        key = {n: abs(v) if rule == "zero" else v for n, v in vals.items()}
+        if key:
+            best[col] = [n for n, k in key.items() if k == min(key.values())]
     return best
 
 
@@ -381,15 +383,15 @@ def audit_table(rows: dict, last: str) -> list[dict]:
 
 def markdown_audit_table(audit_summary: dict) -> str:
     """A run's audit table (its summary's ``audit``) in Markdown, each column's best
-    removal in bold."""
+    removals in bold."""
     rows = {k: v for k, v in audit_summary.items() if isinstance(v, dict) and "exact" in v}
     last = str(max(int(k) for k in rows["unedited"]["relearn"]))
     table = audit_table(rows, last)
-    best = audit_summary.get("best") or {}
+    best = best_removals(rows, last)
     cols = list(table[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table:
-        lines.append("| " + " | ".join(f"**{v}**" if best.get(c) == row["removal"] else v
+        lines.append("| " + " | ".join(f"**{v}**" if row["removal"] in best.get(c, ()) else v
                                        for c, v in row.items()) + " |")
     return "\n".join(lines)
 

@@ -104,7 +104,7 @@ class RunConfig(Config):
     attribution_tokens: int = option(200, "tokens per LayerNorm attribution set", COUNT)
     unlearn_methods: tuple[str, ...] = option(tuple(UNLEARNING), "unlearning baselines "
                                               "(and loss-matched forgetting) the audit sets "
-                                              "beside memlens' removals; none: no baselines",
+                                              "beside memlens' removals",
                                               choices=tuple(UNLEARNING))
     unlearn_steps: tuple[int, ...] = option((5, 10, 20, 40, 80), "unlearning steps to "
                                             "choose from", COUNT)

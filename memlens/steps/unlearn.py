@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from memlens.core.metrics import bootstrap_ci
 from memlens.core.storage import writing
 from memlens.methods.edits import ParameterEdit
-from memlens.methods.unlearn import METHODS, UnlearnConfig, Unlearner, restorable
+from memlens.methods.unlearn import METHODS, RETAINING, UnlearnConfig, Unlearner, restorable
 from memlens.report.figures import calibration_figure
 from memlens.report.page import Section
 from memlens.steps.calibrate import choose, needs_recited
-from memlens.steps.chain import Chain
+from memlens.steps.chain import Chain, skip
 
 __all__ = ["AFTER", "NAME", "SETTINGS", "TEXT", "TITLE", "families", "needs", "removals",
            "report"]
@@ -41,7 +41,7 @@ SETTINGS = ("max_ppl_increase", "target_removal", "unlearn_methods", "unlearn_st
 
 def needs(d: Chain) -> str | None:
     if not d.config.unlearn_methods:
-        return "no unlearning method was asked for (--unlearn-methods)"
+        return "no unlearning method was asked for (RunConfig.unlearn_methods is empty)"
     return needs_recited(d)
 
 
@@ -156,11 +156,27 @@ def _one(d: Chain, method: str, sec: Section) -> dict:
     return out
 
 
+def _missing(d: Chain, method: str) -> str | None:
+    """What the data lacks for ``method``, or None."""
+    for half in ("calibration", "evaluation"):
+        _, retain, unseen = _data(d, half)
+        if method in RETAINING and not retain:
+            return (f"add records seen in training that the model does not recite (the "
+                    f"{half} half has none to retain)")
+        if method == "matched" and not unseen:
+            return "add held-out records the model was never trained on, marked 'duplication': 0"
+    return None
+
+
 def report(d: Chain, sec: Section) -> dict:
     d.unlearn_dir.mkdir(parents=True, exist_ok=True)
-    out = {}
+    out, skipped = {}, []
     for method in d.config.unlearn_methods:
+        why = _missing(d, method)
+        if why is not None:
+            skipped.append(skip(sec, METHODS[method].capitalize(), why))
+            continue
         if d.progress:
             print(f"    {METHODS[method]}:", flush=True)
         out[method] = _one(d, method, sec)
-    return {"methods": out}
+    return {"methods": out, "skipped_parts": skipped}

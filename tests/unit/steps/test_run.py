@@ -13,7 +13,8 @@ def test_steps_bring_the_steps_they_read():
     assert [s.NAME for s in with_dependencies(("steering",))] == ["labels", "probes",
                                                                   "steering"]
     assert [s.NAME for s in with_dependencies(("layernorm",))] == ["labels", "layernorm"]
-    assert len(with_dependencies(("audit",))) == 7
+    assert [s.NAME for s in with_dependencies(("unlearn",))] == ["labels", "kfac", "unlearn"]
+    assert len(with_dependencies(("audit",))) == 8
 
 
 def test_one_record_cannot_be_split_into_halves(make_random_model, saved_tokenizer, tmp_path,
