@@ -279,8 +279,9 @@ def report(d: Chain, sec: Section) -> dict:
         near = [n for n, v in leak.items() if v is not None and v < -80]
         if near:
             sec.finding(f"Read as MUSE reads it (PrivLeak by Min-K%), {', '.join(near)} "
-                        f"leave(s) the forget set as exposed to membership inference as not "
-                        f"unlearning at all: PrivLeak below -80 (the unedited model: "
+                        f"{'leaves' if len(near) == 1 else 'leave'} the forget set as exposed "
+                        "to membership inference as not unlearning at all: PrivLeak below -80 "
+                        f"(the unedited model: "
                         f"{rows['unedited']['privleak']['min_k']['value']:.0f}).")
     return {"forget": {"n": len(forget), "ids": sorted(forgotten)}, "skipped_parts": skipped,
             "relearn_blocks": config.relearn_blocks, "best": best, **rows}
@@ -291,6 +292,7 @@ def _row(r: dict, base: dict, gold: dict | None, told: bool) -> dict:
     mia = r["mia_auroc"] or {}
     change = r["after_edit"]["perplexity"] / base["after_edit"]["perplexity"] - 1
     return {"exact": r["after_edit"]["exact"], "int4": r["int4"]["exact"],
+            "int8": r["int8"]["exact"], "perturbed": r["perturbed"],
             "relearn": {k: v["exact"] for k, v in r["relearn"].items()},
             **({"relearn_refit": {k: v["exact"] for k, v in r["relearn_refit"].items()}}
                if "relearn_refit" in r else {}),
