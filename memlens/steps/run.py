@@ -209,8 +209,10 @@ def headline_rows(s: dict) -> list[tuple[str, str]]:
                 f"{halves['calibration']['recited']} / {halves['evaluation']['recited']}")
     mia = labels.get("membership_auroc")
     if mia:
-        recited += (f"; membership AUROC loss / Min-K% / zlib {mia['loss']:.3f} / "
-                    f"{mia['min_k']:.3f} / {mia['zlib']:.3f}")
+        names = {"loss": "loss", "min_k": "Min-K%", "min_k_pp": "Min-K%++", "zlib": "zlib"}
+        shown = [k for k in names if k in mia]  # Min-K%++ is missing from older labels
+        recited += (f"; membership AUROC {' / '.join(names[k] for k in shown)} "
+                    + " / ".join(f"{mia[k]:.3f}" for k in shown))
     rows.append(("labels", recited))
     p = s.get("probes")
     if p and not p.get("skipped"):
