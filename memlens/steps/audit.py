@@ -355,14 +355,15 @@ def _cell(col: str, value, ci) -> str:
 
 def best_removals(rows: dict, last: str) -> dict[str, list[str]]:
     """Per column, the removals (not a reference row) with the best value (all of them
-    where several tie)."""
+    where several tie; none where every removal ties)."""
     removals = {n: r for n, r in rows.items() if n not in ("unedited", "retrain without")}
     best = {}
     for col, (get, rule) in _columns(last).items():
         vals = {n: get(r)[0] for n, r in removals.items() if get(r)[0] is not None}
         key = {n: abs(v) if rule == "zero" else v for n, v in vals.items()}
-        if key:
-            best[col] = [n for n, k in key.items() if k == min(key.values())]
+        tied = [n for n, k in key.items() if k == min(key.values())]
+        if key and len(tied) < len(removals):  # where every removal ties, none is best
+            best[col] = tied
     return best
 
 
