@@ -260,19 +260,23 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def block_input(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int
-                ) -> torch.Tensor:
-    """The hidden state entering ``block`` [batch, pos, d]; the blocks from it up never
-    run."""
+def _at_block(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int,
+              output: bool) -> torch.Tensor:
+    """The hidden state entering (or, with ``output``, leaving) ``block``; the forward pass
+    stops there."""
     layer = model.get_submodule(block_path(model))[block]
     seen = {}
 
-    def grab(module, args, kwargs):
+    def entering(module, args, kwargs):
         seen["x"] = args[0] if args else kwargs["hidden_states"]
         raise _Stop
 
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    def leaving(module, args, out):
+        seen["x"] = out[0] if isinstance(out, tuple) else out
+        raise _Stop
+
+    handle = (layer.register_forward_hook(leaving) if output
+              else layer.register_forward_pre_hook(entering, with_kwargs=True))
     try:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:
@@ -280,24 +284,18 @@ def block_input(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, b
     finally:
         handle.remove()
     return seen["x"]
+
+
+@torch.no_grad()
+def block_input(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int
+                ) -> torch.Tensor:
+    """The hidden state entering ``block`` [batch, pos, d]; the blocks from it up never
+    run."""
+    return _at_block(model, ids, mask, block, output=False)
 
 
 def block_output(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, block: int
                  ) -> torch.Tensor:
     """The hidden state leaving ``block`` [batch, pos, d], with gradients where the
     parameters below it track them; the blocks above it never run."""
-    layer = model.get_submodule(block_path(model))[block]
-    seen = {}
-
-    def grab(module, args, output):
-        seen["x"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = layer.register_forward_hook(grab)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen["x"]
+    return _at_block(model, ids, mask, block, output=True)
